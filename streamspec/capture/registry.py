@@ -1,0 +1,105 @@
+"""Which modules streamspec can watch, and how each family exposes its weight matrices.
+
+Adding a layer family is one file with one decorated class (see ``linear.py``), one registry
+line here (the import at the bottom of ``capture/__init__.py``), one reference test.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar, Protocol
+
+import torch
+from torch import nn
+
+from streamspec.errors import StreamspecError
+
+
+@dataclass(frozen=True)
+class Site:
+    """One watched weight matrix.
+
+    Attributes:
+        name: the weight's name in ``model.named_parameters()``, e.g. ``encoder.0.fc1.weight``.
+        module: the module that owns it.
+        key: the family's name for this matrix within the module (``"weight"`` for Linear).
+        h_in: columns of the activation rows ``A``.
+        h_out: columns of the adjoint rows ``Δ``.
+    """
+
+    name: str
+    module: nn.Module
+    key: str
+    h_in: int
+    h_out: int
+
+
+@dataclass
+class Capture:
+    """What one forward call of a module yields for one of its sites.
+
+    Attributes:
+        key: the site's key within the module.
+        activation: ``[B, T, h_in]`` detached activation rows, samples first (``T`` positions
+            per sample: 1 for a plain ``[B, h]`` input).
+        output: the tensor whose gradient is the adjoint (a hook is registered on it).
+        adjoint: maps that gradient to ``[B, T, h_out]`` adjoint rows, samples first.
+    """
+
+    key: str
+    activation: torch.Tensor
+    output: torch.Tensor
+    adjoint: Callable[[torch.Tensor], torch.Tensor]
+
+
+class Family(Protocol):
+    """A layer family: one per file under ``capture/``."""
+
+    module_types: ClassVar[tuple[type[nn.Module], ...]]
+
+    @staticmethod
+    def sites(module: nn.Module, prefix: str) -> list[Site]:
+        """The module's watchable weight matrices (frozen ones left out)."""
+        ...
+
+    @staticmethod
+    def capture(
+        module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor, batch_dim: int
+    ) -> list[Capture]:
+        """Activation rows and adjoint mapping of one forward call."""
+        ...
+
+
+_FAMILIES: dict[type[nn.Module], type[Family]] = {}
+
+
+def register(family: type[Family]) -> type[Family]:
+    """Class decorator: make ``family`` the handler of its ``module_types``."""
+    for module_type in family.module_types:
+        _FAMILIES[module_type] = family
+    return family
+
+
+def family_of(module: nn.Module) -> type[Family] | None:
+    """The family handling ``type(module)``, looked up along its MRO; None if unsupported."""
+    for cls in type(module).__mro__:
+        family = _FAMILIES.get(cls)
+        if family is not None:
+            return family
+    return None
+
+
+def check_batched(x: torch.Tensor, batch_dim: int, what: str) -> None:
+    """Raise unless ``x`` has a sample dimension ``batch_dim`` other than its last (feature) dim."""
+    if x.dim() < 2 or not (-x.dim() <= batch_dim < x.dim()) or batch_dim % x.dim() == x.dim() - 1:
+        raise StreamspecError.build(
+            f"a batched input to {what} with samples on batch_dim={batch_dim}",
+            f"an input of shape {tuple(x.shape)}",
+            "pass batched inputs, or set watch(..., batch_dim=) to the sample dimension",
+        )
+
+
+def samples_first(x: torch.Tensor, batch_dim: int, width: int) -> torch.Tensor:
+    """``[..., width]`` with samples on ``batch_dim`` → ``[B, T, width]`` (a view when possible)."""
+    return x.movedim(batch_dim, 0).reshape(x.shape[batch_dim], -1, width)

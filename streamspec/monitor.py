@@ -1,0 +1,604 @@
+"""``streamspec.watch()`` and the Monitor: hooks, trackers, schedule, writer and view. Nothing numeric.
+
+A *step* is one backward pass through the watched layers. Per watched module call, a forward hook
+keeps the (detached) activation rows and puts a tensor hook on the output; when the output's
+gradient arrives, the adjoint rows are paired with the activation rows and, once every call of the
+module in the step has delivered its gradient, the layer's tracker folds them in (device products
+only). At the end of the backward pass (an autograd engine callback) the step's sketches are copied
+to the host asynchronously and handed to the host pipeline.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from streamspec.capture import Site, family_of
+from streamspec.capture.groups import GroupPlan, as_labels, describe
+from streamspec.capture.registry import Capture
+from streamspec.errors import StreamspecError, StreamspecWarning
+from streamspec.layout import KINDS, NORMALIZE_CHOICES, RunLayout
+from streamspec.live.snapshot import Snapshot
+from streamspec.live.view import LiveView
+from streamspec.pipeline import EpochRecord, HostPipeline, LayerStep, StepRecord
+from streamspec.sketch.tracker import LayerTracker, StepSketch
+from streamspec.store.writer import ArchiveWriter
+
+
+@dataclass(frozen=True)
+class WatchConfig:
+    """The options of :func:`watch`, validated."""
+
+    groups: tuple[str, ...]
+    rank: int
+    every: int = 1
+    normalize: str = "mean"
+    batch_dim: int = 0
+    seed: int = 0
+    oversample: int = 10
+    exact_rows: int | None = None
+
+    @property
+    def sketch_width(self) -> int:
+        return self.rank + self.oversample
+
+    @property
+    def exact_threshold(self) -> int:
+        """Largest per-group row count sent to the host as rows (exact route)."""
+        return self.sketch_width if self.exact_rows is None else self.exact_rows
+
+
+def _check_config(
+    groups: object,
+    rank: object,
+    every: object,
+    normalize: object,
+    batch_dim: object,
+    oversample: object,
+    exact_rows: object,
+) -> tuple[str, ...]:
+    if isinstance(groups, str) or not isinstance(groups, Sequence):
+        raise StreamspecError.build(
+            "groups as a sequence of unique names, e.g. ['HC', 'SZ']",
+            repr(groups),
+            "pass a list of group names; labels index into it",
+        )
+    names = tuple(str(g) for g in groups)
+    if not names:
+        raise StreamspecError.build(
+            "at least one group name", "an empty sequence", "pass e.g. groups=['HC', 'SZ']"
+        )
+    dupes = sorted({g for g in names if names.count(g) > 1})
+    if dupes:
+        raise StreamspecError.build(
+            "unique group names", f"duplicates {dupes}", "give every group its own name"
+        )
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise StreamspecError.build(
+            "rank as an integer k ≥ 1", repr(rank), "pass e.g. rank=16 (the number of σ kept)"
+        )
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise StreamspecError.build(
+            "every as an integer ≥ 1", repr(every), "pass every=1 to record every step"
+        )
+    if normalize not in NORMALIZE_CHOICES:
+        raise StreamspecError.build(
+            f"normalize in {NORMALIZE_CHOICES}", repr(normalize), "use 'mean' (default) or 'sum'"
+        )
+    if isinstance(batch_dim, bool) or not isinstance(batch_dim, int):
+        raise StreamspecError.build(
+            "batch_dim as an integer", repr(batch_dim), "pass 0 (batch first) or 1 (sequence first)"
+        )
+    if isinstance(oversample, bool) or not isinstance(oversample, int) or oversample < 0:
+        raise StreamspecError.build(
+            "oversample as an integer ≥ 0", repr(oversample), "leave the default (10)"
+        )
+    if exact_rows is not None and (
+        isinstance(exact_rows, bool) or not isinstance(exact_rows, int) or exact_rows < 0
+    ):
+        raise StreamspecError.build(
+            "exact_rows as None or an integer ≥ 0", repr(exact_rows), "leave the default (None)"
+        )
+    return names
+
+
+def find_sites(model: nn.Module) -> list[Site]:
+    """Every watchable weight matrix of ``model``, in ``named_modules()`` order."""
+    sites: list[Site] = []
+    for prefix, module in model.named_modules():
+        family = family_of(module)
+        if family is not None:
+            sites.extend(family.sites(module, prefix))
+    return sites
+
+
+@dataclass
+class _LayerStepState:
+    """Per layer, within the current step."""
+
+    calls: int = 0  # forward calls captured (grad enabled)
+    pending: list[tuple[torch.Tensor, torch.Tensor, int]] = field(default_factory=list)
+    positions: int = 0
+    sketch: StepSketch | None = None
+
+
+class Monitor:
+    """A running spectral monitor. Create it with :func:`streamspec.watch`.
+
+    Usage::
+
+        with streamspec.watch(model, groups=["HC", "SZ"], rank=16, store="runs/a.zarr") as mon:
+            for epoch in range(E):
+                for x, y, g in loader:
+                    mon.label(g)             # before the step's forward
+                    loss_fn(model(x), y).backward(); opt.step(); opt.zero_grad()
+                mon.end_epoch()
+        ds = streamspec.open("runs/a.zarr").to_xarray()
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: WatchConfig,
+        *,
+        store: str | os.PathLike[str] | Any | None,
+        live: bool | None,
+        resume: bool,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise StreamspecError.build(
+                "a torch.nn.Module", f"{type(model).__name__}", "pass the model itself"
+            )
+        self.config = config
+        sites = find_sites(model)
+        if not sites:
+            found = sorted(
+                {type(m).__name__ for m in model.modules() if any(True for _ in m.parameters(False))}
+            )
+            raise StreamspecError.build(
+                "a model with at least one supported layer (nn.Linear) with trainable weights",
+                f"modules with parameters: {describe(found) or 'none'}",
+                "watch a model that contains such layers (frozen weights are skipped)",
+            )
+        self.sites = sites
+        self.layout = RunLayout(
+            layers=tuple(s.name for s in sites),
+            groups=config.groups,
+            rank=config.rank,
+            normalize=config.normalize,
+            every=config.every,
+            model=type(model).__name__,
+        )
+        self._writer = ArchiveWriter(store, self.layout, resume=resume)
+        self._step = self._writer.start_step
+        self._epoch = self._writer.start_epoch
+        self._generator = torch.Generator().manual_seed(config.seed)
+        self._trackers = [
+            LayerTracker(
+                s.h_in, s.h_out, len(config.groups), config.rank, config.oversample, self._generator
+            )
+            for s in sites
+        ]
+        self._index = {(id(s.module), s.key): i for i, s in enumerate(sites)}
+        self._epoch_counts = np.zeros((len(sites), len(config.groups)), dtype=np.int64)
+        self._epoch_steps = 0
+        self._labels: torch.Tensor | None = None
+        self._plan: GroupPlan | None = None
+        self._state = [_LayerStepState() for _ in sites]
+        self._step_plan: GroupPlan | None = None
+        self._callback_queued = False
+        self._lock = threading.RLock()
+        self._closed = False
+        self._failed: BaseException | None = None
+
+        interactive = sys.stdout.isatty()
+        use_live = interactive if live is None else bool(live)
+        self._pipeline = HostPipeline(
+            self.layout,
+            [(s.h_in, s.h_out) for s in sites],
+            self._writer,
+            plain_epoch_lines=(live is None and not interactive),
+            store_label=_store_label(store),
+        )
+        self._pipeline.set_epoch(self._epoch)
+        self._handles = []
+        for module in {id(s.module): s.module for s in sites}.values():
+            self._handles.append(module.register_forward_hook(self._on_forward))
+        self._view: LiveView | None = None
+        if use_live:
+            self._view = LiveView(self.snapshot).start()
+
+    # -- public API ---------------------------------------------------------------------------------
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        return self.layout.layers
+
+    @property
+    def groups(self) -> tuple[str, ...]:
+        return self.layout.groups
+
+    @property
+    def step(self) -> int:
+        """Index of the next step (steps completed so far, counting a resumed run's)."""
+        return self._step
+
+    @property
+    def epoch(self) -> int:
+        """Index of the current epoch."""
+        return self._epoch
+
+    def label(self, labels: object) -> None:
+        """Set the group of every sample of the coming batch (in force until the next call).
+
+        Args:
+            labels: 1-D integers, one per sample: an index into ``groups``, or -1 for no group.
+                Pass them on the CPU: labels on a GPU cost one device-to-host copy per call.
+        """
+        self._check_open()
+        t = as_labels(labels, len(self.layout.groups))
+        self._labels = t
+        self._plan = GroupPlan(t, len(self.layout.groups))
+
+    def end_epoch(self) -> None:
+        """Close the epoch: epoch spectra from the sketches, Welch tests of its recorded steps."""
+        self._check_open()
+        self._finish_epoch()
+        self._raise_worker_error()
+
+    def snapshot(self) -> Snapshot | None:
+        """The latest recorded step and the epoch's Welch t so far (what live views render)."""
+        return self._pipeline.snapshot()
+
+    def flush(self) -> None:
+        """Process every recorded step and write it to the archive (blocks until done)."""
+        self._pipeline.drain()
+        self._writer.flush(wait=True)
+        self._emit_warnings()
+        self._raise_worker_error()
+
+    def to_xarray(self) -> Any:
+        """The run so far as an ``xarray.Dataset`` (committed rows; flushes first)."""
+        if not self._closed:
+            self.flush()
+        return self._writer.archive().to_xarray()
+
+    def close(self) -> None:
+        """Finish a partial epoch, write everything, remove every hook. Safe to call twice."""
+        if self._closed:
+            return
+        try:
+            self._remove_hooks()
+            if self._epoch_steps:
+                self._finish_epoch()
+            self._pipeline.drain()
+        finally:
+            self._closed = True
+            self._pipeline.close()
+            if self._view is not None:
+                self._view.stop()
+            self._writer.close()
+        self._emit_warnings()
+        self._raise_worker_error()
+
+    def __enter__(self) -> Monitor:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is None:
+            self.close()
+            return
+        # Keep the user's exception; still leave a readable archive holding every completed step.
+        self._discard_step()
+        try:
+            self.close()
+        except Exception as secondary:  # pragma: no cover - reported, never masks the original
+            warnings.warn(f"streamspec: closing after an error failed: {secondary}", StreamspecWarning, 2)
+
+    def __repr__(self) -> str:
+        return (
+            f"Monitor(layers={len(self.layers)}, groups={list(self.groups)}, rank={self.layout.rank}, "
+            f"step={self._step}, epoch={self._epoch}{', closed' if self._closed else ''})"
+        )
+
+    # -- hooks (training thread / autograd threads) ---------------------------------------------------
+
+    def _on_forward(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        if self._closed or not torch.is_grad_enabled():
+            return
+        if not isinstance(output, torch.Tensor) or not output.requires_grad:
+            return
+        family = family_of(module)
+        assert family is not None
+        captures = family.capture(module, inputs, output, self.config.batch_dim)
+        plan = self._plan_for(captures[0].activation.shape[0], module)
+        recording = self._step % self.config.every == 0 and self._failed is None
+        for cap in captures:
+            index = self._index.get((id(module), cap.key))
+            if index is None:  # a frozen matrix of a family with several
+                continue
+            if recording:
+                self._state[index].calls += 1
+                cap.output.register_hook(self._adjoint_hook(index, cap, plan))
+            else:
+                cap.output.register_hook(self._count_only_hook)
+
+    def _plan_for(self, batch_size: int, module: nn.Module) -> GroupPlan:
+        if self._plan is None:
+            raise StreamspecError.build(
+                "mon.label(groups_of_batch) before the step's forward",
+                "a forward pass with no labels set",
+                "call mon.label(g) with one group index per sample before model(x)",
+            )
+        if self._plan.batch_size != batch_size:
+            name = next(s.name for s in self.sites if s.module is module)
+            raise StreamspecError.build(
+                f"{self._plan.batch_size} samples (the length of the last mon.label() call)",
+                f"a batch of {batch_size} samples at {name} (batch_dim={self.config.batch_dim})",
+                "call mon.label() with the labels of this batch before its forward"
+                " (or set batch_dim to the sample dimension)",
+            )
+        return self._plan
+
+    def _count_only_hook(self, grad: torch.Tensor) -> None:
+        self._queue_end_of_backward()
+
+    def _adjoint_hook(self, index: int, cap: Capture, plan: GroupPlan) -> Any:
+        def hook(grad: torch.Tensor) -> None:
+            self._queue_end_of_backward()
+            if self._failed is not None or plan.n_max == 0:
+                return
+            try:
+                state = self._state[index]
+                activation = plan.gather(cap.activation)
+                adjoint = plan.gather(cap.adjoint(grad.detach()))
+                state.pending.append((activation, adjoint, cap.activation.shape[1]))
+                if self._step_plan is None:
+                    self._step_plan = plan
+                if len(state.pending) == state.calls:
+                    self._fold(index)
+            except StreamspecError:
+                raise
+            except Exception as error:  # never break the user's training
+                self._fail(error)
+
+        return hook
+
+    def _queue_end_of_backward(self) -> None:
+        if not self._callback_queued:
+            self._callback_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+
+    def _fold(self, index: int) -> None:
+        """Fold a layer's captured calls of this step into its tracker (device products only)."""
+        state = self._state[index]
+        activation = torch.cat([p[0] for p in state.pending], dim=1)
+        adjoint = torch.cat([p[1] for p in state.pending], dim=1)
+        positions = sum(p[2] for p in state.pending)
+        state.pending.clear()
+        rows_per_group = activation.shape[1]
+        exact = rows_per_group <= self.config.exact_threshold
+        state.sketch = self._trackers[index].step(activation, adjoint, exact)
+        state.positions += positions
+
+    def _end_of_backward(self) -> None:
+        self._callback_queued = False
+        try:
+            plan = self._step_plan
+            layers: list[LayerStep] = []
+            for index, state in enumerate(self._state):
+                if state.pending:
+                    self._fold(index)
+                if state.sketch is not None and plan is not None:
+                    layers.append(
+                        LayerStep(index, state.sketch.route, state.sketch.tensors, state.positions)
+                    )
+                    self._epoch_counts[index] += plan.counts
+            recorded = self._step % self.config.every == 0 and self._failed is None
+            if recorded and plan is not None:
+                tensors, ready = _to_host([layer.tensors for layer in layers])
+                for layer, host in zip(layers, tensors, strict=True):
+                    layer.tensors = host
+                self._pipeline.submit(
+                    StepRecord(self._step, self._epoch, plan.counts.copy(), layers, ready)
+                )
+                self._epoch_steps += 1
+        except StreamspecError:
+            raise
+        except Exception as error:
+            self._fail(error)
+        finally:
+            self._reset_step()
+            self._step += 1
+        self._emit_warnings()
+
+    def _reset_step(self) -> None:
+        self._state = [_LayerStepState() for _ in self.sites]
+        self._step_plan = None
+
+    def _discard_step(self) -> None:
+        self._reset_step()
+        self._callback_queued = False
+
+    # -- epochs, errors, teardown -------------------------------------------------------------------
+
+    def _finish_epoch(self) -> None:
+        layout = self.layout
+        sigma = np.full((len(self.sites), len(KINDS), len(layout.groups), layout.rank), np.nan)
+        k = layout.rank
+        for index, tracker in enumerate(self._trackers):
+            spectra = tracker.end_epoch()
+            n = self._epoch_counts[index].astype(np.float64)
+            for kind_index, values in enumerate(
+                (spectra.activation, spectra.adjoint, spectra.gradient)
+            ):
+                width = min(k, values.shape[1])
+                block = np.full((len(layout.groups), k), np.nan)
+                block[:, :width] = values[:, :width]
+                if layout.normalize == "mean":
+                    with np.errstate(divide="ignore", invalid="ignore"):
+                        scale = n if kind_index == 2 else np.sqrt(n)
+                        block = block / scale[:, None]
+                block[n == 0] = np.nan
+                sigma[index, kind_index] = block
+        record = EpochRecord(self._epoch, sigma)
+        self._pipeline.submit(record)
+        self._epoch += 1
+        self._epoch_counts[:] = 0
+        self._epoch_steps = 0
+        self._emit_warnings()
+
+    def _fail(self, error: BaseException) -> None:
+        if self._failed is None:
+            self._failed = error
+            warnings.warn(
+                f"streamspec stopped recording after an internal error ({type(error).__name__}: "
+                f"{error}); training continues and steps recorded so far are kept",
+                StreamspecWarning,
+                stacklevel=3,
+            )
+
+    def _emit_warnings(self) -> None:
+        for name in self._pipeline.new_nonfinite_layers():
+            warnings.warn(
+                f"streamspec: NaN/Inf in the activations or gradients of {name}; recorded as NaN "
+                "(training is not affected; warned once per layer)",
+                StreamspecWarning,
+                stacklevel=3,
+            )
+
+    def _raise_worker_error(self) -> None:
+        error = self._pipeline.take_error()
+        if error is not None:
+            raise RuntimeError(f"streamspec's host pipeline failed: {error}") from error
+
+    def _remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StreamspecError.build(
+                "an open monitor", "a closed one", "call streamspec.watch() again (resume=True appends)"
+            )
+
+
+def _to_host(
+    tensor_dicts: list[dict[str, torch.Tensor]],
+) -> tuple[list[dict[str, torch.Tensor]], Any]:
+    """Copy device tensors to the host without synchronising: pinned buffers, non-blocking
+    copies, one CUDA event. Returns the host dicts and a ``ready()`` that waits for the copies."""
+    events = []
+    out: list[dict[str, torch.Tensor]] = []
+    for tensors in tensor_dicts:
+        host: dict[str, torch.Tensor] = {}
+        for name, t in tensors.items():
+            if t.device.type == "cpu":
+                host[name] = t.detach()
+                continue
+            buffer = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            buffer.copy_(t.detach(), non_blocking=True)
+            host[name] = buffer
+        out.append(host)
+    if torch.cuda.is_available() and any(
+        t.device.type == "cuda" for tensors in tensor_dicts for t in tensors.values()
+    ):
+        event = torch.cuda.Event()
+        event.record()
+        events.append(event)
+
+    def ready() -> None:
+        for e in events:
+            e.synchronize()
+
+    return out, ready if events else None
+
+
+def _store_label(store: object) -> str | None:
+    if store is None:
+        return None
+    if isinstance(store, str | os.PathLike):
+        return str(Path(store))
+    return type(store).__name__
+
+
+def watch(
+    model: nn.Module,
+    groups: Sequence[str],
+    rank: int,
+    *,
+    store: str | os.PathLike[str] | Any | None = None,
+    every: int = 1,
+    live: bool | None = None,
+    resume: bool = False,
+    normalize: str = "mean",
+    batch_dim: int = 0,
+    seed: int = 0,
+    oversample: int = 10,
+    exact_rows: int | None = None,
+) -> Monitor:
+    """Watch the singular values of every supported layer of ``model``, split by groups.
+
+    Per recorded step, layer and group it records the top-``rank`` singular values of the
+    activations ``A_c`` (the layer's input rows of group ``c``), the adjoints ``Δ_c`` (gradient of
+    the loss w.r.t. the layer's output ``W·a``, before any bias) and the group's share of the weight
+    gradient ``A_cᵀΔ_c``; per epoch, the same for everything the epoch's recorded steps saw, and
+    Welch t-tests between every pair of groups (Baker, Calhoun & Plis 2024, made streaming).
+
+    Args:
+        model: the module to watch; hooks go on its supported layers (nn.Linear).
+        groups: unique group names; ``mon.label()`` values index them.
+        rank: ``k ≥ 1`` singular values kept per matrix.
+        store: path of a Zarr v3 archive to write (or a zarr store object); None keeps the run in
+            memory (``mon.to_xarray()`` works either way).
+        every: record every n-th step (only recorded steps enter epoch spectra and Welch tests).
+        live: None: a rich live table when stdout is a terminal, else one summary line per
+            epoch on stderr; True: always the live table; False: silent.
+        resume: append to an existing archive (layers, groups and rank must match). Without it an
+            existing path is refused, never overwritten.
+        normalize: ``"mean"`` divides activation/adjoint σ by ``√n_c`` and gradient σ by ``n_c``
+            (``n_c`` = group-c samples in the step), so groups of different sizes compare;
+            ``"sum"`` records them unscaled. With a mean-reduced loss Δ also carries the loss's
+            ``1/B``.
+        batch_dim: the dimension of a watched layer's input that indexes samples (1 for
+            sequence-first models).
+        seed: seed of the monitor's own random generator (the global RNG is never touched).
+        oversample: sketch columns beyond ``rank`` (accuracy vs cost).
+        exact_rows: per-group row count up to which a step's spectra are computed exactly from
+            the rows (default: ``rank + oversample``, where the rows cost no more than a sketch).
+
+    Returns:
+        A :class:`Monitor` (also a context manager).
+    """
+    names = _check_config(groups, rank, every, normalize, batch_dim, oversample, exact_rows)
+    config = WatchConfig(
+        groups=names,
+        rank=rank,
+        every=every,
+        normalize=normalize,
+        batch_dim=batch_dim,
+        seed=seed,
+        oversample=oversample,
+        exact_rows=exact_rows,
+    )
+    return Monitor(model, config, store=store, live=live, resume=resume)
+
+
+

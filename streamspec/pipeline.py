@@ -1,0 +1,251 @@
+"""The host side of a run: a background thread that turns step sketches into recorded spectra.
+
+Training thread → (device products, async copies) → :class:`HostPipeline` queue → float64
+factorisations → ``sigma`` rows → Welch accumulators, archive writer, live snapshot.
+The training thread never waits on this thread except when the queue is full (back-pressure, so
+no step is ever dropped) and at ``end_epoch()``/``close()`` boundaries that ask for a drain.
+"""
+
+from __future__ import annotations
+
+import queue
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from streamspec.layout import RunLayout
+from streamspec.live.snapshot import Snapshot
+from streamspec.live.view import epoch_line
+from streamspec.sketch.linalg import exact_spectra, ritz_values
+from streamspec.stats.welch import GroupWelch
+from streamspec.store.writer import ArchiveWriter
+
+_STOP = object()
+
+
+@dataclass
+class LayerStep:
+    """One layer's share of one step.
+
+    Attributes:
+        index: the layer's position in ``layout.layers``.
+        route: ``"exact"`` (rows) or ``"ritz"`` (projected Gram matrices); see ``StepSketch``.
+        tensors: host tensors (possibly still being filled by an async copy; see ``event``).
+        positions: rows per sample summed over the module's calls in the step.
+    """
+
+    index: int
+    route: str
+    tensors: dict[str, torch.Tensor]
+    positions: int
+
+
+@dataclass
+class StepRecord:
+    """Everything the host needs for one recorded step."""
+
+    step: int
+    epoch: int
+    counts: np.ndarray  # [C] samples per group
+    layers: list[LayerStep]
+    ready: Callable[[], None] | None = None  # blocks until async copies have landed
+
+
+@dataclass
+class EpochRecord:
+    """An epoch's reconstructed spectra, ``[L, 3, C, k]``, already normalised."""
+
+    epoch: int
+    sigma_epoch: np.ndarray
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+def _bounded(values: np.ndarray, bound: int, rank: int) -> np.ndarray:
+    """Top-``rank`` of descending ``values``, NaN beyond the matrix's rank ``bound``."""
+    out = np.full(rank, np.nan)
+    n = min(bound, rank, values.size)
+    out[:n] = values[:n]
+    return out
+
+
+class HostPipeline:
+    """Background thread: step sketches → normalised σ rows → Welch, archive, snapshot.
+
+    Args:
+        layout: the run's layout.
+        widths: ``[(h_in, h_out)]`` per layer.
+        writer: where rows go.
+        plain_epoch_lines: print one summary line per epoch to stderr (non-terminal output).
+        store_label: where the archive is, for display.
+    """
+
+    def __init__(
+        self,
+        layout: RunLayout,
+        widths: list[tuple[int, int]],
+        writer: ArchiveWriter,
+        *,
+        plain_epoch_lines: bool,
+        store_label: str | None,
+        max_queue: int = 1024,
+    ) -> None:
+        self.layout = layout
+        self._widths = widths
+        self._writer = writer
+        self._plain = plain_epoch_lines
+        self._store_label = store_label
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=max_queue)
+        self._lock = threading.Lock()
+        self._welch = GroupWelch(layout.step_shape)
+        self._latest: np.ndarray | None = None
+        self._last_step = -1
+        self._epoch = 0
+        self._steps_in_epoch = 0
+        self._started = time.monotonic()
+        self._nonfinite_layers: set[str] = set()
+        self._reported_nonfinite: set[str] = set()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="streamspec-host", daemon=True)
+        self._thread.start()
+
+    # -- training-thread API ------------------------------------------------------------------------
+
+    def submit(self, item: StepRecord | EpochRecord) -> None:
+        self._queue.put(item)
+
+    def drain(self) -> None:
+        """Block until everything submitted so far has been processed."""
+        self._queue.join()
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(_STOP)
+            self._thread.join()
+
+    def take_error(self) -> BaseException | None:
+        error, self._error = self._error, None
+        return error
+
+    def new_nonfinite_layers(self) -> list[str]:
+        """Layers that produced NaN/Inf since the last call (each reported once per run)."""
+        with self._lock:
+            fresh = sorted(self._nonfinite_layers - self._reported_nonfinite)
+            self._reported_nonfinite |= self._nonfinite_layers
+        return fresh
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch = epoch
+
+    def snapshot(self) -> Snapshot | None:
+        """The latest recorded step and the Welch t of the epoch so far (for live views)."""
+        with self._lock:
+            if self._latest is None:
+                return None
+            welch_t, _ = self._welch.compute()
+            return Snapshot(
+                layout=self.layout,
+                step=self._last_step,
+                epoch=self._epoch,
+                steps_in_epoch=self._steps_in_epoch,
+                sigma=self._latest.copy(),
+                welch_t=welch_t.astype(np.float32),
+                store=self._store_label,
+                elapsed_s=time.monotonic() - self._started,
+            )
+
+    # -- worker thread ------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is _STOP:
+                    return
+                if isinstance(item, StepRecord):
+                    self._on_step(item)
+                elif isinstance(item, EpochRecord):
+                    self._on_epoch(item)
+            except BaseException as error:  # never let the worker die silently
+                if self._error is None:
+                    self._error = error
+            finally:
+                if isinstance(item, EpochRecord):
+                    item.done.set()
+                self._queue.task_done()
+
+    def _on_step(self, rec: StepRecord) -> None:
+        if rec.ready is not None:
+            rec.ready()
+        layout = self.layout
+        sigma = np.full(layout.step_shape, np.nan, dtype=np.float32)
+        for layer in rec.layers:
+            sigma[layer.index] = self._layer_sigma(layer, rec.counts)
+        self._writer.append_step({"sigma": sigma, "count": rec.counts}, step=rec.step, epoch=rec.epoch)
+        with self._lock:
+            self._welch.update(sigma)
+            self._latest = sigma
+            self._last_step = rec.step
+            self._epoch = rec.epoch
+            self._steps_in_epoch += 1
+
+    def _layer_sigma(self, layer: LayerStep, counts: np.ndarray) -> np.ndarray:
+        """``[3, C, k]`` normalised σ of one layer in one step."""
+        k = self.layout.rank
+        h_in, h_out = self._widths[layer.index]
+        out = np.full((3, counts.size, k), np.nan)
+        t = {name: v.numpy() for name, v in layer.tensors.items()}
+        if not all(np.isfinite(v).all() for v in t.values()):
+            with self._lock:
+                self._nonfinite_layers.add(self.layout.layers[layer.index])
+        for c, n in enumerate(counts):
+            if n == 0:
+                continue
+            rows = int(n) * layer.positions
+            if layer.route == "exact":
+                a, d = t["activation"][c], t["adjoint"][c]
+                if not (np.isfinite(a).all() and np.isfinite(d).all()):
+                    continue
+                sa, sd, sg = exact_spectra(a, d)
+            else:
+                grams = (t["activation"][c], t["adjoint"][c], t["gradient"][c])
+                if not all(np.isfinite(g).all() for g in grams):
+                    continue
+                sa, sd, sg = (ritz_values(g) for g in grams)
+            out[0, c] = _bounded(sa, min(rows, h_in), k)
+            out[1, c] = _bounded(sd, min(rows, h_out), k)
+            out[2, c] = _bounded(sg, min(rows, h_in, h_out), k)
+            if self.layout.normalize == "mean":
+                out[:2, c] /= np.sqrt(n)
+                out[2, c] /= n
+        return out
+
+    def _on_epoch(self, rec: EpochRecord) -> None:
+        with self._lock:
+            welch_t, welch_p = self._welch.compute()
+            self._welch.reset()
+        self._writer.append_epoch(
+            {"sigma_epoch": rec.sigma_epoch.astype(np.float32), "welch_t": welch_t, "welch_p": welch_p},
+            epoch=rec.epoch,
+        )
+        if self._plain:
+            snap = self.snapshot()
+            if snap is not None:
+                snap = Snapshot(
+                    layout=snap.layout,
+                    step=snap.step,
+                    epoch=rec.epoch,
+                    steps_in_epoch=self._steps_in_epoch,
+                    sigma=snap.sigma,
+                    welch_t=welch_t.astype(np.float32),
+                    store=snap.store,
+                    elapsed_s=snap.elapsed_s,
+                )
+                print(epoch_line(snap), file=sys.stderr, flush=True)
+        with self._lock:
+            self._steps_in_epoch = 0
+            self._epoch = rec.epoch + 1

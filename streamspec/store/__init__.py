@@ -1,0 +1,11 @@
+"""The archive: a Zarr v3 group written in blocks by a background thread, read to commit marks.
+
+``ArchiveWriter`` buffers rows and writes them off the training thread; ``open_archive`` returns
+an ``Archive`` whose ``to_xarray()`` holds only committed rows, from this or another process.
+The arrays and their dimensions are declared in :mod:`streamspec.store.schema`.
+"""
+
+from streamspec.store.reader import Archive, open_archive
+from streamspec.store.writer import ArchiveWriter
+
+__all__ = ["Archive", "ArchiveWriter", "open_archive"]

@@ -1,0 +1,143 @@
+"""Brute-force references for tests: the exact matrices, their float64 spectra, masked-loss grads.
+
+Independent of streamspec's capture and sketches: plain module/tensor hooks keep every step's full
+activation and adjoint rows (float64), so only use it on small models.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+
+@dataclass
+class StepMatrices:
+    """One step of one layer: ``activation [B, T, h_in]``, ``adjoint [B, T, h_out]`` (float64)."""
+
+    activation: list[torch.Tensor] = field(default_factory=list)
+    adjoint: list[torch.Tensor] = field(default_factory=list)
+
+
+class ExactRecorder:
+    """Record every ``nn.Linear``'s exact activation and adjoint rows per backward pass.
+
+    Args:
+        model: the model (hooks are added; call :meth:`remove` when done).
+        batch_dim: the sample dimension of the layers' inputs.
+    """
+
+    def __init__(self, model: nn.Module, batch_dim: int = 0) -> None:
+        self.batch_dim = batch_dim
+        self.names: list[str] = []
+        self.steps: list[dict[str, StepMatrices]] = []
+        self.labels: list[np.ndarray] = []
+        self._current: dict[str, StepMatrices] = {}
+        self._labels: np.ndarray | None = None
+        self._handles = []
+        self._queued = False
+        for prefix, module in model.named_modules():
+            if isinstance(module, nn.Linear) and module.weight.requires_grad:
+                name = f"{prefix}.weight" if prefix else "weight"
+                self.names.append(name)
+                self._handles.append(module.register_forward_hook(self._forward(name)))
+
+    def label(self, labels: object) -> None:
+        self._labels = np.asarray(torch.as_tensor(labels).cpu(), dtype=np.int64)
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.detach().to(torch.float64).movedim(self.batch_dim, 0)
+        return x.reshape(x.shape[0], -1, x.shape[-1]).clone()
+
+    def _forward(self, name: str):  # type: ignore[no-untyped-def]
+        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            if not torch.is_grad_enabled() or not output.requires_grad:
+                return
+            activation = self._rows(inputs[0])
+
+            def on_grad(grad: torch.Tensor) -> None:
+                mats = self._current.setdefault(name, StepMatrices())
+                mats.activation.append(activation)
+                mats.adjoint.append(self._rows(grad))
+                if not self._queued:
+                    self._queued = True
+                    torch.autograd.Variable._execution_engine.queue_callback(self._end)
+
+            output.register_hook(on_grad)
+
+        return hook
+
+    def _end(self) -> None:
+        self._queued = False
+        self.steps.append(self._current)
+        assert self._labels is not None
+        self.labels.append(self._labels.copy())
+        self._current = {}
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+    def group_matrices(
+        self, steps: list[int], name: str, group: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """Stacked ``A_c [rows, h_in]``, ``Δ_c [rows, h_out]``, summed ``Σ A_cᵀΔ_c`` and ``n_c``
+        (samples) of ``group`` over ``steps``."""
+        a_rows, d_rows, grads, n = [], [], [], 0
+        for s in steps:
+            mats = self.steps[s].get(name)
+            if mats is None:
+                continue
+            mask = torch.as_tensor(self.labels[s] == group)
+            n += int(mask.sum())
+            a_c = torch.cat([a[mask] for a in mats.activation], 1).reshape(-1, mats.activation[0].shape[-1])
+            d_c = torch.cat([d[mask] for d in mats.adjoint], 1).reshape(-1, mats.adjoint[0].shape[-1])
+            a_rows.append(a_c)
+            d_rows.append(d_c)
+            grads.append(a_c.T @ d_c)
+        return torch.cat(a_rows), torch.cat(d_rows), sum(grads), n  # type: ignore[return-value]
+
+    def spectra(
+        self, steps: list[int], name: str, group: int, rank: int, normalize: str = "mean"
+    ) -> np.ndarray:
+        """``[3, rank]`` exact float64 σ (activation, adjoint, gradient) as streamspec records them:
+        NaN beyond each matrix's rank bound and for an empty group."""
+        out = np.full((3, rank), np.nan)
+        a, d, g, n = self.group_matrices(steps, name, group)
+        if n == 0:
+            return out
+        rows = a.shape[0]
+        bounds = (min(rows, a.shape[1]), min(rows, d.shape[1]), min(rows, a.shape[1], d.shape[1]))
+        for i, (m, b) in enumerate(zip((a, d, g), bounds, strict=True)):
+            s = torch.linalg.svdvals(m).numpy()
+            keep = min(b, rank)
+            out[i, :keep] = s[:keep]
+        if normalize == "mean":
+            out[:2] /= np.sqrt(n)
+            out[2] /= n
+        return out
+
+
+def masked_loss_gradients(
+    model: nn.Module, loss_per_sample: torch.Tensor, labels: torch.Tensor, n_groups: int
+) -> list[dict[str, torch.Tensor]]:
+    """Autograd reference: ``∇W Σ_{i∈c} ℓ_i`` for every group ``c`` and Linear weight.
+
+    Args:
+        model: the model whose forward produced ``loss_per_sample``.
+        loss_per_sample: ``[B]`` losses (scale them as the real loss does, e.g. by ``1/B``).
+        labels: ``[B]`` group indices.
+    """
+    weights = {
+        (f"{p}.weight" if p else "weight"): m.weight
+        for p, m in model.named_modules()
+        if isinstance(m, nn.Linear) and m.weight.requires_grad
+    }
+    out = []
+    for c in range(n_groups):
+        masked = (loss_per_sample * (labels == c)).sum()
+        grads = torch.autograd.grad(masked, list(weights.values()), retain_graph=True, allow_unused=True)
+        out.append({n: (g if g is not None else torch.zeros_like(w)) for (n, w), g in zip(weights.items(), grads, strict=True)})
+    return out

@@ -1,0 +1,144 @@
+"""Usage errors say what was expected, what was got and how to fix it; write errors are not lost."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import zarr
+
+from streamspec.errors import StreamspecError
+from streamspec.store import ArchiveWriter, open_archive
+
+
+class FailingStore(zarr.storage.MemoryStore):
+    """An in-memory store whose writes fail once ``fail`` is set (a full or read-only disk)."""
+
+    fail = False
+
+    async def set(self, key, value, byte_range=None):
+        if self.fail:
+            raise OSError(f"injected failure writing {key}")
+        await super().set(key, value, byte_range)
+
+
+def test_existing_archive_is_never_overwritten(tmp_path, layout):
+    path = tmp_path / "run.zarr"
+    ArchiveWriter(path, layout).close()
+    with pytest.raises(StreamspecError, match="resume=True") as info:
+        ArchiveWriter(path, layout)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("what", ["file", "directory", "zarr group", "zarr array"])
+def test_path_that_is_not_an_archive(tmp_path, layout, what):
+    path = tmp_path / "thing"
+    if what == "file":
+        path.write_text("hello")
+    elif what == "directory":
+        path.mkdir()
+        (path / "notes.txt").write_text("hello")
+    elif what == "zarr group":
+        zarr.create_group(path, zarr_format=3, attributes={"author": "someone else"})
+    else:
+        zarr.create_array(path, shape=(3,), dtype="int64")
+    for attempt in (
+        lambda: ArchiveWriter(path, layout),
+        lambda: ArchiveWriter(path, layout, resume=True),
+        lambda: open_archive(path),
+    ):
+        with pytest.raises(StreamspecError, match="streamspec archive") as info:
+            attempt()
+        assert str(path) in str(info.value)
+    if what == "zarr group":
+        assert "'streamspec_version'" in str(info.value)  # says what is missing
+
+
+def test_open_archive_on_nothing(tmp_path):
+    with pytest.raises(StreamspecError, match="nothing there"):
+        open_archive(tmp_path / "missing.zarr")
+    with pytest.raises(StreamspecError, match="nothing there"):
+        open_archive(zarr.storage.MemoryStore())
+    with pytest.raises(StreamspecError, match="a path, an fsspec URL or a zarr store"):
+        open_archive(42)
+
+
+def test_resume_with_another_layout_lists_the_differences(tmp_path, layout):
+    path = tmp_path / "run.zarr"
+    ArchiveWriter(path, layout).close()
+    other = dataclasses.replace(layout, groups=("cats", "dogs"), rank=8)
+    with pytest.raises(StreamspecError) as info:
+        ArchiveWriter(path, other, resume=True)
+    message = str(info.value)
+    assert "groups: archive ['cats', 'dogs', 'ünïcode'], layout ['cats', 'dogs']" in message
+    assert "rank: archive 4, layout 8" in message
+    assert "layers" not in message  # only what differs
+
+
+def test_rows_are_checked_before_buffering(layout, step_row):
+    writer = ArchiveWriter(None, layout)
+    good = step_row(0)
+    with pytest.raises(StreamspecError, match=r"sigma of shape \[2, 3, 3, 4\]"):
+        writer.append_step({**good, "sigma": good["sigma"][..., :3]}, step=0, epoch=0)
+    with pytest.raises(StreamspecError, match=r"missing \['sigma'\], unknown \['sigmaa'\]"):
+        writer.append_step({"sigmaa": good["sigma"], "count": good["count"]}, step=0, epoch=0)
+    writer.append_step(good, step=5, epoch=1)
+    with pytest.raises(StreamspecError, match="step > 5"):
+        writer.append_step(good, step=5, epoch=1)
+    with pytest.raises(StreamspecError, match="epoch >= 1"):
+        writer.append_step(good, step=6, epoch=0)
+    with pytest.raises(StreamspecError, match="welch_t"):
+        writer.append_epoch({"sigma_epoch": good["sigma"]}, epoch=0)
+    writer.close()
+    with pytest.raises(StreamspecError, match="closed"):
+        writer.append_step(good, step=7, epoch=1)
+    assert writer.archive().n_steps == 1  # the bad rows were never written
+
+
+def test_rows_are_copied(layout, step_row):
+    writer = ArchiveWriter(None, layout)
+    row = step_row(0)
+    writer.append_step(row, step=0, epoch=0)
+    expected = row["sigma"].copy()
+    row["sigma"][:] = -1  # the caller reuses its buffer
+    writer.close()
+    np.testing.assert_array_equal(writer.archive().to_xarray().sigma[0], expected)
+
+
+def test_background_error_surfaces_on_close(layout, step_row):
+    store = FailingStore()
+    writer = ArchiveWriter(store, layout, flush_every=2)
+    writer.append_step(step_row(0), step=0, epoch=0)
+    writer.append_step(step_row(1), step=1, epoch=0)  # flushed in the background: fine
+    writer.flush()
+    store.fail = True
+    for step in range(2, 7):  # two failing flushes, then a buffered row: none may raise here
+        writer.append_step(step_row(step), step=step, epoch=0)
+    with pytest.raises(StreamspecError, match="background write of .* from step 2 ") as info:
+        writer.close()
+    assert isinstance(info.value.__cause__, OSError)
+    writer.close()  # closing again is harmless, and the error is reported once
+    store.fail = False
+    assert open_archive(store).n_steps == 2  # only the rows before the failure are committed
+
+
+def test_background_error_surfaces_on_every_flush_then_not_again_on_close(layout, step_row):
+    store = FailingStore()
+    writer = ArchiveWriter(store, layout)
+    store.fail = True
+    writer.append_step(step_row(0), step=0, epoch=0)
+    with pytest.raises(StreamspecError, match="injected failure"):
+        writer.flush()
+    writer.append_step(step_row(1), step=1, epoch=0)
+    with pytest.raises(StreamspecError, match="injected failure"):
+        writer.flush()  # the writer is broken: every flush says so
+    writer.close()  # already reported
+
+
+def test_close_twice_and_context_manager(tmp_path, layout, step_row):
+    with ArchiveWriter(tmp_path / "run.zarr", layout) as writer:
+        writer.append_step(step_row(0), step=0, epoch=0)
+    writer.close()
+    writer.close()
+    assert open_archive(tmp_path / "run.zarr").n_steps == 1

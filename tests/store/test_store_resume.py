@@ -1,0 +1,104 @@
+"""A resumed run continues after the committed rows and drops rows an interrupted flush left."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+
+from streamspec.store import ArchiveWriter, open_archive
+
+
+def write(writer, step_row, steps, epoch):
+    for step in steps:
+        writer.append_step(step_row(step), step=step, epoch=epoch)
+
+
+def test_resume_continues_after_committed_rows(tmp_path, layout, step_row, epoch_row):
+    path = tmp_path / "run.zarr"
+    with ArchiveWriter(path, layout, flush_every=4) as first:
+        assert (first.start_step, first.start_epoch) == (0, 0)
+        write(first, step_row, range(0, 20, 2), epoch=0)
+        first.append_epoch(epoch_row(0), epoch=0)
+
+    with ArchiveWriter(path, layout, resume=True, flush_every=4) as second:
+        assert (second.start_step, second.start_epoch) == (19, 1)
+        with pytest.raises(ValueError, match="step > 18"):
+            second.append_step(step_row(18), step=18, epoch=1)
+        write(second, step_row, range(20, 30, 2), epoch=1)
+        second.append_epoch(epoch_row(1), epoch=1)
+
+    ds = open_archive(path).to_xarray()
+    np.testing.assert_array_equal(ds.step, np.arange(0, 30, 2))
+    np.testing.assert_array_equal(ds.step_epoch, [0] * 10 + [1] * 5)
+    np.testing.assert_array_equal(ds.epoch, [0, 1])
+    np.testing.assert_array_equal(ds.sigma[12], step_row(24)["sigma"])
+    np.testing.assert_array_equal(ds.welch_p[1], epoch_row(1)["welch_p"])
+    assert ds.attrs["created"] == open_archive(path).attrs["created"]  # not rewritten
+
+
+def test_resume_drops_rows_of_an_interrupted_flush(tmp_path, layout, step_row):
+    path = tmp_path / "run.zarr"
+    with ArchiveWriter(path, layout) as writer:
+        write(writer, step_row, range(5), epoch=0)
+    # A crash in the middle of a flush of rows 5..7: two arrays grown and written, two not.
+    group = zarr.open_group(path, mode="r+")
+    for name in ("step", "sigma"):
+        group[name].resize((8, *group[name].shape[1:]))
+        group[name][5:] = 99
+    with pytest.raises(ValueError, match="conflicting sizes"):
+        xr.open_zarr(path, consolidated=False)  # xarray cannot align the raw arrays
+    ds = open_archive(path).to_xarray()  # but the committed rows are readable
+    assert ds.sizes["step"] == 5 and float(ds.sigma.max()) < 5
+
+    with ArchiveWriter(path, layout, resume=True) as writer:
+        assert writer.start_step == 5
+        assert zarr.open_group(path, mode="r")["sigma"].shape[0] == 5  # truncated
+        write(writer, step_row, range(5, 7), epoch=0)
+    ds = open_archive(path).to_xarray()
+    np.testing.assert_array_equal(ds.step, np.arange(7))
+    np.testing.assert_array_equal(ds["count"][:, 0], np.arange(7))
+
+
+def test_resume_of_a_missing_archive_creates_it(tmp_path, layout, step_row):
+    with ArchiveWriter(tmp_path / "new.zarr", layout, resume=True) as writer:
+        assert (writer.start_step, writer.start_epoch) == (0, 0)
+        write(writer, step_row, range(3), epoch=0)
+    assert open_archive(tmp_path / "new.zarr").n_steps == 3
+
+
+def test_resume_in_memory_store(layout, step_row):
+    store = zarr.storage.MemoryStore()
+    with ArchiveWriter(store, layout) as writer:
+        write(writer, step_row, range(3), epoch=0)
+    with pytest.raises(ValueError, match="resume=True"):
+        ArchiveWriter(store, layout)
+    with ArchiveWriter(store, layout, resume=True) as writer:
+        assert writer.start_step == 3
+        write(writer, step_row, range(3, 6), epoch=0)
+    assert open_archive(store).n_steps == 6
+
+
+def test_a_new_variable_is_one_table_line(tmp_path, layout, step_row, monkeypatch):
+    """Schema growth: an archive written before ``sigma_err`` existed gains it on resume."""
+    from streamspec.store import schema
+
+    path = tmp_path / "run.zarr"
+    with ArchiveWriter(path, layout) as writer:
+        write(writer, step_row, range(2), epoch=0)
+
+    sigma_err = schema.RowVariable(
+        "sigma_err", ("step", "layer", "kind", "group", "rank"), "float32", required=False
+    )
+    monkeypatch.setattr(schema, "ROW_VARIABLES", (*schema.ROW_VARIABLES, sigma_err))
+    err = np.full(layout.step_shape, 0.5, dtype=np.float32)
+    with ArchiveWriter(path, layout, resume=True) as writer:
+        writer.append_step({**step_row(2), "sigma_err": err}, step=2, epoch=0)
+        writer.append_step(step_row(3), step=3, epoch=0)  # optional: left out
+
+    ds = open_archive(path).to_xarray()
+    assert ds.sigma_err.dims == ds.sigma.dims
+    assert "step_epoch" in ds.sigma_err.coords
+    assert np.isnan(ds.sigma_err[[0, 1, 3]]).all()  # rows before it existed, and left out
+    np.testing.assert_array_equal(ds.sigma_err[2], err)
