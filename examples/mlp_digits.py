@@ -23,7 +23,12 @@ GROUPS = ["0", "1", "2", "3"]
 
 
 def build(task: str, hidden: int) -> nn.Module:
-    layers: list[nn.Module] = [nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU()]
+    layers: list[nn.Module] = [
+        nn.Linear(64, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, hidden),
+        nn.ReLU(),
+    ]
     if task == "classify":
         layers.append(nn.Linear(hidden, 10))
     else:
@@ -87,27 +92,43 @@ def train(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--task", choices=["classify", "autoencode"], default="classify")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--store", default="runs/digits.zarr", help="archive path ('' keeps it in memory)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing archive at --store")
+    p.add_argument(
+        "--store", default="runs/digits.zarr", help="archive path ('' keeps it in memory)"
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an existing archive at --store"
+    )
     p.add_argument("--live", choices=["auto", "on", "off"], default="auto")
     args = p.parse_args(argv)
     store = args.store or None
     if store and Path(store).exists():
         if not args.overwrite:
-            print(f"{store} exists: pass --overwrite to replace it, or another --store", file=sys.stderr)
+            print(
+                f"{store} exists: pass --overwrite to replace it, or another --store",
+                file=sys.stderr,
+            )
             return 2
         import shutil
 
         shutil.rmtree(store)
     live = {"auto": None, "on": True, "off": False}[args.live]
-    train(task=args.task, epochs=args.epochs, batch_size=args.batch_size, hidden=args.hidden,
-          rank=args.rank, store=store, live=live)
+    train(
+        task=args.task,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        hidden=args.hidden,
+        rank=args.rank,
+        store=store,
+        live=live,
+    )
     if store:
         ds = streamspec.open(store).to_xarray()
         t = np.abs(ds["welch_t"].isel(epoch=-1).values)

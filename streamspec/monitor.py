@@ -1,4 +1,4 @@
-"""``streamspec.watch()`` and the Monitor: hooks, trackers, schedule, writer and view. Nothing numeric.
+"""``streamspec.watch()`` and the Monitor: hooks, trackers, schedule, writer, view; nothing numeric.
 
 A *step* is one backward pass through the watched layers. Per watched module call, a forward hook
 keeps the (detached) activation rows and puts a tensor hook on the output; when the output's
@@ -164,7 +164,11 @@ class Monitor:
         sites = find_sites(model)
         if not sites:
             found = sorted(
-                {type(m).__name__ for m in model.modules() if any(True for _ in m.parameters(False))}
+                {
+                    type(m).__name__
+                    for m in model.modules()
+                    if any(True for _ in m.parameters(False))
+                }
             )
             raise StreamspecError.build(
                 "a model with at least one supported layer (nn.Linear) with trainable weights",
@@ -201,6 +205,7 @@ class Monitor:
         self._lock = threading.RLock()
         self._closed = False
         self._failed: BaseException | None = None
+        self._warned_nonfinite = False
 
         interactive = sys.stdout.isatty()
         use_live = interactive if live is None else bool(live)
@@ -219,7 +224,7 @@ class Monitor:
         if use_live:
             self._view = LiveView(self.snapshot).start()
 
-    # -- public API ---------------------------------------------------------------------------------
+    # -- public API -----------------------------------------------------------------------------
 
     @property
     def layers(self) -> tuple[str, ...]:
@@ -309,15 +314,18 @@ class Monitor:
         try:
             self.close()
         except Exception as secondary:  # pragma: no cover - reported, never masks the original
-            warnings.warn(f"streamspec: closing after an error failed: {secondary}", StreamspecWarning, 2)
+            warnings.warn(
+                f"streamspec: closing after an error failed: {secondary}", StreamspecWarning, 2
+            )
 
     def __repr__(self) -> str:
         return (
-            f"Monitor(layers={len(self.layers)}, groups={list(self.groups)}, rank={self.layout.rank}, "
-            f"step={self._step}, epoch={self._epoch}{', closed' if self._closed else ''})"
+            f"Monitor(layers={len(self.layers)}, groups={list(self.groups)}, "
+            f"rank={self.layout.rank}, step={self._step}, epoch={self._epoch}"
+            f"{', closed' if self._closed else ''})"
         )
 
-    # -- hooks (training thread / autograd threads) ---------------------------------------------------
+    # -- hooks (training thread / autograd threads) ---------------------------------------------
 
     def _on_forward(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
         if self._closed or not torch.is_grad_enabled():
@@ -362,15 +370,15 @@ class Monitor:
     def _adjoint_hook(self, index: int, cap: Capture, plan: GroupPlan) -> Any:
         def hook(grad: torch.Tensor) -> None:
             self._queue_end_of_backward()
+            if self._step_plan is None:
+                self._step_plan = plan
             if self._failed is not None or plan.n_max == 0:
-                return
+                return  # a step without grouped samples is still recorded: counts 0, σ NaN
             try:
                 state = self._state[index]
                 activation = plan.gather(cap.activation)
                 adjoint = plan.gather(cap.adjoint(grad.detach()))
                 state.pending.append((activation, adjoint, cap.activation.shape[1]))
-                if self._step_plan is None:
-                    self._step_plan = plan
                 if len(state.pending) == state.calls:
                     self._fold(index)
             except StreamspecError:
@@ -436,7 +444,7 @@ class Monitor:
         self._reset_step()
         self._callback_queued = False
 
-    # -- epochs, errors, teardown -------------------------------------------------------------------
+    # -- epochs, errors, teardown ---------------------------------------------------------------
 
     def _finish_epoch(self) -> None:
         layout = self.layout
@@ -475,10 +483,14 @@ class Monitor:
             )
 
     def _emit_warnings(self) -> None:
-        for name in self._pipeline.new_nonfinite_layers():
+        if self._warned_nonfinite:
+            return
+        names = self._pipeline.new_nonfinite_layers()
+        if names:
+            self._warned_nonfinite = True
             warnings.warn(
-                f"streamspec: NaN/Inf in the activations or gradients of {name}; recorded as NaN "
-                "(training is not affected; warned once per layer)",
+                f"streamspec: NaN/Inf in the activations or gradients of {describe(names)}; "
+                "such steps are recorded as NaN and training is not affected (warned once per run)",
                 StreamspecWarning,
                 stacklevel=3,
             )
@@ -496,7 +508,9 @@ class Monitor:
     def _check_open(self) -> None:
         if self._closed:
             raise StreamspecError.build(
-                "an open monitor", "a closed one", "call streamspec.watch() again (resume=True appends)"
+                "an open monitor",
+                "a closed one",
+                "call streamspec.watch() again (resume=True appends)",
             )
 
 
@@ -599,6 +613,3 @@ def watch(
         exact_rows=exact_rows,
     )
     return Monitor(model, config, store=store, live=live, resume=resume)
-
-
-

@@ -107,13 +107,14 @@ class HostPipeline:
         self._epoch = 0
         self._steps_in_epoch = 0
         self._started = time.monotonic()
+        self._finished: tuple[int, int, np.ndarray] | None = None  # last epoch: (index, steps, t)
         self._nonfinite_layers: set[str] = set()
         self._reported_nonfinite: set[str] = set()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="streamspec-host", daemon=True)
         self._thread.start()
 
-    # -- training-thread API ------------------------------------------------------------------------
+    # -- training-thread API --------------------------------------------------------------------
 
     def submit(self, item: StepRecord | EpochRecord) -> None:
         self._queue.put(item)
@@ -146,19 +147,24 @@ class HostPipeline:
         with self._lock:
             if self._latest is None:
                 return None
-            welch_t, _ = self._welch.compute()
+            if self._steps_in_epoch == 0 and self._finished is not None:
+                # Between epochs: keep showing the epoch that just finished.
+                epoch, steps_in_epoch, welch_t = self._finished
+            else:
+                epoch, steps_in_epoch = self._epoch, self._steps_in_epoch
+                welch_t = self._welch.compute()[0]
             return Snapshot(
                 layout=self.layout,
                 step=self._last_step,
-                epoch=self._epoch,
-                steps_in_epoch=self._steps_in_epoch,
+                epoch=epoch,
+                steps_in_epoch=steps_in_epoch,
                 sigma=self._latest.copy(),
                 welch_t=welch_t.astype(np.float32),
                 store=self._store_label,
                 elapsed_s=time.monotonic() - self._started,
             )
 
-    # -- worker thread ------------------------------------------------------------------------------
+    # -- worker thread --------------------------------------------------------------------------
 
     def _run(self) -> None:
         while True:
@@ -185,10 +191,16 @@ class HostPipeline:
         sigma = np.full(layout.step_shape, np.nan, dtype=np.float32)
         for layer in rec.layers:
             sigma[layer.index] = self._layer_sigma(layer, rec.counts)
-        self._writer.append_step({"sigma": sigma, "count": rec.counts}, step=rec.step, epoch=rec.epoch)
+        self._writer.append_step(
+            {"sigma": sigma, "count": rec.counts}, step=rec.step, epoch=rec.epoch
+        )
         with self._lock:
             self._welch.update(sigma)
-            self._latest = sigma
+            # The live view shows each cell's latest recorded value: a group absent from the last
+            # step (e.g. a short final batch) keeps its previous σ instead of flickering to "–".
+            self._latest = (
+                sigma if self._latest is None else np.where(np.isnan(sigma), self._latest, sigma)
+            )
             self._last_step = rec.step
             self._epoch = rec.epoch
             self._steps_in_epoch += 1
@@ -228,24 +240,19 @@ class HostPipeline:
         with self._lock:
             welch_t, welch_p = self._welch.compute()
             self._welch.reset()
+            self._finished = (rec.epoch, self._steps_in_epoch, welch_t)
         self._writer.append_epoch(
-            {"sigma_epoch": rec.sigma_epoch.astype(np.float32), "welch_t": welch_t, "welch_p": welch_p},
+            {
+                "sigma_epoch": rec.sigma_epoch.astype(np.float32),
+                "welch_t": welch_t,
+                "welch_p": welch_p,
+            },
             epoch=rec.epoch,
         )
-        if self._plain:
-            snap = self.snapshot()
-            if snap is not None:
-                snap = Snapshot(
-                    layout=snap.layout,
-                    step=snap.step,
-                    epoch=rec.epoch,
-                    steps_in_epoch=self._steps_in_epoch,
-                    sigma=snap.sigma,
-                    welch_t=welch_t.astype(np.float32),
-                    store=snap.store,
-                    elapsed_s=snap.elapsed_s,
-                )
-                print(epoch_line(snap), file=sys.stderr, flush=True)
         with self._lock:
             self._steps_in_epoch = 0
             self._epoch = rec.epoch + 1
+        if self._plain:
+            snap = self.snapshot()
+            if snap is not None:
+                print(epoch_line(snap), file=sys.stderr, flush=True)

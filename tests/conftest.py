@@ -45,11 +45,14 @@ def run_digits(
     x, y = digits_data()
     if n_samples is not None:
         x, y = x[:n_samples], y[:n_samples]
-    if label_fn is None:
-        g = torch.where(y < len(groups), y, torch.full_like(y, -1))
-    else:
-        g = label_fn(y)
-    model = nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+    g = torch.where(y < len(groups), y, torch.full_like(y, -1)) if label_fn is None else label_fn(y)
+    model = nn.Sequential(
+        nn.Linear(64, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, 10),
+    )
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     rec = ExactRecorder(model) if record else None
     watch_kwargs.setdefault("live", False)
@@ -83,7 +86,9 @@ def run_digits(
 def relative_errors(got: np.ndarray, exact: np.ndarray, floor: float = 1e-4) -> np.ndarray:
     """Relative errors over values above ``floor``·σ₁ of their spectrum (last axis = rank)."""
     errs = []
-    for g, e in zip(got.reshape(-1, got.shape[-1]), exact.reshape(-1, exact.shape[-1]), strict=True):
+    for g, e in zip(
+        got.reshape(-1, got.shape[-1]), exact.reshape(-1, exact.shape[-1]), strict=True
+    ):
         if not np.isfinite(e[0]):
             assert np.all(np.isnan(g)), (g, e)
             continue

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar, Protocol
+from typing import ClassVar, Protocol, TypeVar
 
 import torch
 from torch import nn
@@ -74,9 +74,12 @@ class Family(Protocol):
 _FAMILIES: dict[type[nn.Module], type[Family]] = {}
 
 
-def register(family: type[Family]) -> type[Family]:
-    """Class decorator: make ``family`` the handler of its ``module_types``."""
-    for module_type in family.module_types:
+F = TypeVar("F", bound=type)
+
+
+def register(family: F) -> F:
+    """Class decorator: make ``family`` (a :class:`Family`) the handler of its ``module_types``."""
+    for module_type in family.module_types:  # type: ignore[attr-defined]
         _FAMILIES[module_type] = family
     return family
 

@@ -46,13 +46,13 @@ def orthonormalize(y: torch.Tensor) -> torch.Tensor:
         An all-zero ``y`` gives an all-zero result (a group without rows).
     """
     y = y.to(torch.float64)
-    n, l = y.shape[-2], y.shape[-1]
+    n, width = y.shape[-2], y.shape[-1]
     norm2 = (y * y).sum(dim=(-2, -1), keepdim=True)  # ‖Y‖_F² ≥ ‖Y‖₂²
     tiny = torch.finfo(torch.float64).tiny
-    q = _cholesky_qr(y, 11.0 * (n * l + l * (l + 1)) * _EPS64 * norm2 + tiny)
+    q = _cholesky_qr(y, 11.0 * (n * width + width * (width + 1)) * _EPS64 * norm2 + tiny)
     for _ in range(2):
         norm2 = (q * q).sum(dim=(-2, -1), keepdim=True)
-        q = _cholesky_qr(q, l * _EPS64 * norm2 + tiny)
+        q = _cholesky_qr(q, width * _EPS64 * norm2 + tiny)
     return q
 
 

@@ -1,4 +1,4 @@
-"""Per-layer spectral trackers: streaming sketches of every group's activation, adjoint and gradient.
+"""Per-layer spectral trackers: streaming sketches of each group's activation, adjoint, gradient.
 
 A :class:`LayerTracker` holds, for all groups of one weight matrix at once (leading dim ``C``),
 
@@ -96,6 +96,7 @@ class StepSketch:
 
 
 _EPOCH_SKETCHES = ("y_a", "y_d", "y_g", "x_g", "z_g")
+WARMUP_ITERATIONS = 4  # power iterations of the warm blocks on the run's first step
 
 
 class LayerTracker:
@@ -139,6 +140,7 @@ class LayerTracker:
         self._warm: dict[str, torch.Tensor] = {}
         self._sketch: dict[str, torch.Tensor] = {}
         self._reseed = True
+        self._warmup = True
 
     def _setup(self, device: torch.device) -> None:
         w, g, c = self.widths, self._generator, self.n_groups
@@ -163,7 +165,10 @@ class LayerTracker:
 
     def _new_core(self, device: torch.device) -> None:
         w, g, c = self.widths, self._generator, self.n_groups
-        for name, dim, width in (("phi_t", self.h_in, w.core_in), ("psi_t", self.h_out, w.core_out)):
+        for name, dim, width in (
+            ("phi_t", self.h_in, w.core_in),
+            ("psi_t", self.h_out, w.core_out),
+        ):
             self._test[name] = torch.as_tensor(
                 _orthonormal(g, c, dim, width), dtype=torch.float32
             ).to(device)
@@ -177,7 +182,9 @@ class LayerTracker:
             "x_g": (c, w.gradient, self.h_out),
             "z_g": (c, w.core_in, w.core_out),
         }
-        self._sketch = {k: torch.zeros(s, dtype=torch.float32, device=device) for k, s in shapes.items()}
+        self._sketch = {
+            k: torch.zeros(s, dtype=torch.float32, device=device) for k, s in shapes.items()
+        }
 
     # -- the step (hot path: products only, no host sync) -----------------------------------------
 
@@ -201,13 +208,18 @@ class LayerTracker:
             self._setup(activation.device)
         a = activation.to(torch.float32)
         d = adjoint.to(torch.float32)
+        if self._warmup:
+            self._warmup = False
+            self._power_iterate(a, d, WARMUP_ITERATIONS)
         w, t, warm = self.widths, self._test, self._warm
         wa, wd, wg = w.activation, w.adjoint, w.gradient
         va, vd, vg = w.warm_activation, w.warm_adjoint, w.warm_gradient
 
         # One batched product with A and one with Δ for everything that multiplies them first.
         a_r = a @ torch.cat([warm["activation"], t["omega_a"], t["upsilon_t"], t["phi_t"]], dim=2)
-        d_r = d @ torch.cat([warm["gradient"], t["omega_g"], warm["adjoint"], t["omega_d"], t["psi_t"]], dim=2)
+        d_r = d @ torch.cat(
+            [warm["gradient"], t["omega_g"], warm["adjoint"], t["omega_d"], t["psi_t"]], dim=2
+        )
         ia = va + wa  # a_r = [AW_A | AΩ_A | AΥᵀ | AΦᵀ]
         ig = vg + wg  # d_r = [ΔW_G | ΔΩ_G | ΔW_Δ | ΔΩ_Δ | ΔΨᵀ]
         id_ = ig + vd + wd
@@ -268,6 +280,23 @@ class LayerTracker:
             },
         )
 
+    def _power_iterate(self, a: torch.Tensor, d: torch.Tensor, iterations: int) -> None:
+        """Block power iterations of the warm blocks on one step's data (the run's first step).
+
+        A one-off cost that replaces the random initial blocks by data-adapted ones, so that the
+        first epoch's test matrices (seeded from the first step) start near the dominant
+        subspaces instead of cold.
+        """
+        warm = self._warm
+        for _ in range(iterations):
+            if self.widths.warm_activation:
+                warm["activation"] = orthonormalize(a.mT @ (a @ warm["activation"])).float()
+            if self.widths.warm_adjoint:
+                warm["adjoint"] = orthonormalize(d.mT @ (d @ warm["adjoint"])).float()
+            if self.widths.warm_gradient:
+                left = orthonormalize(a.mT @ (d @ warm["gradient"])).float()  # orth(G W)
+                warm["gradient"] = orthonormalize(d.mT @ (a @ left)).float()  # orth(GᵀQ)
+
     def _reseed_from(
         self, q_a: torch.Tensor, q_d: torch.Tensor, q_g: torch.Tensor, b_g: torch.Tensor
     ) -> None:
@@ -321,8 +350,8 @@ class LayerTracker:
             if not all(np.isfinite(host[n][i]).all() for n in _EPOCH_SKETCHES):
                 for kind in out:
                     out[kind].append(np.full(1, np.nan))
-                for directions in warm.values():
-                    directions.append(None)
+                for found in warm.values():
+                    found.append(None)
                 continue
             lam_a, u_a = nystrom(host["omega_a"][i], host["y_a"][i])
             lam_d, u_d = nystrom(host["omega_d"][i], host["y_d"][i])
@@ -362,7 +391,9 @@ class LayerTracker:
             )
         self._new_core(self._device)
         self._reset_sketches(self._device)
-        return EpochSpectra(*(_pad_rows(out[kind]) for kind in ("activation", "adjoint", "gradient")))
+        return EpochSpectra(
+            *(_pad_rows(out[kind]) for kind in ("activation", "adjoint", "gradient"))
+        )
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The epoch sketches (sum them across data-parallel ranks to merge)."""

@@ -6,6 +6,7 @@ activation and adjoint rows (float64), so only use it on small models.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -51,7 +52,7 @@ class ExactRecorder:
         x = x.detach().to(torch.float64).movedim(self.batch_dim, 0)
         return x.reshape(x.shape[0], -1, x.shape[-1]).clone()
 
-    def _forward(self, name: str):  # type: ignore[no-untyped-def]
+    def _forward(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             if not torch.is_grad_enabled() or not output.requires_grad:
                 return
@@ -92,8 +93,12 @@ class ExactRecorder:
                 continue
             mask = torch.as_tensor(self.labels[s] == group)
             n += int(mask.sum())
-            a_c = torch.cat([a[mask] for a in mats.activation], 1).reshape(-1, mats.activation[0].shape[-1])
-            d_c = torch.cat([d[mask] for d in mats.adjoint], 1).reshape(-1, mats.adjoint[0].shape[-1])
+            a_c = torch.cat([a[mask] for a in mats.activation], 1).reshape(
+                -1, mats.activation[0].shape[-1]
+            )
+            d_c = torch.cat([d[mask] for d in mats.adjoint], 1).reshape(
+                -1, mats.adjoint[0].shape[-1]
+            )
             a_rows.append(a_c)
             d_rows.append(d_c)
             grads.append(a_c.T @ d_c)
@@ -138,6 +143,13 @@ def masked_loss_gradients(
     out = []
     for c in range(n_groups):
         masked = (loss_per_sample * (labels == c)).sum()
-        grads = torch.autograd.grad(masked, list(weights.values()), retain_graph=True, allow_unused=True)
-        out.append({n: (g if g is not None else torch.zeros_like(w)) for (n, w), g in zip(weights.items(), grads, strict=True)})
+        grads = torch.autograd.grad(
+            masked, list(weights.values()), retain_graph=True, allow_unused=True
+        )
+        out.append(
+            {
+                n: (g if g is not None else torch.zeros_like(w))
+                for (n, w), g in zip(weights.items(), grads, strict=True)
+            }
+        )
     return out

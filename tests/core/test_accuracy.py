@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import relative_errors, run_digits
 from streamspec.layout import KINDS
+from tests.conftest import relative_errors, run_digits
 
 
 def step_errors(run, kind: str | None = None) -> np.ndarray:

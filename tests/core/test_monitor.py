@@ -1,0 +1,390 @@
+"""The Monitor's contract: steps, labels, hooks, archive, errors — on small real models."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+import xarray as xr
+from torch import nn
+
+import streamspec
+from streamspec.testing.reference import ExactRecorder
+from tests.conftest import relative_errors, run_digits
+
+
+def mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(10, 16), nn.ReLU(inplace=True), nn.Linear(16, 4))
+
+
+def train(
+    model: nn.Module, mon, steps: int = 6, batch: int = 12, *, seed: int = 0, rec=None
+) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for _ in range(steps):
+        x = torch.randn(batch, 10, generator=gen)
+        y = torch.randint(0, 4, (batch,), generator=gen)
+        g = torch.randint(-1, 2, (batch,), generator=gen)
+        if mon is not None:
+            mon.label(g)
+        if rec is not None:
+            rec.label(g)
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def test_training_with_and_without_monitor_gives_identical_weights() -> None:
+    plain, watched = mlp(), mlp()
+    rng_before = torch.get_rng_state()
+    train(plain, None)
+    rng_plain = torch.get_rng_state()
+    torch.set_rng_state(rng_before)
+    with streamspec.watch(watched, ["a", "b"], rank=3, live=False) as mon:
+        train(watched, mon)
+    assert torch.equal(torch.get_rng_state(), rng_plain)  # the global RNG was never consumed
+    for p, q in zip(plain.parameters(), watched.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def hook_count(model: nn.Module) -> int:
+    return sum(
+        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+        for m in model.modules()
+    )
+
+
+def test_no_hooks_left_after_close_and_close_twice() -> None:
+    model = mlp()
+    mon = streamspec.watch(model, ["a", "b"], rank=2, live=False)
+    assert hook_count(model) == 2
+    train(model, mon, steps=2)
+    mon.close()
+    mon.close()
+    assert hook_count(model) == 0
+    with pytest.raises(streamspec.StreamspecError, match="closed"):
+        mon.label([0])
+
+
+def test_exception_inside_with_leaves_readable_archive(tmp_path) -> None:
+    model = mlp()
+    path = tmp_path / "run.zarr"
+    with (
+        pytest.raises(RuntimeError, match="boom"),
+        streamspec.watch(model, ["a", "b"], rank=2, store=path, live=False) as mon,
+    ):
+        train(model, mon, steps=5)
+        mon.label(torch.zeros(12, dtype=torch.long))
+        model(torch.randn(12, 10)).sum().backward()  # completed step 5
+        raise RuntimeError("boom")
+    assert hook_count(model) == 0
+    ds = streamspec.open(path).to_xarray()
+    assert ds.sizes["step"] == 6
+    assert ds.sizes["epoch"] == 1  # the partial epoch was finalised
+    present = ds["count"].values > 0  # [step, group]
+    sigma1 = ds["sigma"].values[..., 0].transpose(0, 3, 1, 2)  # [step, group, layer, kind]
+    assert np.isfinite(sigma1[present]).all() and np.isnan(sigma1[~present]).all()
+
+
+def test_labels_of_wrong_length_raise_at_forward() -> None:
+    model = mlp()
+    with streamspec.watch(model, ["a", "b"], rank=2, live=False) as mon:
+        mon.label([0, 1, 1])
+        with pytest.raises(streamspec.StreamspecError, match=r"3 samples.*batch of 5"):
+            model(torch.randn(5, 10))
+
+
+def test_forward_without_labels_raises() -> None:
+    model = mlp()
+    with (
+        streamspec.watch(model, ["a"], rank=2, live=False),
+        pytest.raises(streamspec.StreamspecError, match="mon.label"),
+    ):
+        model(torch.randn(5, 10))
+
+
+@pytest.mark.parametrize(
+    ("labels", "match"),
+    [
+        ([0.5, 1.0], "integer"),
+        (torch.tensor([0.0, 1.0]), "dtype"),
+        ([0, 2], r"\[0, 1\] or -1"),
+        ([-2, 0], r"\[0, 1\] or -1"),
+        ([[0, 1]], "1-D"),
+        (["a", "b"], "integer"),
+    ],
+)
+def test_bad_labels(labels, match) -> None:
+    with (
+        streamspec.watch(mlp(), ["a", "b"], rank=2, live=False) as mon,
+        pytest.raises(streamspec.StreamspecError, match=match),
+    ):
+        mon.label(labels)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"groups": ["a"], "rank": 0}, "rank"),
+        ({"groups": ["a"], "rank": 2.0}, "rank"),
+        ({"groups": [], "rank": 2}, "at least one group"),
+        ({"groups": "ab", "rank": 2}, "sequence"),
+        ({"groups": ["a", "b", "a"], "rank": 2}, r"duplicates \['a'\]"),
+        ({"groups": ["a"], "rank": 2, "every": 0}, "every"),
+        ({"groups": ["a"], "rank": 2, "normalize": "max"}, "normalize"),
+    ],
+)
+def test_bad_watch_arguments(kwargs, match) -> None:
+    with pytest.raises(streamspec.StreamspecError, match=match):
+        streamspec.watch(mlp(), live=False, **kwargs)
+
+
+def test_model_without_supported_layer_says_what_was_found() -> None:
+    model = nn.Sequential(nn.Conv1d(2, 3, 3), nn.BatchNorm1d(3))
+    with pytest.raises(
+        streamspec.StreamspecError, match=r"Conv1d.*BatchNorm1d|BatchNorm1d.*Conv1d"
+    ):
+        streamspec.watch(model, ["a"], rank=2, live=False)
+
+
+def test_frozen_layers_are_skipped() -> None:
+    model = mlp()
+    model[0].weight.requires_grad_(False)
+    with streamspec.watch(model, ["a"], rank=2, live=False) as mon:
+        assert mon.layers == ("2.weight",)
+
+
+def test_existing_store_needs_resume_and_resume_continues(tmp_path) -> None:
+    path = tmp_path / "run.zarr"
+    model = mlp()
+    with streamspec.watch(model, ["a", "b"], rank=2, store=path, live=False) as mon:
+        train(model, mon, steps=3)
+        mon.end_epoch()
+    with pytest.raises(streamspec.StreamspecError, match=r"resume=True") as info:
+        streamspec.watch(model, ["a", "b"], rank=2, store=path, live=False)
+    assert str(path) in str(info.value)
+    with pytest.raises(streamspec.StreamspecError, match="groups"):
+        streamspec.watch(model, ["a", "c"], rank=2, store=path, live=False, resume=True)
+    with streamspec.watch(model, ["a", "b"], rank=2, store=path, live=False, resume=True) as mon:
+        assert (mon.step, mon.epoch) == (3, 1)
+        train(model, mon, steps=2)
+    ds = streamspec.open(path).to_xarray()
+    assert ds["step"].values.tolist() == [0, 1, 2, 3, 4]
+    assert ds["step_epoch"].values.tolist() == [0, 0, 0, 1, 1]
+    assert ds["epoch"].values.tolist() == [0, 1]
+
+
+def test_every_records_every_nth_step_and_eval_records_nothing() -> None:
+    model = mlp()
+    with streamspec.watch(model, ["a", "b"], rank=2, every=3, live=False) as mon:
+        train(model, mon, steps=7)
+        with torch.no_grad():
+            model(torch.randn(100, 10))  # evaluation: other batch size, no labels needed
+        train(model, mon, steps=2, seed=1)
+        ds = mon.to_xarray()
+    assert ds["step"].values.tolist() == [0, 3, 6]
+    assert mon.step == 9
+
+
+def test_nan_is_recorded_with_one_warning_and_training_continues() -> None:
+    model = mlp()
+    with streamspec.watch(model, ["a", "b"], rank=2, live=False) as mon:
+        x = torch.randn(12, 10)
+        x[0, 0] = float("nan")
+        mon.label(torch.zeros(12, dtype=torch.long))
+        with pytest.warns(streamspec.StreamspecWarning, match="NaN/Inf.*0.weight"):
+            model(x).sum().backward()
+            mon.flush()
+        train(model, mon, steps=2)  # no second warning for the same layer (-W error would raise)
+        ds = mon.to_xarray()
+    assert np.isnan(ds["sigma"].values[0, 0, :, 0]).all()
+    assert np.isfinite(ds["sigma"].values[1:, 0, 0, 0, 0]).all()
+
+
+def test_inplace_activation_shared_module_and_sequences_match_reference() -> None:
+    """(B, T, h) inputs, a module called twice per step, an in-place ReLU after a watched layer."""
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.shared = nn.Linear(6, 6)
+            self.head = nn.Linear(6, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.relu_(self.shared(x))
+            h = self.shared(h)  # second call of the same module in the step
+            return self.head(h).mean(dim=1)
+
+    model = Net()
+    rec = ExactRecorder(model)
+    with streamspec.watch(model, ["a", "b"], rank=4, live=False) as mon:
+        for _step in range(3):
+            x = torch.randn(5, 7, 6)
+            g = torch.tensor([0, 1, 0, -1, 1])
+            mon.label(g)
+            rec.label(g)
+            model(x).pow(2).sum().backward()
+        ds = mon.to_xarray()
+    sigma = ds["sigma"].values
+    for s in range(3):
+        for li, name in enumerate(ds["layer"].values):
+            for c in range(2):
+                exact = rec.spectra([s], str(name), c, 4)
+                errs = relative_errors(sigma[s, li, :, c], exact)
+                assert errs.max() < 1e-4, (s, name, c, errs.max())
+
+
+def test_batch_dim_one_for_sequence_first_inputs() -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    rec = ExactRecorder(model, batch_dim=1)
+    with streamspec.watch(model, ["a", "b"], rank=3, batch_dim=1, live=False) as mon:
+        x = torch.randn(9, 4, 4)  # [T, B, h]
+        g = torch.tensor([0, 1, 1, 0])
+        mon.label(g)
+        rec.label(g)
+        model(x).sum().backward()
+        ds = mon.to_xarray()
+    for c in range(2):
+        exact = rec.spectra([0], "weight", c, 3)
+        assert relative_errors(ds["sigma"].values[0, 0, :, c], exact).max() < 1e-5
+
+
+def test_welch_in_archive_equals_scipy_on_archived_sigma(digits_default) -> None:
+    ds = digits_default.ds
+    sigma = ds["sigma"].values.astype(np.float64)
+    step_epoch = ds["step_epoch"].values
+    pairs = [str(p) for p in ds["pair"].values]
+    groups = [str(g) for g in ds["group"].values]
+    checked = 0
+    for e in range(ds.sizes["epoch"]):
+        rows = sigma[step_epoch == e]
+        for pi, pair in enumerate(pairs):
+            a, b = (groups.index(x) for x in pair.split(" vs "))
+            with np.errstate(all="ignore"):
+                ref = scipy.stats.ttest_ind(
+                    rows[:, :, :, a], rows[:, :, :, b], axis=0, equal_var=False, nan_policy="omit"
+                )
+            t = ds["welch_t"].values[e, :, :, pi]
+            p = ds["welch_p"].values[e, :, :, pi]
+            ref_t, ref_p = np.asarray(ref.statistic, float), np.asarray(ref.pvalue, float)
+            both = np.isfinite(ref_t)
+            assert np.array_equal(both, np.isfinite(t))
+            tol = 1e-6 * np.maximum(1, np.abs(ref_t[both]))
+            assert np.all(np.abs(t[both] - ref_t[both]) <= tol)
+            assert np.all(np.abs(p[both] - ref_p[both]) <= tol)
+            checked += int(both.sum())
+    assert checked > 500
+
+
+def test_planted_difference_is_found_and_null_is_nominal() -> None:
+    """Group 1's inputs ×1.5: first layer activation σ₁ differs; random groups: nominal rate."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 2))
+    gen = torch.Generator().manual_seed(0)
+    with streamspec.watch(model, ["ctrl", "case"], rank=4, live=False) as mon:
+        for _ in range(40):
+            x = torch.randn(32, 8, generator=gen)
+            g = torch.arange(32) % 2
+            x[g == 1] *= 1.5
+            mon.label(g)
+            model(x).pow(2).mean().backward()
+        mon.end_epoch()
+        ds = mon.to_xarray()
+    assert ds["welch_p"].values[0, 0, 0, 0, 0] < 1e-10
+
+    # Null: groups drawn at random from one distribution; every layer × kind × rank is a test.
+    p_values = []
+    for seed in range(6):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 2))
+        gen = torch.Generator().manual_seed(100 + seed)
+        with streamspec.watch(model, ["a", "b"], rank=4, live=False, seed=seed) as mon:
+            for _ in range(30):
+                x = torch.randn(32, 8, generator=gen)
+                mon.label(torch.randperm(32, generator=gen) % 2)
+                model(x).pow(2).mean().backward()
+            mon.end_epoch()
+            p_values.append(mon.to_xarray()["welch_p"].values[0, :, :, 0, :1].ravel())
+    p = np.concatenate(p_values)
+    rate = np.mean(p < 0.05)
+    assert rate <= 0.05 + 3 * np.sqrt(0.05 * 0.95 / p.size) + 0.05, rate
+
+
+def test_in_memory_and_open_zarr_give_the_same_variables(tmp_path) -> None:
+    path = tmp_path / "a.zarr"
+    run = run_digits(path, epochs=1, n_samples=256, record=False)
+    on_disk = xr.open_zarr(path, consolidated=False)
+    in_memory = run_digits(None, epochs=1, n_samples=256, record=False).ds
+    for ds in (on_disk, in_memory, run.ds):
+        assert set(ds.data_vars) == {"sigma", "count", "sigma_epoch", "welch_t", "welch_p"}
+        assert {"step", "step_epoch", "epoch", "layer", "kind", "group", "rank", "pair"} <= set(
+            ds.coords
+        )
+        assert ds["sigma"].dims == ("step", "layer", "kind", "group", "rank")
+        assert list(ds["kind"].values) == ["activation", "adjoint", "gradient"]
+    np.testing.assert_array_equal(on_disk["sigma"].values, in_memory["sigma"].values)
+    assert (
+        run.ds.attrs["rank"] == 8
+        and run.ds.attrs["normalize"] == "mean"
+        and run.ds.attrs["model"] == "Sequential"
+    )
+
+
+def test_step_without_grouped_samples_is_recorded_as_nan() -> None:
+    model = mlp()
+    with streamspec.watch(model, ["a", "b"], rank=2, live=False) as mon:
+        train(model, mon, steps=1)
+        mon.label(torch.full((12,), -1))
+        model(torch.randn(12, 10)).sum().backward()
+        train(model, mon, steps=1)
+        ds = mon.to_xarray()
+    assert ds["step"].values.tolist() == [0, 1, 2]
+    assert ds["count"].values[1].tolist() == [0, 0]
+    assert np.isnan(ds["sigma"].values[1]).all()
+
+
+def test_count_and_normalisation() -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(5, 4)
+    rec = ExactRecorder(model)
+    with streamspec.watch(model, ["a", "b", "c"], rank=4, normalize="sum", live=False) as mon:
+        g = torch.tensor([0, 0, 0, 1, -1, 1])
+        mon.label(g)
+        rec.label(g)
+        model(torch.randn(6, 5)).sum().backward()
+        ds = mon.to_xarray()
+    assert ds["count"].values.tolist() == [[3, 2, 0]]
+    assert np.isnan(ds["sigma"].values[0, 0, :, 2]).all()  # empty group
+    assert np.isnan(ds["sigma"].values[0, 0, 0, 1, 2:]).all()  # beyond rank bound min(2 rows, 5)
+    exact = rec.spectra([0], "weight", 0, 4, normalize="sum")
+    assert relative_errors(ds["sigma"].values[0, 0, :, 0], exact).max() < 1e-5
+
+
+def test_step_sketches_never_use_the_global_rng_and_are_seeded() -> None:
+    a = run_digits(
+        None,
+        epochs=1,
+        n_samples=128,
+        batch_size=128,
+        record=False,
+        groups=("x", "y"),
+        label_fn=lambda y: y % 2,
+        exact_rows=0,
+    )
+    b = run_digits(
+        None,
+        epochs=1,
+        n_samples=128,
+        batch_size=128,
+        record=False,
+        groups=("x", "y"),
+        label_fn=lambda y: y % 2,
+        exact_rows=0,
+    )
+    np.testing.assert_array_equal(a.ds["sigma_epoch"].values, b.ds["sigma_epoch"].values)
