@@ -6,7 +6,7 @@
 
 from streamspec._version import __version__
 from streamspec.errors import StreamspecError, StreamspecWarning
-from streamspec.monitor import Monitor, watch
+from streamspec.monitor import Monitor, validate, watch
 from streamspec.store.reader import Archive
 from streamspec.store.reader import open_archive as open  # noqa: A001  (streamspec.open(path))
 
@@ -17,5 +17,6 @@ __all__ = [
     "StreamspecWarning",
     "__version__",
     "open",
+    "validate",
     "watch",
 ]

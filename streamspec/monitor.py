@@ -27,11 +27,14 @@ from torch import nn
 from streamspec.capture import Site, family_of
 from streamspec.capture.groups import GroupPlan, as_labels, describe
 from streamspec.capture.registry import Capture
+from streamspec.capture.swap import restore, swap_stepwise
+from streamspec.capture.validate import unsupported_matrices
 from streamspec.errors import StreamspecError, StreamspecWarning
 from streamspec.layout import KINDS, NORMALIZE_CHOICES, RunLayout
 from streamspec.live.snapshot import Snapshot
 from streamspec.live.view import LiveView
 from streamspec.pipeline import EpochRecord, HostPipeline, LayerStep, StepRecord
+from streamspec.sketch.operators import RowOperator, stack_rows
 from streamspec.sketch.tracker import LayerTracker, StepSketch
 from streamspec.store.writer import ArchiveWriter
 
@@ -48,6 +51,7 @@ class WatchConfig:
     seed: int = 0
     oversample: int = 10
     exact_rows: int | None = None
+    on_unsupported: str = "warn"
 
     @property
     def sketch_width(self) -> int:
@@ -118,7 +122,7 @@ def find_sites(model: nn.Module) -> list[Site]:
     sites: list[Site] = []
     for prefix, module in model.named_modules():
         family = family_of(module)
-        if family is not None:
+        if family is not None and not family.problems(module):
             sites.extend(family.sites(module, prefix))
     return sites
 
@@ -128,7 +132,7 @@ class _LayerStepState:
     """Per layer, within the current step."""
 
     calls: int = 0  # forward calls captured (grad enabled)
-    pending: list[tuple[torch.Tensor, torch.Tensor, int]] = field(default_factory=list)
+    pending: list[tuple[RowOperator, torch.Tensor, int]] = field(default_factory=list)
     positions: int = 0
     sketch: StepSketch | None = None
 
@@ -161,20 +165,24 @@ class Monitor:
                 "a torch.nn.Module", f"{type(model).__name__}", "pass the model itself"
             )
         self.config = config
-        sites = find_sites(model)
-        if not sites:
-            found = sorted(
-                {
-                    type(m).__name__
-                    for m in model.modules()
-                    if any(True for _ in m.parameters(False))
-                }
-            )
+        problems = unsupported_matrices(model)
+        if problems and config.on_unsupported == "error":
             raise StreamspecError.build(
-                "a model with at least one supported layer (nn.Linear) with trainable weights",
-                f"modules with parameters: {describe(found) or 'none'}",
-                "watch a model that contains such layers (frozen weights are skipped)",
+                "a model whose weight matrices streamspec can all watch",
+                "; ".join(problems),
+                "change those modules, or pass on_unsupported='warn' or 'skip' to watch the rest",
             )
+        if problems and config.on_unsupported == "warn":
+            warnings.warn(
+                f"streamspec does not watch: {'; '.join(problems)}", StreamspecWarning, stacklevel=3
+            )
+        self._swaps = swap_stepwise(model, self._deliver)
+        try:
+            sites = find_sites(model)
+            self._check_sites(model, sites)
+        except BaseException:
+            restore(self._swaps)
+            raise
         self.sites = sites
         self.layout = RunLayout(
             layers=tuple(s.name for s in sites),
@@ -219,7 +227,9 @@ class Monitor:
         self._pipeline.set_epoch(self._epoch)
         self._handles = []
         for module in {id(s.module): s.module for s in sites}.values():
-            self._handles.append(module.register_forward_hook(self._on_forward))
+            family = family_of(module)
+            if family is not None and not family.stepwise:
+                self._handles.append(module.register_forward_hook(self._on_forward))
         self._view: LiveView | None = None
         if use_live:
             self._view = LiveView(self.snapshot).start()
@@ -243,6 +253,19 @@ class Monitor:
     def epoch(self) -> int:
         """Index of the current epoch."""
         return self._epoch
+
+    @staticmethod
+    def _check_sites(model: nn.Module, sites: list[Site]) -> None:
+        if not sites:
+            found = sorted(
+                {type(m).__name__ for m in model.modules() if any(True for _ in m.parameters(False))}
+            )
+            raise StreamspecError.build(
+                "a model with at least one supported layer with trainable weights (Linear, "
+                "Conv1d/2d/3d, Embedding, RNN/LSTM/GRU, MultiheadAttention)",
+                f"modules with parameters: {describe(found) or 'none'}",
+                "watch a model that contains such layers (frozen weights are skipped)",
+            )
 
     def label(self, labels: object) -> None:
         """Set the group of every sample of the coming batch (in force until the next call).
@@ -334,12 +357,17 @@ class Monitor:
             return
         family = family_of(module)
         assert family is not None
-        captures = family.capture(module, inputs, output, self.config.batch_dim)
-        plan = self._plan_for(captures[0].activation.shape[0], module)
+        self._deliver(module, family.capture(module, inputs, output, self.config.batch_dim))
+
+    def _deliver(self, module: nn.Module, captures: list[Capture]) -> None:
+        """Take one module call's captures (from a forward hook or a stepwise module)."""
+        if self._closed or not torch.is_grad_enabled() or not captures:
+            return
+        plan = self._plan_for(captures[0].activation.batch_size, module)
         recording = self._step % self.config.every == 0 and self._failed is None
         for cap in captures:
             index = self._index.get((id(module), cap.key))
-            if index is None:  # a frozen matrix of a family with several
+            if index is None or not cap.output.requires_grad:  # frozen, or no graph
                 continue
             if recording:
                 self._state[index].calls += 1
@@ -376,9 +404,9 @@ class Monitor:
                 return  # a step without grouped samples is still recorded: counts 0, σ NaN
             try:
                 state = self._state[index]
-                activation = plan.gather(cap.activation)
+                activation = cap.activation.gather(plan)
                 adjoint = plan.gather(cap.adjoint(grad.detach()))
-                state.pending.append((activation, adjoint, cap.activation.shape[1]))
+                state.pending.append((activation, adjoint, cap.activation.positions))
                 if len(state.pending) == state.calls:
                     self._fold(index)
             except StreamspecError:
@@ -396,7 +424,7 @@ class Monitor:
     def _fold(self, index: int) -> None:
         """Fold a layer's captured calls of this step into its tracker (device products only)."""
         state = self._state[index]
-        activation = torch.cat([p[0] for p in state.pending], dim=1)
+        activation = stack_rows([p[0] for p in state.pending])
         adjoint = torch.cat([p[1] for p in state.pending], dim=1)
         positions = sum(p[2] for p in state.pending)
         state.pending.clear()
@@ -504,6 +532,7 @@ class Monitor:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        restore(self._swaps)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -567,6 +596,7 @@ def watch(
     seed: int = 0,
     oversample: int = 10,
     exact_rows: int | None = None,
+    on_unsupported: str = "warn",
 ) -> Monitor:
     """Watch the singular values of every supported layer of ``model``, split by groups.
 
@@ -597,11 +627,17 @@ def watch(
         oversample: sketch columns beyond ``rank`` (accuracy vs cost).
         exact_rows: per-group row count up to which a step's spectra are computed exactly from
             the rows (default: ``rank + oversample``, where the rows cost no more than a sketch).
+        on_unsupported: modules with weight matrices streamspec cannot watch: ``"warn"`` (one
+            line naming them), ``"error"`` (raise) or ``"skip"`` (silently).
 
     Returns:
         A :class:`Monitor` (also a context manager).
     """
     names = _check_config(groups, rank, every, normalize, batch_dim, oversample, exact_rows)
+    if on_unsupported not in ("warn", "error", "skip"):
+        raise StreamspecError.build(
+            "on_unsupported in ('warn', 'error', 'skip')", repr(on_unsupported), "use 'warn'"
+        )
     config = WatchConfig(
         groups=names,
         rank=rank,
@@ -611,5 +647,20 @@ def watch(
         seed=seed,
         oversample=oversample,
         exact_rows=exact_rows,
+        on_unsupported=on_unsupported,
     )
     return Monitor(model, config, store=store, live=live, resume=resume)
+
+
+def validate(model: nn.Module) -> list[str]:
+    """Every reason a part of ``model`` would not be watched, at once (empty: all watched).
+
+    Lists modules owning trainable weight matrices that no layer family handles, modules a family
+    handles only in part (e.g. grouped convolutions), and a model with nothing to watch.
+    """
+    if not isinstance(model, nn.Module):
+        raise StreamspecError.build("a torch.nn.Module", type(model).__name__, "pass the model")
+    problems = unsupported_matrices(model)
+    if not find_sites(model):
+        problems.append("no supported layer with trainable weights: nothing would be recorded")
+    return problems

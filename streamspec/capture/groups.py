@@ -86,13 +86,17 @@ class GroupPlan:
             )
         return self._on[device]
 
+    def gather_samples(self, x: torch.Tensor, fill: float = 0) -> torch.Tensor:
+        """``[B, …]`` → ``[C, n_max, …]``: each group's samples in a block, ``fill`` for padding."""
+        src, dst = self._indices(x.device)
+        out = x.new_full((self.n_groups * self.n_max, *x.shape[1:]), fill)
+        out.index_copy_(0, dst, x.index_select(0, src))
+        return out.view(self.n_groups, self.n_max, *x.shape[1:])
+
     def gather(self, rows: torch.Tensor) -> torch.Tensor:
         """``[B, T, h]`` samples-first rows → ``[C, n_max·T, h]`` group blocks, zero-padded."""
-        b, t, h = rows.shape
-        src, dst = self._indices(rows.device)
-        out = rows.new_zeros((self.n_groups * self.n_max, t, h))
-        out.index_copy_(0, dst, rows.index_select(0, src))
-        return out.view(self.n_groups, self.n_max * t, h)
+        _, t, h = rows.shape
+        return self.gather_samples(rows).view(self.n_groups, self.n_max * t, h)
 
 
 def describe(values: Sequence[object], limit: int = 8) -> str:

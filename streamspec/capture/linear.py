@@ -5,7 +5,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from streamspec.capture.registry import Capture, Site, check_batched, register, samples_first
+from streamspec.capture.registry import (
+    Capture,
+    DenseSource,
+    Site,
+    check_batched,
+    register,
+    samples_first,
+)
 
 
 @register
@@ -13,6 +20,7 @@ class LinearFamily:
     """Activation rows are the inputs ``x``; adjoint rows are ``∂L/∂y`` (the bias adds nothing)."""
 
     module_types = (nn.Linear,)
+    stepwise = False
 
     @staticmethod
     def sites(module: nn.Module, prefix: str) -> list[Site]:
@@ -33,8 +41,12 @@ class LinearFamily:
         return [
             Capture(
                 key="weight",
-                activation=samples_first(x.detach(), batch_dim, h_in),
+                activation=DenseSource(samples_first(x.detach(), batch_dim, h_in)),
                 output=output,
                 adjoint=lambda g: samples_first(g, batch_dim, h_out),
             )
         ]
+
+    @staticmethod
+    def problems(module: nn.Module) -> list[str]:
+        return []

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar, Protocol, TypeVar
+from typing import TYPE_CHECKING, ClassVar, Protocol, TypeVar
 
 import torch
 from torch import nn
 
 from streamspec.errors import StreamspecError
+from streamspec.sketch.operators import DenseRows, RowOperator
+
+if TYPE_CHECKING:
+    from streamspec.capture.groups import GroupPlan
 
 
 @dataclass(frozen=True)
@@ -35,28 +39,74 @@ class Site:
     h_out: int
 
 
+class RowSource(Protocol):
+    """A module call's activation rows, before they are split by group."""
+
+    @property
+    def batch_size(self) -> int:
+        """Samples in the call (must match the labels)."""
+        ...
+
+    @property
+    def positions(self) -> int:
+        """Rows per sample (1 for ``[B, h]`` inputs, ``T`` for sequences, output positions…)."""
+        ...
+
+    def gather(self, plan: GroupPlan) -> RowOperator:
+        """The groups' rows as a ``[C, n_max·positions, h_in]`` operator (zero-padded)."""
+        ...
+
+
+class DenseSource:
+    """Explicit ``[B, T, h]`` samples-first rows."""
+
+    def __init__(self, rows: torch.Tensor) -> None:
+        self.rows = rows
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.rows.shape[0])
+
+    @property
+    def positions(self) -> int:
+        return int(self.rows.shape[1])
+
+    def gather(self, plan: GroupPlan) -> RowOperator:
+        return DenseRows(plan.gather(self.rows))
+
+
 @dataclass
 class Capture:
     """What one forward call of a module yields for one of its sites.
 
     Attributes:
         key: the site's key within the module.
-        activation: ``[B, T, h_in]`` detached activation rows, samples first (``T`` positions
-            per sample: 1 for a plain ``[B, h]`` input).
+        activation: the call's activation rows (detached), samples first.
         output: the tensor whose gradient is the adjoint (a hook is registered on it).
-        adjoint: maps that gradient to ``[B, T, h_out]`` adjoint rows, samples first.
+        adjoint: maps that gradient to ``[B, positions, h_out]`` adjoint rows, samples first, in
+            the row order of ``activation``.
     """
 
     key: str
-    activation: torch.Tensor
+    activation: RowSource
     output: torch.Tensor
     adjoint: Callable[[torch.Tensor], torch.Tensor]
 
 
+Sink = Callable[[nn.Module, list[Capture]], None]
+
+
 class Family(Protocol):
-    """A layer family: one per file under ``capture/``."""
+    """A layer family: one per file under ``capture/``.
+
+    Plain families are hooked: a forward hook calls :meth:`capture` on every call. Families of
+    fused modules whose products no hook can see (``stepwise = True``) instead replace the module,
+    in place, by an equivalent that runs the products one by one on the very same Parameter
+    objects and hands its captures to the monitor's sink; the original is put back on close.
+    """
 
     module_types: ClassVar[tuple[type[nn.Module], ...]]
+    stepwise: ClassVar[bool]
 
     @staticmethod
     def sites(module: nn.Module, prefix: str) -> list[Site]:
@@ -67,7 +117,21 @@ class Family(Protocol):
     def capture(
         module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor, batch_dim: int
     ) -> list[Capture]:
-        """Activation rows and adjoint mapping of one forward call."""
+        """Activation rows and adjoint mapping of one forward call (hooked families)."""
+        ...
+
+    @staticmethod
+    def problems(module: nn.Module) -> list[str]:
+        """Why this module cannot be watched (empty when it can)."""
+        ...
+
+    @staticmethod
+    def make_stepwise(module: nn.Module, sink: Sink, *, parent: nn.Module, name: str) -> nn.Module:
+        """An equivalent module sharing ``module``'s parameters that reports to ``sink``.
+
+        ``parent``/``name``: where the module sits (first place found), e.g. to tell a
+        Transformer layer's self-attention from its cross-attention.
+        """
         ...
 
 

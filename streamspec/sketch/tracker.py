@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from streamspec.sketch.linalg import nystrom, orthonormalize, streaming_svd
+from streamspec.sketch.operators import DenseRows, RowOperator
 
 
 @dataclass(frozen=True)
@@ -188,7 +189,9 @@ class LayerTracker:
 
     # -- the step (hot path: products only, no host sync) -----------------------------------------
 
-    def step(self, activation: torch.Tensor, adjoint: torch.Tensor, exact: bool) -> StepSketch:
+    def step(
+        self, activation: RowOperator | torch.Tensor, adjoint: torch.Tensor, exact: bool
+    ) -> StepSketch:
         """Fold one step into the epoch sketches and sketch the step's own spectra.
 
         The step's range sketch is taken with ``[W | Ω]``: a warm block ``W`` carried from the
@@ -199,14 +202,15 @@ class LayerTracker:
         the final Rayleigh–Ritz projection ``σ(AQ)``, ``σ(QᵀG)`` is exact on the captured range.
 
         Args:
-            activation: ``[C, m, h_in]`` the groups' rows, zero-padded to a common ``m``.
+            activation: ``[C, m, h_in]`` the groups' rows, zero-padded to a common ``m``, as a
+                tensor or as a :class:`RowOperator` (products only: conv patches, one-hot rows).
             adjoint: ``[C, m, h_out]`` the matching adjoint rows.
             exact: send the rows themselves for an exact host-side factorisation (cheap when a
                 group's rows are no more than a sketch's width).
         """
-        if self._device != activation.device:
-            self._setup(activation.device)
-        a = activation.to(torch.float32)
+        if self._device != adjoint.device:
+            self._setup(adjoint.device)
+        a = DenseRows(activation) if isinstance(activation, torch.Tensor) else activation
         d = adjoint.to(torch.float32)
         if self._warmup:
             self._warmup = False
@@ -216,14 +220,14 @@ class LayerTracker:
         va, vd, vg = w.warm_activation, w.warm_adjoint, w.warm_gradient
 
         # One batched product with A and one with Δ for everything that multiplies them first.
-        a_r = a @ torch.cat([warm["activation"], t["omega_a"], t["upsilon_t"], t["phi_t"]], dim=2)
+        a_r = a.mm(torch.cat([warm["activation"], t["omega_a"], t["upsilon_t"], t["phi_t"]], dim=2))
         d_r = d @ torch.cat(
             [warm["gradient"], t["omega_g"], warm["adjoint"], t["omega_d"], t["psi_t"]], dim=2
         )
         ia = va + wa  # a_r = [AW_A | AΩ_A | AΥᵀ | AΦᵀ]
         ig = vg + wg  # d_r = [ΔW_G | ΔΩ_G | ΔW_Δ | ΔΩ_Δ | ΔΨᵀ]
         id_ = ig + vd + wd
-        a_t = a.mT @ torch.cat([a_r[..., :ia], d_r[..., :ig]], dim=2)
+        a_t = a.tmm(torch.cat([a_r[..., :ia], d_r[..., :ig]], dim=2))
         y_a, y_g = a_t[..., :ia], a_t[..., ia:]  # AᵀA[W_A | Ω_A],  G[W_G | Ω_G]
         y_d = d.mT @ d_r[..., ig:id_]  # ΔᵀΔ[W_Δ | Ω_Δ]
         x_g = a_r[..., ia : ia + wg].mT @ d  # ΥG
@@ -234,7 +238,7 @@ class LayerTracker:
         q_a = orthonormalize(y_a).to(torch.float32)
         q_d = orthonormalize(y_d).to(torch.float32)
         q_g = orthonormalize(y_g).to(torch.float32)
-        a_q = a @ torch.cat([q_a, q_g], dim=2)
+        a_q = a.mm(torch.cat([q_a, q_g], dim=2))
         d_q = d @ q_d
         b_g = a_q[..., ia:].mT @ d  # QᵀG  [C, vg+wg, h_out]
         new_warm_g = orthonormalize(b_g[:, :vg].mT).to(torch.float32) if vg else warm["gradient"]
@@ -244,11 +248,11 @@ class LayerTracker:
             self._reseed = False
             self._reseed_from(q_a, q_d, q_g, b_g)
             # The epoch's first contributions, taken with the new test matrices.
-            y_a_e = a.mT @ (a @ t["omega_a"]) if va else y_a[..., va:]
+            y_a_e = a.tmm(a.mm(t["omega_a"])) if va else y_a[..., va:]
             y_d_e = d.mT @ (d @ t["omega_d"]) if vd else y_d[..., vd:]
             if vg:
-                y_g_e = a.mT @ (d @ t["omega_g"])
-                x_g = (a @ t["upsilon_t"]).mT @ d
+                y_g_e = a.tmm(d @ t["omega_g"])
+                x_g = a.mm(t["upsilon_t"]).mT @ d
             else:
                 y_g_e = y_g[..., vg:]
             sk["y_a"] += y_a_e
@@ -267,7 +271,7 @@ class LayerTracker:
         warm["gradient"] = new_warm_g
 
         if exact:
-            return StepSketch("exact", {"activation": a, "adjoint": d})
+            return StepSketch("exact", {"activation": a.dense(), "adjoint": d})
         b_a = a_q[..., :ia].to(torch.float64)
         b_d = d_q.to(torch.float64)
         b_g64 = b_g.to(torch.float64)
@@ -280,7 +284,7 @@ class LayerTracker:
             },
         )
 
-    def _power_iterate(self, a: torch.Tensor, d: torch.Tensor, iterations: int) -> None:
+    def _power_iterate(self, a: RowOperator, d: torch.Tensor, iterations: int) -> None:
         """Block power iterations of the warm blocks on one step's data (the run's first step).
 
         A one-off cost that replaces the random initial blocks by data-adapted ones, so that the
@@ -290,12 +294,12 @@ class LayerTracker:
         warm = self._warm
         for _ in range(iterations):
             if self.widths.warm_activation:
-                warm["activation"] = orthonormalize(a.mT @ (a @ warm["activation"])).float()
+                warm["activation"] = orthonormalize(a.tmm(a.mm(warm["activation"]))).float()
             if self.widths.warm_adjoint:
                 warm["adjoint"] = orthonormalize(d.mT @ (d @ warm["adjoint"])).float()
             if self.widths.warm_gradient:
-                left = orthonormalize(a.mT @ (d @ warm["gradient"])).float()  # orth(G W)
-                warm["gradient"] = orthonormalize(d.mT @ (a @ left)).float()  # orth(GᵀQ)
+                left = orthonormalize(a.tmm(d @ warm["gradient"])).float()  # orth(G W)
+                warm["gradient"] = orthonormalize(d.mT @ a.mm(left)).float()  # orth(GᵀQ)
 
     def _reseed_from(
         self, q_a: torch.Tensor, q_d: torch.Tensor, q_g: torch.Tensor, b_g: torch.Tensor

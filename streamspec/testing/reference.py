@@ -126,20 +126,29 @@ class ExactRecorder:
 
 
 def masked_loss_gradients(
-    model: nn.Module, loss_per_sample: torch.Tensor, labels: torch.Tensor, n_groups: int
+    model: nn.Module,
+    loss_per_sample: torch.Tensor,
+    labels: torch.Tensor,
+    n_groups: int,
+    names: list[str] | None = None,
 ) -> list[dict[str, torch.Tensor]]:
-    """Autograd reference: ``∇W Σ_{i∈c} ℓ_i`` for every group ``c`` and Linear weight.
+    """Autograd reference: ``∇_W Σ_{i∈c} ℓ_i`` for every group ``c`` and weight ``W``.
+
+    Singular values of these gradients (``.reshape(W.shape[0], -1)`` for conv kernels) are the
+    reference for the recorded ``gradient`` kind (σ is transpose-invariant: Linear's ``∇W`` is
+    ``(AᵀΔ)ᵀ``).
 
     Args:
         model: the model whose forward produced ``loss_per_sample``.
         loss_per_sample: ``[B]`` losses (scale them as the real loss does, e.g. by ``1/B``).
         labels: ``[B]`` group indices.
+        names: parameter names (``model.named_parameters()``); default: every trainable
+            parameter with two or more dims.
     """
-    weights = {
-        (f"{p}.weight" if p else "weight"): m.weight
-        for p, m in model.named_modules()
-        if isinstance(m, nn.Linear) and m.weight.requires_grad
-    }
+    params = dict(model.named_parameters())
+    if names is None:
+        names = [n for n, p in params.items() if p.requires_grad and p.dim() >= 2]
+    weights = {n: params[n] for n in names}
     out = []
     for c in range(n_groups):
         masked = (loss_per_sample * (labels == c)).sum()

@@ -144,7 +144,7 @@ def test_bad_watch_arguments(kwargs, match) -> None:
 
 
 def test_model_without_supported_layer_says_what_was_found() -> None:
-    model = nn.Sequential(nn.Conv1d(2, 3, 3), nn.BatchNorm1d(3))
+    model = nn.Sequential(nn.BatchNorm1d(3), nn.LayerNorm(3))
     with pytest.raises(
         streamspec.StreamspecError, match=r"Conv1d.*BatchNorm1d|BatchNorm1d.*Conv1d"
     ):

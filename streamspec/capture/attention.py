@@ -1,0 +1,1 @@
+"""Layer family: attention (work in progress)."""

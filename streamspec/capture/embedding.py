@@ -1,0 +1,1 @@
+"""Layer family: embedding (work in progress)."""

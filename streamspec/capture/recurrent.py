@@ -1,0 +1,1 @@
+"""Layer family: recurrent (work in progress)."""

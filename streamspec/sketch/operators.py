@@ -1,0 +1,206 @@
+"""Group-blocked activation matrices known through their products.
+
+The trackers need only ``A @ X`` and ``Aᵀ @ Y`` of a group-blocked activation matrix
+``A [C, m, h_in]`` (``C`` groups, ``m`` rows each, zero-padded). For a Linear layer ``A`` is
+explicit; for a convolution it is the unfolded input patches, which can be far larger than the
+input itself, so the products are a convolution and a convolution weight-gradient call instead;
+for an embedding ``A`` is one-hot rows, so the products are a gather and a scatter-add.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch.nn import grad as nn_grad
+
+
+class RowOperator(Protocol):
+    """``A [C, m, h]``: all groups' activation rows, zero rows for padding."""
+
+    @property
+    def shape(self) -> tuple[int, int, int]: ...
+
+    def mm(self, x: torch.Tensor) -> torch.Tensor:
+        """``A @ x``: ``[C, h, w]`` → ``[C, m, w]`` (float32)."""
+        ...
+
+    def tmm(self, y: torch.Tensor) -> torch.Tensor:
+        """``Aᵀ @ y``: ``[C, m, w]`` → ``[C, h, w]`` (float32)."""
+        ...
+
+    def dense(self) -> torch.Tensor:
+        """The explicit ``[C, m, h]`` float32 matrix (used when ``m`` is small)."""
+        ...
+
+
+class DenseRows:
+    """An explicit ``[C, m, h]`` matrix (Linear layers)."""
+
+    def __init__(self, rows: torch.Tensor) -> None:
+        self.rows = rows.to(torch.float32)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        c, m, h = self.rows.shape
+        return (c, m, h)
+
+    def mm(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rows @ x
+
+    def tmm(self, y: torch.Tensor) -> torch.Tensor:
+        return self.rows.mT @ y
+
+    def dense(self) -> torch.Tensor:
+        return self.rows
+
+
+class StackedRows:
+    """Rows of several operators stacked (a module called several times in one step)."""
+
+    def __init__(self, parts: Sequence[RowOperator]) -> None:
+        self.parts = list(parts)
+        self._sizes = [p.shape[1] for p in self.parts]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        c, _, h = self.parts[0].shape
+        return (c, sum(self._sizes), h)
+
+    def mm(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p.mm(x) for p in self.parts], dim=1)
+
+    def tmm(self, y: torch.Tensor) -> torch.Tensor:
+        blocks = torch.split(y, self._sizes, dim=1)
+        out = self.parts[0].tmm(blocks[0])
+        for p, b in zip(self.parts[1:], blocks[1:], strict=True):
+            out = out + p.tmm(b)
+        return out
+
+    def dense(self) -> torch.Tensor:
+        return torch.cat([p.dense() for p in self.parts], dim=1)
+
+
+def stack_rows(parts: Sequence[RowOperator]) -> RowOperator:
+    if len(parts) == 1:
+        return parts[0]
+    if all(isinstance(p, DenseRows) for p in parts):
+        return DenseRows(torch.cat([p.dense() for p in parts], dim=1))
+    return StackedRows(parts)
+
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_WEIGHT = {1: nn_grad.conv1d_weight, 2: nn_grad.conv2d_weight, 3: nn_grad.conv3d_weight}
+
+
+class ConvRows:
+    """Unfolded input patches of an N-d convolution (``groups=1``), never materialised.
+
+    Rows are ordered (sample, output position); columns (in_channel, kernel offsets…), the order
+    of ``weight.view(out, -1)``. All groups run in one call: the ``C`` groups become the
+    convolution's ``groups``.
+
+    Args:
+        inputs: ``[C, n, in, *spatial]`` the groups' samples (already padded if the layer pads
+            with a mode other than zeros), zero samples for padding.
+        kernel: kernel size per spatial dim.
+        stride, padding, dilation: as the layer's (``padding`` numeric).
+    """
+
+    def __init__(
+        self,
+        inputs: torch.Tensor,
+        kernel: Sequence[int],
+        stride: Sequence[int],
+        padding: Sequence[int],
+        dilation: Sequence[int],
+    ) -> None:
+        self.inputs = inputs.to(torch.float32)
+        self.kernel = tuple(kernel)
+        self.stride, self.padding, self.dilation = tuple(stride), tuple(padding), tuple(dilation)
+        self.dims = len(self.kernel)
+        c, n, channels = inputs.shape[:3]
+        self._c, self._n, self._channels = c, n, channels
+        spatial = inputs.shape[3:]
+        out = [
+            (size + 2 * p - d * (k - 1) - 1) // s + 1
+            for size, k, s, p, d in zip(
+                spatial, self.kernel, self.stride, self.padding, self.dilation, strict=True
+            )
+        ]
+        self.out_spatial = tuple(out)
+        self.positions = 1
+        for o in out:
+            self.positions *= o
+        self.h = channels * int(torch.tensor(self.kernel).prod())
+        # [n, C·in, *spatial]: groups side by side along channels, one grouped convolution.
+        self._batched = self.inputs.transpose(0, 1).reshape(n, c * channels, *spatial)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self._c, self._n * self.positions, self.h)
+
+    def mm(self, x: torch.Tensor) -> torch.Tensor:
+        c, _, w = x.shape
+        weight = x.mT.reshape(c * w, self._channels, *self.kernel)
+        out = _CONV[self.dims](
+            self._batched, weight, None, self.stride, self.padding, self.dilation, c
+        )  # [n, C·w, *out]
+        out = out.reshape(self._n, c, w, self.positions).permute(1, 0, 3, 2)
+        return out.reshape(c, self._n * self.positions, w)
+
+    def tmm(self, y: torch.Tensor) -> torch.Tensor:
+        c, _, w = y.shape
+        grad_out = y.reshape(c, self._n, self.positions, w).permute(1, 0, 3, 2)
+        grad_out = grad_out.reshape(self._n, c * w, *self.out_spatial)
+        weight = _CONV_WEIGHT[self.dims](
+            self._batched,
+            (c * w, self._channels, *self.kernel),
+            grad_out,
+            self.stride,
+            self.padding,
+            self.dilation,
+            c,
+        )  # [C·w, in, *kernel]
+        return weight.reshape(c, w, self.h).mT
+
+    def dense(self) -> torch.Tensor:
+        eye = torch.eye(self.h, device=self.inputs.device, dtype=torch.float32)
+        return self.mm(eye.expand(self._c, self.h, self.h))
+
+
+class OneHotRows:
+    """One-hot rows of an embedding lookup: ``A[r, idx_r] = 1`` (``idx_r < 0``: a zero row).
+
+    Args:
+        indices: ``[C, m]`` int64 token indices per group row, -1 for padding / excluded rows.
+        vocabulary: number of embeddings (columns of ``A``).
+    """
+
+    def __init__(self, indices: torch.Tensor, vocabulary: int) -> None:
+        self.valid = indices >= 0
+        self.indices = indices.clamp(min=0)
+        self.vocabulary = vocabulary
+        self._mask = self.valid.unsqueeze(-1).to(torch.float32)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        c, m = self.indices.shape
+        return (c, m, self.vocabulary)
+
+    def mm(self, x: torch.Tensor) -> torch.Tensor:
+        c, _, w = x.shape
+        gathered = torch.gather(x, 1, self.indices.unsqueeze(-1).expand(c, -1, w))
+        return gathered * self._mask
+
+    def tmm(self, y: torch.Tensor) -> torch.Tensor:
+        c, _, w = y.shape
+        out = y.new_zeros((c, self.vocabulary, w))
+        return out.scatter_add_(1, self.indices.unsqueeze(-1).expand(c, -1, w), y * self._mask)
+
+    def dense(self) -> torch.Tensor:
+        c, m = self.indices.shape
+        out = torch.zeros((c, m, self.vocabulary), device=self.indices.device)
+        return out.scatter_(2, self.indices.unsqueeze(-1), self._mask)
