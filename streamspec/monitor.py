@@ -364,6 +364,11 @@ class Monitor:
         if self._closed or not torch.is_grad_enabled() or not captures:
             return
         plan = self._plan_for(captures[0].activation.batch_size, module)
+        if torch._C._current_graph_task_id() != -1:
+            # A forward inside a backward: a checkpointed segment being recomputed. With reentrant
+            # checkpointing its gradients arrive in a nested backward, whose end is not the step's
+            # end; queue the end-of-step callback now, on the enclosing (outer) backward.
+            self._queue_end_of_backward()
         recording = self._step % self.config.every == 0 and self._failed is None
         for cap in captures:
             index = self._index.get((id(module), cap.key))

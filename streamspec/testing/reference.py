@@ -162,3 +162,33 @@ def masked_loss_gradients(
             }
         )
     return out
+
+
+def unfold_patches(
+    x: torch.Tensor,
+    kernel: tuple[int, ...],
+    stride: tuple[int, ...],
+    padding: tuple[int, ...],
+    dilation: tuple[int, ...],
+) -> torch.Tensor:
+    """Explicit patch matrix of an N-d convolution: ``[B, positions, C·∏kernel]`` (float64).
+
+    Built with ``Tensor.unfold`` (independent of the convolution routines), columns ordered like
+    ``weight.view(out, -1)``.
+    """
+    dims = len(kernel)
+    pad: list[int] = []
+    for p in reversed(padding):
+        pad += [p, p]
+    x = torch.nn.functional.pad(x.to(torch.float64), pad)
+    for i in range(dims):
+        span = dilation[i] * (kernel[i] - 1) + 1
+        x = x.unfold(2 + i, span, stride[i])[..., :: dilation[i]]
+    # x: [B, C, o1..od, k1..kd] → [B, o1..od, C, k1..kd]
+    b, c = x.shape[:2]
+    order = [0, *range(2, 2 + dims), 1, *range(2 + dims, 2 + 2 * dims)]
+    x = x.permute(order)
+    positions = 1
+    for o in x.shape[1 : 1 + dims]:
+        positions *= o
+    return x.reshape(b, positions, -1)

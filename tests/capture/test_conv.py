@@ -1,0 +1,115 @@
+"""Conv1d/2d/3d: recorded spectra vs exactly unfolded matrices and masked-loss autograd."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import streamspec
+from streamspec.testing.reference import masked_loss_gradients, unfold_patches
+from tests.conftest import relative_errors
+
+CASES = {
+    "1d-stride2-pad1": (nn.Conv1d, dict(in_channels=3, out_channels=6, kernel_size=3, stride=2, padding=1), (10,)),
+    "2d-same": (nn.Conv2d, dict(in_channels=2, out_channels=5, kernel_size=3, padding="same"), (6, 5)),
+    "2d-dilated-reflect": (
+        nn.Conv2d,
+        dict(in_channels=2, out_channels=4, kernel_size=2, stride=2, padding=1, dilation=2, padding_mode="reflect"),
+        (7, 7),
+    ),
+    "3d-pad1": (nn.Conv3d, dict(in_channels=2, out_channels=3, kernel_size=2, padding=1), (3, 3, 2)),
+}
+
+
+def exact(a: torch.Tensor, d: torch.Tensor, rank: int) -> np.ndarray:
+    out = np.full((3, rank), np.nan)
+    for i, m in enumerate((a, d, a.T @ d)):
+        s = torch.linalg.svdvals(m).numpy()
+        bound = min(a.shape[0], *m.shape)
+        out[i, : min(bound, rank)] = s[: min(bound, rank)]
+    return out
+
+
+@pytest.mark.parametrize("exact_rows", [None, 0], ids=["default", "sketched"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_conv_spectra_match_unfolded_matrices_and_autograd(case: str, exact_rows) -> None:
+    cls, kwargs, spatial = CASES[case]
+    torch.manual_seed(0)
+    conv = cls(**kwargs)
+    model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.LazyLinear(3))
+    x = torch.randn(6, kwargs["in_channels"], *spatial)
+    model(x)  # materialise the lazy layer
+    twin = copy.deepcopy(model)
+    labels = torch.tensor([0, 1, 0, 1, -1, 1])
+    rank = 4
+    outputs: list[torch.Tensor] = []
+    def keep(module: nn.Module, inputs: object, output: torch.Tensor) -> None:
+        output.retain_grad()
+        outputs.append(output)
+
+    handle = conv.register_forward_hook(keep)
+    with streamspec.watch(model, ["a", "b"], rank=rank, normalize="sum", live=False, exact_rows=exact_rows) as mon:
+        assert mon.layers == ("0.weight", "3.weight")
+        mon.label(labels)
+        loss = nn.functional.cross_entropy(model(x), torch.tensor([0, 1, 2, 0, 1, 2]))
+        loss.backward()
+        ds = mon.to_xarray()
+    handle.remove()
+    out_grad = outputs[-1].grad
+    # Explicit matrices: padded input as the module pads it, then Tensor.unfold.
+    xin = x
+    padding = conv.padding
+    if isinstance(padding, str) or conv.padding_mode != "zeros":
+        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+        xin = nn.functional.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
+        padding = (0,) * len(conv.kernel_size)
+    patches = unfold_patches(xin, conv.kernel_size, conv.stride, padding, conv.dilation)
+    adjoints = out_grad.double().reshape(6, conv.out_channels, -1).transpose(1, 2)
+    per_sample = nn.functional.cross_entropy(twin(x), torch.tensor([0, 1, 2, 0, 1, 2]), reduction="none") / 6
+    reference = masked_loss_gradients(twin, per_sample, labels, 2, names=["0.weight"])
+    sigma = ds["sigma"].values[0, 0]  # [kind, group, rank]
+    for c in range(2):
+        mask = labels == c
+        a = patches[mask].reshape(-1, patches.shape[-1])
+        d = adjoints[mask].reshape(-1, adjoints.shape[-1])
+        ref = exact(a, d, rank)
+        tol = 1e-4 if exact_rows is None else 1e-2
+        assert relative_errors(sigma[:, c], ref).max() < tol, (c, sigma[:, c], ref)
+        g = reference[c]["0.weight"].reshape(conv.out_channels, -1).double()
+        sg = np.full(rank, np.nan)
+        values = torch.linalg.svdvals(g).numpy()[:rank]
+        sg[: values.size] = values
+        assert relative_errors(sigma[2, c], sg).max() < 1e-2
+
+
+def test_grouped_conv_is_reported_not_watched() -> None:
+    model = nn.Sequential(nn.Conv1d(4, 4, 3, groups=2), nn.Flatten(), nn.LazyLinear(2))
+    model(torch.randn(1, 4, 8))
+    problems = streamspec.validate(model)
+    assert len(problems) == 1 and "groups=2" in problems[0]
+    with pytest.warns(streamspec.StreamspecWarning, match="groups=2"):
+        mon = streamspec.watch(model, ["a"], rank=2, live=False)
+    assert mon.layers == ("2.weight",)
+    mon.close()
+    with pytest.raises(streamspec.StreamspecError, match="groups=2"):
+        streamspec.watch(model, ["a"], rank=2, live=False, on_unsupported="error")
+    streamspec.watch(model, ["a"], rank=2, live=False, on_unsupported="skip").close()
+
+
+def test_validate_lists_every_problem_at_once() -> None:
+    class Odd(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.matrix = nn.Parameter(torch.randn(3, 3))
+            self.norm = nn.LayerNorm(3)
+
+    model = nn.Sequential(Odd(), nn.Conv2d(2, 2, 1, groups=2), nn.Bilinear(2, 2, 2))
+    problems = streamspec.validate(model)
+    text = "\n".join(problems)
+    assert "Odd" in text and "groups=2" in text and "Bilinear" in text and "nothing would be recorded" in text
+    assert "LayerNorm" not in text  # normalisation parameters are not matrices
+    assert streamspec.validate(nn.Linear(2, 2)) == []

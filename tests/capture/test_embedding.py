@@ -1,0 +1,63 @@
+"""nn.Embedding: one-hot activation rows, scatter-added gradient, padding_idx left out."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import streamspec
+from streamspec.testing.reference import masked_loss_gradients
+from tests.conftest import relative_errors
+
+
+class Tagger(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(30, 8, padding_idx=0)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.embed(tokens))).mean(dim=1)
+
+
+@pytest.mark.parametrize("exact_rows", [None, 0], ids=["default", "sketched"])
+def test_embedding_spectra(exact_rows) -> None:
+    torch.manual_seed(0)
+    model = Tagger()
+    twin = copy.deepcopy(model)
+    tokens = torch.randint(0, 30, (6, 5))
+    tokens[0, :2] = 0  # padding tokens: no gradient, not rows
+    labels = torch.tensor([0, 1, 1, 0, -1, 1])
+    target = torch.tensor([0, 1, 2, 0, 1, 2])
+    outputs: list[torch.Tensor] = []
+    def keep(module: nn.Module, inputs: object, output: torch.Tensor) -> None:
+        output.retain_grad()
+        outputs.append(output)
+
+    handle = model.embed.register_forward_hook(keep)
+    with streamspec.watch(model, ["a", "b"], rank=4, normalize="sum", live=False, exact_rows=exact_rows) as mon:
+        assert mon.layers == ("embed.weight", "head.weight")
+        mon.label(labels)
+        nn.functional.cross_entropy(model(tokens), target).backward()
+        ds = mon.to_xarray()
+    handle.remove()
+    grad_out = outputs[-1].grad.double()
+    per_sample = nn.functional.cross_entropy(twin(tokens), target, reduction="none") / 6
+    ref = masked_loss_gradients(twin, per_sample, labels, 2, names=["embed.weight"])
+    sigma = ds["sigma"].values[0, 0]
+    for c in range(2):
+        mask = (labels == c)[:, None] & (tokens != 0)
+        onehot = nn.functional.one_hot(tokens[mask], 30).double()
+        d = grad_out[mask]
+        expected = np.full((3, 4), np.nan)
+        for i, m in enumerate((onehot, d, onehot.T @ d)):
+            s = torch.linalg.svdvals(m).numpy()
+            bound = min(onehot.shape[0], *m.shape)
+            expected[i, : min(4, bound)] = s[: min(4, bound)]
+        assert relative_errors(sigma[:, c], expected).max() < 1e-2, (sigma[:, c], expected)
+        sg = torch.linalg.svdvals(ref[c]["embed.weight"].double()).numpy()[:4]
+        np.testing.assert_allclose(sigma[2, c], sg, rtol=1e-2)
