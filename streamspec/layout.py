@@ -33,6 +33,7 @@ class RunLayout:
     normalize: str = "mean"
     every: int = 1
     model: str = ""
+    extras: tuple[str, ...] = ()  # optional archive variables this run records, e.g. "sigma_tied"
 
     @property
     def kinds(self) -> tuple[str, ...]:

@@ -52,6 +52,7 @@ class WatchConfig:
     oversample: int = 10
     exact_rows: int | None = None
     on_unsupported: str = "warn"
+    tied: bool = False
 
     @property
     def sketch_width(self) -> int:
@@ -134,6 +135,7 @@ class _LayerStepState:
     calls: int = 0  # forward calls captured (grad enabled)
     pending: list[tuple[RowOperator, torch.Tensor, int]] = field(default_factory=list)
     positions: int = 0
+    n_positions: int = 0
     sketch: StepSketch | None = None
 
 
@@ -191,6 +193,7 @@ class Monitor:
             normalize=config.normalize,
             every=config.every,
             model=type(model).__name__,
+            extras=("sigma_tied",) if config.tied else (),
         )
         self._writer = ArchiveWriter(store, self.layout, resume=resume)
         self._step = self._writer.start_step
@@ -203,6 +206,9 @@ class Monitor:
             for s in sites
         ]
         self._index = {(id(s.module), s.key): i for i, s in enumerate(sites)}
+        self._tied = [
+            config.tied and bool(getattr(family_of(s.module), "tying", False)) for s in sites
+        ]
         self._epoch_counts = np.zeros((len(sites), len(config.groups)), dtype=np.int64)
         self._epoch_steps = 0
         self._labels: torch.Tensor | None = None
@@ -258,7 +264,11 @@ class Monitor:
     def _check_sites(model: nn.Module, sites: list[Site]) -> None:
         if not sites:
             found = sorted(
-                {type(m).__name__ for m in model.modules() if any(True for _ in m.parameters(False))}
+                {
+                    type(m).__name__
+                    for m in model.modules()
+                    if any(True for _ in m.parameters(False))
+                }
             )
             raise StreamspecError.build(
                 "a model with at least one supported layer with trainable weights (Linear, "
@@ -432,11 +442,27 @@ class Monitor:
         activation = stack_rows([p[0] for p in state.pending])
         adjoint = torch.cat([p[1] for p in state.pending], dim=1)
         positions = sum(p[2] for p in state.pending)
+        tie = self._positions(state) if self._tied[index] else None
         state.pending.clear()
         rows_per_group = activation.shape[1]
         exact = rows_per_group <= self.config.exact_threshold
-        state.sketch = self._trackers[index].step(activation, adjoint, exact)
+        state.sketch = self._trackers[index].step(activation, adjoint, exact, tie)
         state.positions += positions
+        if tie is not None:
+            state.n_positions += tie[1]
+
+    @staticmethod
+    def _positions(state: _LayerStepState) -> tuple[torch.Tensor, int]:
+        """Position of every gathered row (rows are sample-major within each call; a module's
+        calls in one step are successive positions, e.g. an RNN's time steps)."""
+        ids, offset = [], 0
+        for _, adjoint, positions in state.pending:
+            n_max = adjoint.shape[1] // positions
+            ids.append(
+                torch.arange(offset, offset + positions, device=adjoint.device).repeat(n_max)
+            )
+            offset += positions
+        return torch.cat(ids), offset
 
     def _end_of_backward(self) -> None:
         self._callback_queued = False
@@ -448,7 +474,13 @@ class Monitor:
                     self._fold(index)
                 if state.sketch is not None and plan is not None:
                     layers.append(
-                        LayerStep(index, state.sketch.route, state.sketch.tensors, state.positions)
+                        LayerStep(
+                            index,
+                            state.sketch.route,
+                            state.sketch.tensors,
+                            state.positions,
+                            state.n_positions,
+                        )
                     )
                     self._epoch_counts[index] += plan.counts
             recorded = self._step % self.config.every == 0 and self._failed is None
@@ -602,6 +634,7 @@ def watch(
     oversample: int = 10,
     exact_rows: int | None = None,
     on_unsupported: str = "warn",
+    tied: bool = False,
 ) -> Monitor:
     """Watch the singular values of every supported layer of ``model``, split by groups.
 
@@ -634,6 +667,9 @@ def watch(
             the rows (default: ``rank + oversample``, where the rows cost no more than a sketch).
         on_unsupported: modules with weight matrices streamspec cannot watch: ``"warn"`` (one
             line naming them), ``"error"`` (raise) or ``"skip"`` (silently).
+        tied: also record ``sigma_tied`` (step, layer, group, rank) for convolution and recurrent
+            weights: σ of the matrix whose rows are the per-position (per-time-step)
+            contributions to the group's gradient (the paper's "dimension of tying").
 
     Returns:
         A :class:`Monitor` (also a context manager).
@@ -653,6 +689,7 @@ def watch(
         oversample=oversample,
         exact_rows=exact_rows,
         on_unsupported=on_unsupported,
+        tied=bool(tied),
     )
     return Monitor(model, config, store=store, live=live, resume=resume)
 

@@ -43,6 +43,7 @@ class LayerStep:
     route: str
     tensors: dict[str, torch.Tensor]
     positions: int
+    n_positions: int = 0  # distinct positions for the tying spectrum (0: not tied)
 
 
 @dataclass
@@ -189,11 +190,17 @@ class HostPipeline:
             rec.ready()
         layout = self.layout
         sigma = np.full(layout.step_shape, np.nan, dtype=np.float32)
+        row: dict[str, np.ndarray] = {"sigma": sigma, "count": rec.counts}
+        tied = "sigma_tied" in layout.extras
+        if tied:
+            row["sigma_tied"] = np.full(
+                (len(layout.layers), len(layout.groups), layout.rank), np.nan, dtype=np.float32
+            )
         for layer in rec.layers:
             sigma[layer.index] = self._layer_sigma(layer, rec.counts)
-        self._writer.append_step(
-            {"sigma": sigma, "count": rec.counts}, step=rec.step, epoch=rec.epoch
-        )
+            if tied and layer.n_positions:
+                row["sigma_tied"][layer.index] = self._layer_tied(layer, rec.counts)
+        self._writer.append_step(row, step=rec.step, epoch=rec.epoch)
         with self._lock:
             self._welch.update(sigma)
             # The live view shows each cell's latest recorded value: a group absent from the last
@@ -234,6 +241,33 @@ class HostPipeline:
             if self.layout.normalize == "mean":
                 out[:2, c] /= np.sqrt(n)
                 out[2, c] /= n
+        return out
+
+    def _layer_tied(self, layer: LayerStep, counts: np.ndarray) -> np.ndarray:
+        """``[C, k]`` tying spectrum of one layer in one step (normalised like the gradient)."""
+        k = self.layout.rank
+        h_in, h_out = self._widths[layer.index]
+        out = np.full((counts.size, k), np.nan)
+        t = {name: v.numpy() for name, v in layer.tensors.items()}
+        for c, n in enumerate(counts):
+            if n == 0:
+                continue
+            if layer.route == "exact":
+                position = t["position"]
+                a = t["activation"][c].astype(np.float64)
+                d = t["adjoint"][c].astype(np.float64)
+                # K = Sᵀ((AAᵀ) ⊙ (ΔΔᵀ))S with S the row → position indicator: P × P, exact.
+                indicator = np.zeros((position.size, layer.n_positions))
+                indicator[np.arange(position.size), position] = 1.0
+                gram = indicator.T @ ((a @ a.T) * (d @ d.T)) @ indicator
+            else:
+                gram = t["tied"][c]
+            if not np.isfinite(gram).all():
+                continue
+            values = ritz_values(gram)
+            out[c] = _bounded(values, min(layer.n_positions, h_in * h_out), k)
+            if self.layout.normalize == "mean":
+                out[c] /= n
         return out
 
     def _on_epoch(self, rec: EpochRecord) -> None:

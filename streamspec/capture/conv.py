@@ -61,6 +61,7 @@ class ConvFamily:
 
     module_types = _CONVS
     stepwise = False
+    tying = True  # rows are (sample, output position): watch(..., tied=True) applies
 
     @staticmethod
     def sites(module: nn.Module, prefix: str) -> list[Site]:

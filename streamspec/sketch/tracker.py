@@ -98,6 +98,7 @@ class StepSketch:
 
 _EPOCH_SKETCHES = ("y_a", "y_d", "y_g", "x_g", "z_g")
 WARMUP_ITERATIONS = 4  # power iterations of the warm blocks on the run's first step
+TIED_EXACT_ROWS = 4096  # per-group rows up to which the tying spectrum is computed exactly
 
 
 class LayerTracker:
@@ -190,7 +191,11 @@ class LayerTracker:
     # -- the step (hot path: products only, no host sync) -----------------------------------------
 
     def step(
-        self, activation: RowOperator | torch.Tensor, adjoint: torch.Tensor, exact: bool
+        self,
+        activation: RowOperator | torch.Tensor,
+        adjoint: torch.Tensor,
+        exact: bool,
+        tie: tuple[torch.Tensor, int] | None = None,
     ) -> StepSketch:
         """Fold one step into the epoch sketches and sketch the step's own spectra.
 
@@ -207,6 +212,9 @@ class LayerTracker:
             adjoint: ``[C, m, h_out]`` the matching adjoint rows.
             exact: send the rows themselves for an exact host-side factorisation (cheap when a
                 group's rows are no more than a sketch's width).
+            tie: ``(position [m], P)``: the position (time step, output pixel) of every row, for
+                the tying spectrum: σ of the ``P × (h_in·h_out)`` matrix whose rows are the
+                per-position contributions ``Σ_r∈p a_rᵀδ_r`` to the group's gradient.
         """
         if self._device != adjoint.device:
             self._setup(adjoint.device)
@@ -271,18 +279,57 @@ class LayerTracker:
         warm["gradient"] = new_warm_g
 
         if exact:
-            return StepSketch("exact", {"activation": a.dense(), "adjoint": d})
+            sketch = StepSketch("exact", {"activation": a.dense(), "adjoint": d})
+            if tie is not None:
+                sketch.tensors["position"] = tie[0]
+            return sketch
         b_a = a_q[..., :ia].to(torch.float64)
         b_d = d_q.to(torch.float64)
         b_g64 = b_g.to(torch.float64)
-        return StepSketch(
-            "ritz",
-            {
-                "activation": b_a.mT @ b_a,
-                "adjoint": b_d.mT @ b_d,
-                "gradient": b_g64 @ b_g64.mT,
-            },
-        )
+        tensors = {
+            "activation": b_a.mT @ b_a,
+            "adjoint": b_d.mT @ b_d,
+            "gradient": b_g64 @ b_g64.mT,
+        }
+        if tie is not None:
+            if a.shape[1] <= TIED_EXACT_ROWS:
+                tensors["tied"] = self._tying_gram_exact(a, d, *tie)
+            else:
+                tensors["tied"] = self._tying_gram(a_q[..., :ia], d_q, *tie)
+        return StepSketch("ritz", tensors)
+
+    @staticmethod
+    def _tying_gram_exact(
+        a: RowOperator, d: torch.Tensor, position: torch.Tensor, n_positions: int
+    ) -> torch.Tensor:
+        """Exact ``[C, P, P]`` Gram of the tying matrix: ``Sᵀ((AAᵀ) ⊙ (ΔΔᵀ))S``, ``S`` the
+        row → position indicator (``O(m²(h_in + h_out))``, used while ``m ≤ TIED_EXACT_ROWS``)."""
+        rows = a.dense().to(torch.float64)
+        adj = d.to(torch.float64)
+        products = (rows @ rows.mT) * (adj @ adj.mT)  # [C, m, m]
+        c, m, _ = products.shape
+        by_row = products.new_zeros((c, n_positions, m)).index_add_(1, position, products)
+        return by_row.new_zeros((c, n_positions, n_positions)).index_add_(2, position, by_row)
+
+    @staticmethod
+    def _tying_gram(
+        a_hat: torch.Tensor, d_hat: torch.Tensor, position: torch.Tensor, n_positions: int
+    ) -> torch.Tensor:
+        """Gram of the per-position gradient contributions projected on the step's bases (large m).
+
+        Row ``p`` of the tying matrix is ``vec(Σ_{r at p} a_rᵀδ_r)``; projected on the
+        activation and adjoint bases (``â = AQ_A``, ``d̂ = ΔQ_Δ``) it is ``Σ_r â_r ⊗ d̂_r``, exact when
+        the bases span the rows and otherwise a lower bound (a projection only removes energy)
+        missing what lies outside the leading subspaces of A and Δ. Returns the float64 Gram of
+        the smaller side (``[C, P, P]`` or ``[C, F, F]``).
+        """
+        c, m, fa = a_hat.shape
+        fd = d_hat.shape[-1]
+        features = (a_hat.unsqueeze(-1) * d_hat.unsqueeze(-2)).reshape(c, m, fa * fd)
+        per_position = features.new_zeros((c, n_positions, fa * fd))
+        per_position.index_add_(1, position, features)
+        t = per_position.to(torch.float64)
+        return t @ t.mT if n_positions <= fa * fd else t.mT @ t
 
     def _power_iterate(self, a: RowOperator, d: torch.Tensor, iterations: int) -> None:
         """Block power iterations of the warm blocks on one step's data (the run's first step).

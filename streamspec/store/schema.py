@@ -61,6 +61,8 @@ class RowVariable:
             because the other variables over ``dims[0]`` list it in their ``coordinates``
             attribute).
         required: False if a row may leave the variable out (its row is then the fill value).
+        optional: True if the archive holds the variable only when the run's layout asks for it
+            (``name in layout.extras``, e.g. ``sigma_tied`` with ``watch(..., tied=True)``).
     """
 
     name: str
@@ -69,6 +71,7 @@ class RowVariable:
     keyword: str | None = None
     coordinate: bool = False
     required: bool = True
+    optional: bool = False
 
     @property
     def row_dim(self) -> str:
@@ -95,6 +98,9 @@ ROW_VARIABLES: tuple[RowVariable, ...] = (
     RowVariable("step_epoch", ("step",), "int64", keyword="epoch", coordinate=True),
     RowVariable("sigma", ("step", *_CELL), "float32"),
     RowVariable("count", ("step", "group"), "int64"),
+    RowVariable(
+        "sigma_tied", ("step", "layer", "group", "rank"), "float32", required=False, optional=True
+    ),
     # --- one row per epoch ---------------------------------------------------------------------
     RowVariable("epoch", ("epoch",), "int64", keyword="epoch"),
     RowVariable("sigma_epoch", ("epoch", *_CELL), "float32"),
@@ -105,14 +111,22 @@ ROW_VARIABLES: tuple[RowVariable, ...] = (
 """Every growing variable, in the order the writer writes them."""
 
 
-def row_variables(row_dim: str | None = None) -> tuple[RowVariable, ...]:
-    """The variables of :data:`ROW_VARIABLES` that grow along ``row_dim`` (all if ``None``)."""
-    return tuple(v for v in ROW_VARIABLES if row_dim is None or v.row_dim == row_dim)
+def row_variables(
+    row_dim: str | None = None, layout: RunLayout | None = None
+) -> tuple[RowVariable, ...]:
+    """The variables of :data:`ROW_VARIABLES` that grow along ``row_dim`` (all if ``None``);
+    optional ones only when ``layout`` asks for them."""
+    extras = layout.extras if layout is not None else ()
+    return tuple(
+        v
+        for v in ROW_VARIABLES
+        if (row_dim is None or v.row_dim == row_dim) and (not v.optional or v.name in extras)
+    )
 
 
-def row_inputs(row_dim: str) -> tuple[RowVariable, ...]:
+def row_inputs(row_dim: str, layout: RunLayout | None = None) -> tuple[RowVariable, ...]:
     """The variables a caller passes in a row dict (those not filled from a keyword)."""
-    return tuple(v for v in row_variables(row_dim) if v.keyword is None)
+    return tuple(v for v in row_variables(row_dim, layout) if v.keyword is None)
 
 
 def dim_sizes(layout: RunLayout) -> dict[str, int]:
@@ -146,6 +160,7 @@ def layout_attrs(layout: RunLayout) -> dict[str, Any]:
         "model": layout.model,
         "layers": list(layout.layers),
         "groups": list(layout.groups),
+        "extras": list(layout.extras),
     }
 
 
@@ -158,6 +173,7 @@ def layout_from_attrs(attrs: dict[str, Any]) -> RunLayout:
         normalize=str(attrs["normalize"]),
         every=int(attrs.get("every", 1)),
         model=str(attrs.get("model", "")),
+        extras=tuple(attrs.get("extras", ())),
     )
 
 

@@ -104,7 +104,9 @@ class ArchiveWriter:
             self._group = self._resume(existing, chunk_steps)
 
         self._committed = committed_rows(self._group)
-        self._arrays = {v.name: member_array(self._group, v.name) for v in row_variables()}
+        self._arrays = {
+            v.name: member_array(self._group, v.name) for v in row_variables(layout=self._layout)
+        }
         self._start_step = _next_index(self._arrays["step"], self._committed["step"])
         self._start_epoch = _next_index(self._arrays["epoch"], self._committed["epoch"])
         # Bounds for the next rows (checked in the training thread, before buffering).
@@ -264,7 +266,7 @@ class ArchiveWriter:
         self, row_dim: str, row: Mapping[str, Any], keywords: dict[str, int]
     ) -> dict[str, np.ndarray]:
         """Copy ``row`` into arrays of the stored dtypes, adding the keyword-filled variables."""
-        inputs = row_inputs(row_dim)
+        inputs = row_inputs(row_dim, self._layout)
         names = {v.name for v in inputs}
         unknown = sorted(set(row) - names)
         missing = sorted(v.name for v in inputs if v.required and v.name not in row)
@@ -276,7 +278,7 @@ class ArchiveWriter:
                 "streamspec.store.schema.ROW_VARIABLES",
             )
         checked: dict[str, np.ndarray] = {}
-        for v in row_variables(row_dim):
+        for v in row_variables(row_dim, self._layout):
             if v.keyword is not None:
                 checked[v.name] = np.array(keywords[v.keyword], dtype=v.dtype)
                 continue
@@ -339,7 +341,7 @@ class ArchiveWriter:
         if self._error is not None:
             return  # after a failure, later rows would leave a gap: write nothing more
         try:
-            variables = row_variables(row_dim)
+            variables = row_variables(row_dim, self._layout)
             blocks = {v.name: _stack(v, rows, self._layout) for v in variables}
             for v in variables:
                 array = self._arrays[v.name]
@@ -378,7 +380,7 @@ class ArchiveWriter:
             )
             if values.size:
                 array[:] = values
-        for v in row_variables():
+        for v in row_variables(layout=self._layout):
             self._create_row_array(group, v, rows=0, chunk_steps=chunk_steps)
         return group
 
@@ -387,7 +389,9 @@ class ArchiveWriter:
     ) -> None:
         requested = chunk_steps if v.row_dim == "step" else EPOCH_CHUNK_ROWS
         row_shape = v.row_shape(self._layout)
-        coords = [c.name for c in row_variables(v.row_dim) if c.coordinate and c is not v]
+        coords = [
+            c.name for c in row_variables(v.row_dim, self._layout) if c.coordinate and c is not v
+        ]
         group.create_array(
             v.name,
             shape=(rows, *row_shape),
@@ -418,7 +422,7 @@ class ArchiveWriter:
         with quiet_partial_files():
             present = set(group.array_keys())
         committed_now = committed_rows(group)
-        for v in row_variables():
+        for v in row_variables(layout=self._layout):
             committed = committed_now[v.row_dim]
             if v.name not in present:  # a variable newer than the archive: fill its past rows
                 self._create_row_array(group, v, rows=committed, chunk_steps=chunk_steps)

@@ -14,14 +14,34 @@ from streamspec.testing.reference import masked_loss_gradients, unfold_patches
 from tests.conftest import relative_errors
 
 CASES = {
-    "1d-stride2-pad1": (nn.Conv1d, dict(in_channels=3, out_channels=6, kernel_size=3, stride=2, padding=1), (10,)),
-    "2d-same": (nn.Conv2d, dict(in_channels=2, out_channels=5, kernel_size=3, padding="same"), (6, 5)),
+    "1d-stride2-pad1": (
+        nn.Conv1d,
+        dict(in_channels=3, out_channels=6, kernel_size=3, stride=2, padding=1),
+        (10,),
+    ),
+    "2d-same": (
+        nn.Conv2d,
+        dict(in_channels=2, out_channels=5, kernel_size=3, padding="same"),
+        (6, 5),
+    ),
     "2d-dilated-reflect": (
         nn.Conv2d,
-        dict(in_channels=2, out_channels=4, kernel_size=2, stride=2, padding=1, dilation=2, padding_mode="reflect"),
+        dict(
+            in_channels=2,
+            out_channels=4,
+            kernel_size=2,
+            stride=2,
+            padding=1,
+            dilation=2,
+            padding_mode="reflect",
+        ),
         (7, 7),
     ),
-    "3d-pad1": (nn.Conv3d, dict(in_channels=2, out_channels=3, kernel_size=2, padding=1), (3, 3, 2)),
+    "3d-pad1": (
+        nn.Conv3d,
+        dict(in_channels=2, out_channels=3, kernel_size=2, padding=1),
+        (3, 3, 2),
+    ),
 }
 
 
@@ -47,12 +67,15 @@ def test_conv_spectra_match_unfolded_matrices_and_autograd(case: str, exact_rows
     labels = torch.tensor([0, 1, 0, 1, -1, 1])
     rank = 4
     outputs: list[torch.Tensor] = []
+
     def keep(module: nn.Module, inputs: object, output: torch.Tensor) -> None:
         output.retain_grad()
         outputs.append(output)
 
     handle = conv.register_forward_hook(keep)
-    with streamspec.watch(model, ["a", "b"], rank=rank, normalize="sum", live=False, exact_rows=exact_rows) as mon:
+    with streamspec.watch(
+        model, ["a", "b"], rank=rank, normalize="sum", live=False, exact_rows=exact_rows
+    ) as mon:
         assert mon.layers == ("0.weight", "3.weight")
         mon.label(labels)
         loss = nn.functional.cross_entropy(model(x), torch.tensor([0, 1, 2, 0, 1, 2]))
@@ -69,7 +92,9 @@ def test_conv_spectra_match_unfolded_matrices_and_autograd(case: str, exact_rows
         padding = (0,) * len(conv.kernel_size)
     patches = unfold_patches(xin, conv.kernel_size, conv.stride, padding, conv.dilation)
     adjoints = out_grad.double().reshape(6, conv.out_channels, -1).transpose(1, 2)
-    per_sample = nn.functional.cross_entropy(twin(x), torch.tensor([0, 1, 2, 0, 1, 2]), reduction="none") / 6
+    per_sample = (
+        nn.functional.cross_entropy(twin(x), torch.tensor([0, 1, 2, 0, 1, 2]), reduction="none") / 6
+    )
     reference = masked_loss_gradients(twin, per_sample, labels, 2, names=["0.weight"])
     sigma = ds["sigma"].values[0, 0]  # [kind, group, rank]
     for c in range(2):
@@ -110,6 +135,101 @@ def test_validate_lists_every_problem_at_once() -> None:
     model = nn.Sequential(Odd(), nn.Conv2d(2, 2, 1, groups=2), nn.Bilinear(2, 2, 2))
     problems = streamspec.validate(model)
     text = "\n".join(problems)
-    assert "Odd" in text and "groups=2" in text and "Bilinear" in text and "nothing would be recorded" in text
+    assert (
+        "Odd" in text
+        and "groups=2" in text
+        and "Bilinear" in text
+        and "nothing would be recorded" in text
+    )
     assert "LayerNorm" not in text  # normalisation parameters are not matrices
     assert streamspec.validate(nn.Linear(2, 2)) == []
+
+
+def tying_reference(
+    patches: torch.Tensor, adjoints: torch.Tensor, mask: torch.Tensor, rank: int
+) -> np.ndarray:
+    """σ of the [P, h_in·h_out] matrix whose row p is Σ_{i∈c} a_ipᵀ δ_ip (explicit)."""
+    rows = torch.einsum("npi,npo->pio", patches[mask], adjoints[mask]).reshape(patches.shape[1], -1)
+    s = torch.linalg.svdvals(rows).numpy()
+    out = np.full(rank, np.nan)
+    out[: min(rank, s.size)] = s[:rank]
+    return out
+
+
+@pytest.mark.parametrize("exact_rows", [None, 0], ids=["exact", "sketched"])
+def test_tied_spectra_of_a_convolution(exact_rows) -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv1d(2, 3, 3, padding=1)
+    model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(3 * 5, 2))
+    x = torch.randn(4, 2, 5)
+    labels = torch.tensor([0, 1, 1, 0])
+    outputs: list[torch.Tensor] = []
+
+    def keep(module: nn.Module, inputs: object, output: torch.Tensor) -> None:
+        output.retain_grad()
+        outputs.append(output)
+
+    handle = conv.register_forward_hook(keep)
+    with streamspec.watch(
+        model, ["a", "b"], rank=4, normalize="sum", tied=True, live=False, exact_rows=exact_rows
+    ) as mon:
+        mon.label(labels)
+        model(x).pow(2).sum().backward()
+        ds = mon.to_xarray()
+    handle.remove()
+    assert ds["sigma_tied"].dims == ("step", "layer", "group", "rank")
+    assert np.isnan(ds["sigma_tied"].values[0, 1]).all()  # a Linear layer has no tying dimension
+    patches = unfold_patches(x, (3,), (1,), (1,), (1,))
+    adjoints = outputs[-1].grad.double().transpose(1, 2)
+    for c in range(2):
+        ref = tying_reference(patches, adjoints, labels == c, 4)
+        got = ds["sigma_tied"].values[0, 0, c]
+        assert relative_errors(got, ref).max() < 1e-4, (got, ref)
+
+
+def test_untied_runs_have_no_sigma_tied() -> None:
+    model = nn.Sequential(nn.Conv1d(1, 2, 2), nn.Flatten(), nn.LazyLinear(1))
+    model(torch.randn(1, 1, 4))
+    with streamspec.watch(model, ["a"], rank=2, live=False) as mon:
+        mon.label([0, 0])
+        model(torch.randn(2, 1, 4)).sum().backward()
+        assert "sigma_tied" not in mon.to_xarray()
+
+
+@pytest.mark.parametrize("exact_tying", [True, False], ids=["exact-gram", "projected"])
+def test_tied_spectra_beyond_the_sketch_width(monkeypatch, exact_tying: bool) -> None:
+    """h_in = 48 > sketch width: exact while rows are moderate; projected (a lower bound) beyond."""
+    from streamspec.sketch import tracker
+
+    if not exact_tying:
+        monkeypatch.setattr(tracker, "TIED_EXACT_ROWS", 0)
+    torch.manual_seed(0)
+    conv = nn.Conv1d(16, 12, 3, padding=1)
+    model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(12 * 20, 2))
+    outputs: list[torch.Tensor] = []
+
+    def keep(module: nn.Module, inputs: object, output: torch.Tensor) -> None:
+        output.retain_grad()
+        outputs.append(output)
+
+    conv.register_forward_hook(keep)
+    # Inputs of decaying spectrum (as real data): a few directions dominate the channels.
+    mix = torch.randn(16, 16) * (0.5 ** torch.arange(16.0))
+    steps = []
+    with streamspec.watch(
+        model, ["a", "b"], rank=4, normalize="sum", tied=True, live=False, exact_rows=0
+    ) as mon:
+        for _ in range(4):
+            x = torch.einsum("ij,bjt->bit", mix, torch.randn(16, 16, 20))
+            labels = torch.arange(16) % 2
+            mon.label(labels)
+            model(x).pow(2).sum().backward()
+            steps.append((x, labels, outputs[-1].grad.double().transpose(1, 2)))
+        ds = mon.to_xarray()
+    for s, (x, labels, adjoints) in enumerate(steps):
+        patches = unfold_patches(x, (3,), (1,), (1,), (1,))
+        for c in range(2):
+            ref = tying_reference(patches, adjoints, labels == c, 4)
+            got = ds["sigma_tied"].values[s, 0, c]
+            assert np.all(got <= ref * (1 + 1e-5))  # never above the truth
+            assert relative_errors(got, ref).max() < (1e-5 if exact_tying else 2e-2), (got, ref)
