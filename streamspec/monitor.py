@@ -206,6 +206,7 @@ class Monitor:
             for s in sites
         ]
         self._index = {(id(s.module), s.key): i for i, s in enumerate(sites)}
+        self._modules = {id(s.module) for s in sites}
         self._tied = [
             config.tied and bool(getattr(family_of(s.module), "tying", False)) for s in sites
         ]
@@ -333,6 +334,11 @@ class Monitor:
     def __enter__(self) -> Monitor:
         return self
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> Monitor:
+        # copy.deepcopy(model) during a run copies the model's hooks, which reference the
+        # monitor: the copy shares it, and the monitor ignores modules it does not watch.
+        return self
+
     def __exit__(
         self,
         exc_type: type[BaseException] | None,
@@ -360,14 +366,35 @@ class Monitor:
 
     # -- hooks (training thread / autograd threads) ---------------------------------------------
 
-    def _on_forward(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
-        if self._closed or not torch.is_grad_enabled():
-            return
+    def _on_forward(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> Any:
+        if self._closed or not torch.is_grad_enabled() or id(module) not in self._modules:
+            return None  # evaluation, or a copy of a watched module (deepcopy keeps the hooks)
         if not isinstance(output, torch.Tensor) or not output.requires_grad:
-            return
+            return None
         family = family_of(module)
         assert family is not None
-        self._deliver(module, family.capture(module, inputs, output, self.config.batch_dim))
+        bd = self.config.batch_dim
+        plan = self._plan
+        if (
+            getattr(family, "broadcasts", False)
+            and plan is not None
+            and plan.batch_size > 1
+            and output.dim() > bd
+            and output.shape[bd] == 1
+            and isinstance(inputs[0], torch.Tensor)
+            and inputs[0].dim() > bd
+            and inputs[0].shape[bd] == 1
+        ):
+            # A call shared by the whole batch (e.g. BERT's position ids [1, T]): its output is
+            # broadcast, so each sample's gradient is summed away. Expand it (a view, same
+            # values) and record per sample.
+            output = output.expand(*output.shape[:bd], plan.batch_size, *output.shape[bd + 1 :])
+            x = inputs[0]
+            inputs = (x.expand(*x.shape[:bd], plan.batch_size, *x.shape[bd + 1 :]), *inputs[1:])
+            self._deliver(module, family.capture(module, inputs, output, bd))
+            return output
+        self._deliver(module, family.capture(module, inputs, output, bd))
+        return None
 
     def _deliver(self, module: nn.Module, captures: list[Capture]) -> None:
         """Take one module call's captures (from a forward hook or a stepwise module)."""

@@ -106,7 +106,7 @@ class ConvFamily:
             x,
             tuple(module.kernel_size),
             tuple(module.stride),
-            tuple(padding),  # type: ignore[arg-type]
+            tuple(padding),
             tuple(module.dilation),
         )
         out_channels = module.out_channels

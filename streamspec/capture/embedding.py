@@ -41,6 +41,7 @@ class IndexSource:
 class EmbeddingFamily:
     module_types = (nn.Embedding,)
     stepwise = False
+    broadcasts = True  # a [1, T] index tensor shared by the batch is recorded per sample
 
     @staticmethod
     def sites(module: nn.Module, prefix: str) -> list[Site]:

@@ -30,7 +30,7 @@ def swap_stepwise(model: nn.Module, sink: Sink) -> list[Swap]:
             family = family_of(child)
             if family is None or not family.stepwise or family.problems(child):
                 continue
-            if not any(p.requires_grad for p in child.parameters(recurse=False)):
+            if not any(p.requires_grad for p in child.parameters()):
                 continue
             if id(child) not in twins:  # a module shared by several parents gets one twin
                 twins[id(child)] = family.make_stepwise(child, sink, parent=parent, name=name)
@@ -40,7 +40,9 @@ def swap_stepwise(model: nn.Module, sink: Sink) -> list[Swap]:
 
 
 def restore(swaps: list[Swap]) -> None:
-    """Put the originals back (in reverse order)."""
+    """Put the originals back (in reverse order), where our twin is still in place (another
+    monitor's twin of our twin, closed later, restores ours first)."""
     for swap in reversed(swaps):
-        setattr(swap.parent, swap.name, swap.original)
+        if getattr(swap.parent, swap.name) is swap.twin:
+            setattr(swap.parent, swap.name, swap.original)
     swaps.clear()

@@ -318,8 +318,8 @@ class LayerTracker:
         """Gram of the per-position gradient contributions projected on the step's bases (large m).
 
         Row ``p`` of the tying matrix is ``vec(Σ_{r at p} a_rᵀδ_r)``; projected on the
-        activation and adjoint bases (``â = AQ_A``, ``d̂ = ΔQ_Δ``) it is ``Σ_r â_r ⊗ d̂_r``, exact when
-        the bases span the rows and otherwise a lower bound (a projection only removes energy)
+        activation and adjoint bases (``â = AQ_A``, ``d̂ = ΔQ_Δ``) it is ``Σ_r â_r ⊗ d̂_r``,
+        exact when the bases span the rows and otherwise a lower bound (a projection only removes energy)
         missing what lies outside the leading subspaces of A and Δ. Returns the float64 Gram of
         the smaller side (``[C, P, P]`` or ``[C, F, F]``).
         """

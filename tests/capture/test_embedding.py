@@ -34,12 +34,15 @@ def test_embedding_spectra(exact_rows) -> None:
     labels = torch.tensor([0, 1, 1, 0, -1, 1])
     target = torch.tensor([0, 1, 2, 0, 1, 2])
     outputs: list[torch.Tensor] = []
+
     def keep(module: nn.Module, inputs: object, output: torch.Tensor) -> None:
         output.retain_grad()
         outputs.append(output)
 
     handle = model.embed.register_forward_hook(keep)
-    with streamspec.watch(model, ["a", "b"], rank=4, normalize="sum", live=False, exact_rows=exact_rows) as mon:
+    with streamspec.watch(
+        model, ["a", "b"], rank=4, normalize="sum", live=False, exact_rows=exact_rows
+    ) as mon:
         assert mon.layers == ("embed.weight", "head.weight")
         mon.label(labels)
         nn.functional.cross_entropy(model(tokens), target).backward()

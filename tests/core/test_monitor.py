@@ -388,3 +388,17 @@ def test_step_sketches_never_use_the_global_rng_and_are_seeded() -> None:
         exact_rows=0,
     )
     np.testing.assert_array_equal(a.ds["sigma_epoch"].values, b.ds["sigma_epoch"].values)
+
+
+def test_deepcopy_of_a_watched_model_is_plain_and_not_recorded() -> None:
+    import copy
+
+    model = mlp()
+    with streamspec.watch(model, ["a", "b"], rank=2, live=False) as mon:
+        train(model, mon, steps=2)
+        best = copy.deepcopy(model)  # e.g. keeping the best model mid-training
+        best(torch.randn(3, 10)).sum().backward()  # other batch size: not watched, no error
+        train(model, mon, steps=1)
+        assert mon.step == 3
+    for p, q in zip(model.parameters(), best.parameters(), strict=True):
+        assert p.shape == q.shape
