@@ -232,6 +232,13 @@ class Monitor:
             store_label=_store_label(store),
         )
         self._pipeline.set_epoch(self._epoch)
+        unfinished = self._writer.unfinished_epoch()
+        if unfinished.n_steps:
+            # A resumed run continues an epoch the archive left open (a crash, or close() never
+            # reached): its Welch tests cover all of its steps; its epoch spectra only the steps
+            # after the resume (the sketches died with the process).
+            self._pipeline.restore_epoch(unfinished.sigma)
+            self._epoch_steps = unfinished.n_steps
         self._handles = []
         for module in {id(s.module): s.module for s in sites}.values():
             family = family_of(module)

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,7 +22,13 @@ import torch
 from streamspec.layout import RunLayout
 from streamspec.live.snapshot import Snapshot
 from streamspec.live.view import epoch_line
-from streamspec.sketch.linalg import exact_spectra, ritz_values
+from streamspec.sketch.linalg import (
+    exact_spectra,
+    generalized_nystrom_values,
+    nystrom_values,
+    projected_values,
+    ritz_values,
+)
 from streamspec.stats.welch import GroupWelch
 from streamspec.store.writer import ArchiveWriter
 
@@ -64,6 +71,41 @@ class EpochRecord:
     epoch: int
     sigma_epoch: np.ndarray
     done: threading.Event = field(default_factory=threading.Event)
+
+
+def _sketched_spectra(
+    t: dict[str, np.ndarray],
+) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
+    """Spectra and error estimates of one group from the step's small sketch matrices."""
+    spectra, errors = [], []
+    for kind in ("a", "d"):
+        lam = nystrom_values(t[f"core_{kind}"], t[f"gram_{kind}"])
+        residual = max(float(t[f"norm_{kind}"]) - float(lam.sum()), 0.0)
+        spectra.append(np.sqrt(lam))
+        errors.append(np.sqrt(lam + residual) - np.sqrt(lam))
+    gn = generalized_nystrom_values(t["gram_y"], t["gram_x"], t["core_g"])
+    lower = projected_values(t["basis_in"], t["basis_out"], t["core_g"])
+    both = np.zeros(gn.size)
+    both[: min(gn.size, lower.size)] = lower[: gn.size]
+    spectra.append(gn)
+    errors.append(np.abs(gn - both))
+    return tuple(spectra), tuple(errors)
+
+
+def _single_threaded_host_blas() -> Any:
+    """Limit numpy/scipy's own OpenBLAS pools to one thread while the monitor runs.
+
+    The host thread factors b × b matrices: one thread is fastest, and a second spinning BLAS
+    pool beside torch's OpenMP pool oversubscribes the cores (measured on 2 cores: a monitored
+    step 1.9 s instead of 0.3 s). Only the ``libscipy_openblas`` libraries that numpy/scipy wheels
+    ship are limited, never torch's; the limits are restored on close.
+    """
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:  # pragma: no cover - a dependency; keep working without it
+        return None
+    pools = ThreadpoolController().select(internal_api="openblas", prefix="libscipy_openblas")
+    return pools.limit(limits=1) if pools.lib_controllers else None
 
 
 def _bounded(values: np.ndarray, bound: int, rank: int) -> np.ndarray:
@@ -112,6 +154,7 @@ class HostPipeline:
         self._nonfinite_layers: set[str] = set()
         self._reported_nonfinite: set[str] = set()
         self._error: BaseException | None = None
+        self._blas = _single_threaded_host_blas()
         self._thread = threading.Thread(target=self._run, name="streamspec-host", daemon=True)
         self._thread.start()
 
@@ -128,6 +171,9 @@ class HostPipeline:
         if self._thread.is_alive():
             self._queue.put(_STOP)
             self._thread.join()
+        if self._blas is not None:
+            self._blas.restore_original_limits()
+            self._blas = None
 
     def take_error(self) -> BaseException | None:
         error, self._error = self._error, None
@@ -142,6 +188,13 @@ class HostPipeline:
 
     def set_epoch(self, epoch: int) -> None:
         self._epoch = epoch
+
+    def restore_epoch(self, sigma: np.ndarray) -> None:
+        """Resume an unfinished epoch: fold its archived per-step σ ``[n, L, 3, C, k]`` back into
+        the Welch accumulators, so the epoch's tests cover all of its steps."""
+        with self._lock:
+            self._welch.update_batch(sigma)
+            self._steps_in_epoch += len(sigma)
 
     def snapshot(self) -> Snapshot | None:
         """The latest recorded step and the Welch t of the epoch so far (for live views)."""
@@ -190,14 +243,18 @@ class HostPipeline:
             rec.ready()
         layout = self.layout
         sigma = np.full(layout.step_shape, np.nan, dtype=np.float32)
-        row: dict[str, np.ndarray] = {"sigma": sigma, "count": rec.counts}
+        row: dict[str, np.ndarray] = {
+            "sigma": sigma,
+            "sigma_err": np.full(layout.step_shape, np.nan, dtype=np.float32),
+            "count": rec.counts,
+        }
         tied = "sigma_tied" in layout.extras
         if tied:
             row["sigma_tied"] = np.full(
                 (len(layout.layers), len(layout.groups), layout.rank), np.nan, dtype=np.float32
             )
         for layer in rec.layers:
-            sigma[layer.index] = self._layer_sigma(layer, rec.counts)
+            sigma[layer.index], row["sigma_err"][layer.index] = self._layer_sigma(layer, rec.counts)
             if tied and layer.n_positions:
                 row["sigma_tied"][layer.index] = self._layer_tied(layer, rec.counts)
         self._writer.append_step(row, step=rec.step, epoch=rec.epoch)
@@ -212,12 +269,21 @@ class HostPipeline:
             self._epoch = rec.epoch
             self._steps_in_epoch += 1
 
-    def _layer_sigma(self, layer: LayerStep, counts: np.ndarray) -> np.ndarray:
-        """``[3, C, k]`` normalised σ of one layer in one step."""
+    def _layer_sigma(self, layer: LayerStep, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``([3, C, k], [3, C, k])``: normalised σ of one layer in one step and its error bound.
+
+        Activation/adjoint (sketched route): Nyström values are lower bounds, and
+        ``λ_j − λ̂_j ≤ ‖H − Ĥ‖₂ ≤ tr(H) − Σλ̂ = ‖A‖²_F − Σλ̂``, so ``σ_j ∈ [σ̂_j, √(σ̂_j² + that)]``:
+        the recorded error is that interval's width (rigorous). Gradient: the distance between the
+        generalized Nyström estimate and the projection lower bound ``σ(Q_inᵀGQ_out)`` (an
+        estimate, not a bound; its coverage is measured in ``bench``). Exact route: 0 (float64
+        spectra of the float32 rows).
+        """
         k = self.layout.rank
         h_in, h_out = self._widths[layer.index]
         out = np.full((3, counts.size, k), np.nan)
-        t = {name: v.numpy() for name, v in layer.tensors.items()}
+        err = np.full((3, counts.size, k), np.nan)
+        t = {name: v.numpy() for name, v in layer.tensors.items() if name != "position"}
         if not all(np.isfinite(v).all() for v in t.values()):
             with self._lock:
                 self._nonfinite_layers.add(self.layout.layers[layer.index])
@@ -225,23 +291,26 @@ class HostPipeline:
             if n == 0:
                 continue
             rows = int(n) * layer.positions
+            bounds = (min(rows, h_in), min(rows, h_out), min(rows, h_in, h_out))
+            if not all(np.isfinite(v[c]).all() for v in t.values()):
+                continue
+            spectra: tuple[np.ndarray, ...]
+            errors: tuple[np.ndarray, ...]
             if layer.route == "exact":
-                a, d = t["activation"][c], t["adjoint"][c]
-                if not (np.isfinite(a).all() and np.isfinite(d).all()):
-                    continue
-                sa, sd, sg = exact_spectra(a, d)
+                spectra = exact_spectra(t["activation"][c], t["adjoint"][c])
+                errors = tuple(np.zeros_like(x) for x in spectra)
             else:
-                grams = (t["activation"][c], t["adjoint"][c], t["gradient"][c])
-                if not all(np.isfinite(g).all() for g in grams):
-                    continue
-                sa, sd, sg = (ritz_values(g) for g in grams)
-            out[0, c] = _bounded(sa, min(rows, h_in), k)
-            out[1, c] = _bounded(sd, min(rows, h_out), k)
-            out[2, c] = _bounded(sg, min(rows, h_in, h_out), k)
+                spectra, errors = _sketched_spectra({name: v[c] for name, v in t.items()})
+            for kind, (values, error, bound) in enumerate(
+                zip(spectra, errors, bounds, strict=True)
+            ):
+                out[kind, c] = _bounded(values, bound, k)
+                err[kind, c] = _bounded(error, bound, k)
             if self.layout.normalize == "mean":
-                out[:2, c] /= np.sqrt(n)
-                out[2, c] /= n
-        return out
+                scale = np.array([np.sqrt(n), np.sqrt(n), n])[:, None]
+                out[:, c] /= scale
+                err[:, c] /= scale
+        return out, err
 
     def _layer_tied(self, layer: LayerStep, counts: np.ndarray) -> np.ndarray:
         """``[C, k]`` tying spectrum of one layer in one step (normalised like the gradient)."""

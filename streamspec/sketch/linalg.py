@@ -25,8 +25,10 @@ def _cholesky_qr(y: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     gram = y.mT @ y
     eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
     lower, _ = torch.linalg.cholesky_ex(gram + shift * eye, check_errors=False)
-    # Q = Y L⁻ᵀ  ⇔  Qᵀ = L⁻¹ Yᵀ
-    return torch.linalg.solve_triangular(lower, y.mT, upper=False).mT
+    # Invert the small l × l factor, then one batched product: far faster than a triangular
+    # solve against the n-row right-hand side.
+    inverse = torch.linalg.solve_triangular(lower, eye.expand_as(lower), upper=False)
+    return y @ inverse.mT
 
 
 def orthonormalize(y: torch.Tensor) -> torch.Tensor:
@@ -36,7 +38,8 @@ def orthonormalize(y: torch.Tensor) -> torch.Tensor:
     with the shift ``11(nl + l(l+1))·u·‖Y‖²`` makes the factorisation succeed for any input, two
     plain CholeskyQR passes restore orthogonality. ``torch.linalg.qr``/``svd`` would synchronise on
     CUDA and are slow for small batched problems; ``cholesky_ex`` and triangular solves are not.
-    Computed in float64 (the sketches are tall and thin, so this is cheap).
+    Computed in float64 (the sketches are tall and thin, so this is cheap). Column order is kept
+    (Gram–Schmidt order): the first ``j`` output columns span the first ``j`` input columns.
 
     Args:
         y: ``[..., n, l]`` with ``l ≤ n``; any float dtype.
@@ -178,3 +181,79 @@ def streaming_svd(
     core = scipy.linalg.lstsq(psi @ p, left.T, check_finite=False)[0].T  # … ((ΨP)⁺)ᵀ  [l, lx]
     uc, s, vct = scipy.linalg.svd(core, full_matrices=False, check_finite=False)
     return s, q @ uc, p @ vct.T
+
+
+def _psd_root(gram: np.ndarray, rtol: float) -> np.ndarray:
+    """``R`` with ``RᵀR = gram`` restricted to eigenvalues above ``rtol·λ_max`` (rows dropped)."""
+    lam, vec = scipy.linalg.eigh(0.5 * (gram + gram.T), check_finite=False)
+    keep = lam > rtol * max(float(lam.max(initial=0.0)), np.finfo(np.float64).tiny)
+    return np.sqrt(lam[keep])[:, None] * vec[:, keep].T
+
+
+def nystrom_values(core: np.ndarray, gram: np.ndarray, rtol: float = 1e-6) -> np.ndarray:
+    """Eigenvalues of the Nyström approximation ``HB(BᵀHB)⁺BᵀH`` of a PSD ``H``.
+
+    From ``core = BᵀHB`` and ``gram = (HB)ᵀ(HB)`` (both ``[b, b]``): the eigenvalues are those of
+    ``M^{-1/2} N M^{-1/2}``, with ``M``'s eigenvalues below ``rtol·λ_max`` dropped (an ε-pseudo-
+    inverse: the sketches were formed in float32). The approximation is ⪯ ``H``, so every value is
+    a lower bound of the true one.
+
+    Returns:
+        Descending eigenvalues (``≤ b`` of them).
+    """
+    lam, vec = scipy.linalg.eigh(0.5 * (core + core.T), check_finite=False)
+    keep = lam > rtol * max(float(lam.max(initial=0.0)), np.finfo(np.float64).tiny)
+    if not np.any(keep):
+        return np.zeros(0)
+    w = vec[:, keep] / np.sqrt(lam[keep])
+    inner = w.T @ gram @ w
+    values = scipy.linalg.eigvalsh(0.5 * (inner + inner.T), check_finite=False)
+    return _descending(np.clip(values, 0.0, None))
+
+
+def generalized_nystrom_values(
+    gram_range: np.ndarray, gram_corange: np.ndarray, core: np.ndarray, rtol: float = 1e-6
+) -> np.ndarray:
+    """Singular values of the generalized Nyström approximation ``Ĝ = Y C⁺ X``.
+
+    Nakatsukasa (2020), "Fast and stable randomized low-rank matrix approximation": with a range
+    sketch ``Y = GΩ`` ``[h_in, b_out]``, a co-range sketch ``X = ΥG`` ``[b_in, h_out]`` and the core
+    ``C = ΥGΩ``, ``Ĝ = Y C⁺ X`` (``C⁺`` an ε-pseudo-inverse). Only small matrices are needed:
+    ``YᵀY``, ``XXᵀ`` and ``C``; ``σ(Ĝ) = σ(R_Y C⁺ R_Xᵀ)`` with ``R_YᵀR_Y = YᵀY``,
+    ``R_XᵀR_X = XXᵀ``.
+
+    Returns:
+        Descending singular values.
+    """
+    r_y = _psd_root(gram_range, rtol**2)  # [r1, b_out]
+    r_x = _psd_root(gram_corange, rtol**2)  # [r2, b_in]
+    u, s, vt = scipy.linalg.svd(core, full_matrices=False, check_finite=False)
+    keep = s > rtol * max(float(s.max(initial=0.0)), np.finfo(np.float64).tiny)
+    if not np.any(keep) or r_y.size == 0 or r_x.size == 0:
+        return np.zeros(0)
+    pinv = (vt[keep].T / s[keep]) @ u[:, keep].T  # [b_out, b_in]
+    return scipy.linalg.svdvals(r_y @ pinv @ r_x.T, check_finite=False)
+
+
+def projected_values(
+    gram_in: np.ndarray, gram_out: np.ndarray, core: np.ndarray, rtol: float = 1e-6
+) -> np.ndarray:
+    """``σ(Q_inᵀ G Q_out)`` for orthonormal bases of ``B_in``, ``B_out`` from ``B_inᵀGB_out``.
+
+    A projection of ``G``, so every value is a lower bound of ``σ(G)`` (Cauchy interlacing).
+    """
+    r_in = _psd_root(gram_in, rtol**2)
+    r_out = _psd_root(gram_out, rtol**2)
+    if r_in.size == 0 or r_out.size == 0:
+        return np.zeros(0)
+    # Q = B R⁺ with RᵀR = BᵀB:  Q_inᵀ G Q_out = (R_in⁺)ᵀ (B_inᵀ G B_out) R_out⁺
+    return scipy.linalg.svdvals(
+        np.linalg.pinv(r_in).T @ core @ np.linalg.pinv(r_out), check_finite=False
+    )
+
+
+def generalized_nystrom_epoch(
+    y: np.ndarray, x: np.ndarray, core: np.ndarray, rtol: float = 1e-6
+) -> np.ndarray:
+    """Generalized Nyström singular values from the accumulated epoch sketches themselves."""
+    return generalized_nystrom_values(y.T @ y, x @ x.T, core, rtol)

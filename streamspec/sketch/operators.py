@@ -35,6 +35,10 @@ class RowOperator(Protocol):
         """The explicit ``[C, m, h]`` float32 matrix (used when ``m`` is small)."""
         ...
 
+    def sq_norm(self) -> torch.Tensor:
+        """``[C]`` squared Frobenius norms ``‖A_c‖²_F`` (float64)."""
+        ...
+
 
 class DenseRows:
     """An explicit ``[C, m, h]`` matrix (Linear layers)."""
@@ -55,6 +59,9 @@ class DenseRows:
 
     def dense(self) -> torch.Tensor:
         return self.rows
+
+    def sq_norm(self) -> torch.Tensor:
+        return self.rows.square().sum(dim=(1, 2), dtype=torch.float64)
 
 
 class StackedRows:
@@ -81,6 +88,9 @@ class StackedRows:
 
     def dense(self) -> torch.Tensor:
         return torch.cat([p.dense() for p in self.parts], dim=1)
+
+    def sq_norm(self) -> torch.Tensor:
+        return torch.stack([p.sq_norm() for p in self.parts]).sum(dim=0)
 
 
 def stack_rows(parts: Sequence[RowOperator]) -> RowOperator:
@@ -170,6 +180,14 @@ class ConvRows:
         eye = torch.eye(self.h, device=self.inputs.device, dtype=torch.float32)
         return self.mm(eye.expand(self._c, self.h, self.h))
 
+    def sq_norm(self) -> torch.Tensor:
+        # Σ over patches of squared entries = the squared input convolved with a ones kernel.
+        ones = self.inputs.new_ones((self._c, self._channels, *self.kernel))
+        out = _CONV[self.dims](
+            self._batched.square(), ones, None, self.stride, self.padding, self.dilation, self._c
+        )  # [n, C, *out]
+        return out.sum(dim=tuple(i for i in range(out.dim()) if i != 1), dtype=torch.float64)
+
 
 class OneHotRows:
     """One-hot rows of an embedding lookup: ``A[r, idx_r] = 1`` (``idx_r < 0``: a zero row).
@@ -204,3 +222,6 @@ class OneHotRows:
         c, m = self.indices.shape
         out = torch.zeros((c, m, self.vocabulary), device=self.indices.device)
         return out.scatter_(2, self.indices.unsqueeze(-1), self._mask)
+
+    def sq_norm(self) -> torch.Tensor:
+        return self.valid.sum(dim=1, dtype=torch.float64)

@@ -1,61 +1,70 @@
 """Per-layer spectral trackers: streaming sketches of each group's activation, adjoint, gradient.
 
 A :class:`LayerTracker` holds, for all groups of one weight matrix at once (leading dim ``C``),
+one basis block per side of the weight, ``B_in = [W_in | Ω_in]`` ``[h_in, b_in]`` and
+``B_out = [W_out | Ω_out]`` ``[h_out, b_out]``: a warm block ``W`` carried from step to step
+(``W_in ← orth(AᵀAW_in)``, ``W_out ← orth(ΔᵀΔW_out)``: a block subspace iteration spread over
+steps, Halko, Martinsson & Tropp 2011, Alg. 4.3) and an epoch test matrix ``Ω`` held fixed within
+an epoch (so that the epoch sketches stay linear in the data).
 
-* test matrices, fixed within an epoch and warm-started from the previous epoch's directions
-  (each epoch then acts as a power iteration: ALGORITHMS.md, "Nyström sketch");
-* epoch sketches, linear in the data (they add over steps and all-reduce over ranks):
-  ``Y_A = Σ A_cᵀA_cΩ_A`` and ``Y_Δ = Σ Δ_cᵀΔ_cΩ_Δ`` (Nyström sketches of the Gram matrices) and, for
-  the summed gradient ``G_c = Σ A_cᵀΔ_c``, the range/co-range/core sketches of Tropp et al. (2019)
-  ``Y_G = G_cΩ_G``, ``X_G = ΥG_c``, ``Z_G = ΦG_cΨᵀ`` — a linear sketch of the sum itself, because
-  summed gradients cancel and truncating a running sum would be wrong.
+Per step, four products with the rows give everything:
 
-Per step the same products also give the step's own spectra: an orthonormal basis ``Q`` of the
-step's range sketch, then a Rayleigh–Ritz projection ``σ(A_cQ)`` (resp. ``σ(QᵀA_cᵀΔ_c)``). When a
-group's rows are few, the rows themselves go to the host and their spectra are computed exactly.
-Everything inside a step is matrix products on the layer's device; factorisations happen on the
-host (see :mod:`streamspec.sketch.linalg`).
+* ``P = A·B_in``, ``R = Δ·B_out``;
+* ``Aᵀ[P | R] = [AᵀA·B_in | G·B_out]`` and ``Δᵀ[R | P] = [ΔᵀΔ·B_out | Gᵀ·B_in]`` (``G = AᵀΔ``);
+* small Gram matrices of these, and the core ``C = PᵀR = B_inᵀ·G·B_out``.
+
+The step's activation/adjoint spectra are Nyström eigenvalues of ``AᵀA``/``ΔᵀΔ`` on ``B``; the
+gradient's are those of the generalized Nyström approximation ``Ĝ = (GB_out)C⁺(B_inᵀG)``
+(Nakatsukasa 2020). All factorisations of these ``b × b`` matrices happen on the host in float64.
+The same products, restricted to the ``Ω`` columns, feed the epoch sketches, which add over steps
+(and all-reduce over data-parallel ranks): Nyström sketches ``Σ AᵀAΩ_in``, ``Σ ΔᵀΔΩ_out`` and, for
+the summed gradient (which cancels, so the sketch must be of the sum itself), the range, co-range
+and core sketches ``Σ GΩ_out``, ``Σ Ω_inᵀG``, ``Σ Ω_inᵀGΩ_out``. Each epoch's ``Ω`` holds the
+previous epoch's top-k directions plus fresh Gaussian columns; the first epoch's are seeded from
+the first step's data.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from streamspec.sketch.linalg import nystrom, orthonormalize, streaming_svd
+from streamspec.sketch.linalg import generalized_nystrom_epoch, nystrom, orthonormalize
 from streamspec.sketch.operators import DenseRows, RowOperator
+
+WARMUP_ITERATIONS = 4  # power iterations of the warm blocks on the run's first step
+TIED_EXACT_ROWS = 4096  # per-group rows up to which the tying spectrum is computed exactly
+_EPOCH_SKETCHES = ("y_a", "y_d", "y_g", "x_g", "z_g")
 
 
 @dataclass(frozen=True)
 class SketchWidths:
-    """Sketch widths of one layer, each capped by the dimension it sketches."""
+    """Block widths of one layer, capped by the dimension they sketch."""
 
-    activation: int  # range width for A (≤ h_in)
-    adjoint: int  # range width for Δ (≤ h_out)
-    gradient: int  # range and co-range width for G (≤ min(h_in, h_out))
-    core_in: int  # core rows (≤ h_in)
-    core_out: int  # core columns (≤ h_out)
-    warm_activation: int  # per-step warm block for A (0 when the sketch is already exact)
-    warm_adjoint: int
-    warm_gradient: int
+    epoch_in: int  # Ω_in columns (≤ h_in; == h_in: the identity, the sketch is exact)
+    epoch_out: int  # Ω_out columns (≤ h_out)
+    warm_in: int  # W_in columns (0 when Ω_in is already the identity)
+    warm_out: int  # W_out columns
+
+    @property
+    def block_in(self) -> int:
+        return self.warm_in + self.epoch_in
+
+    @property
+    def block_out(self) -> int:
+        return self.warm_out + self.epoch_out
 
     @classmethod
     def for_layer(cls, h_in: int, h_out: int, rank: int, oversample: int) -> SketchWidths:
         width = rank + oversample
-        core = 2 * width + 1  # Tropp et al. 2019: core ≥ 2·(range width) + 1
-        wa, wd, wg = min(width, h_in), min(width, h_out), min(width, h_in, h_out)
-        return cls(
-            activation=wa,
-            adjoint=wd,
-            gradient=wg,
-            core_in=min(core, h_in),
-            core_out=min(core, h_out),
-            warm_activation=min(width, h_in - wa),
-            warm_adjoint=min(width, h_out - wd),
-            warm_gradient=min(width, min(h_in, h_out) - wg),
-        )
+        # The co-range (input) side is wider than the range side: a square generalized-Nyström
+        # core is unstable (Nakatsukasa 2020 recommends 1.5×).
+        e_in, e_out = min(width + width // 2, h_in), min(width, h_out)
+        warm = int(os.environ.get("STREAMSPEC_WARM", width))
+        return cls(e_in, e_out, min(warm, h_in - e_in), min(warm, h_out - e_out))
 
 
 @dataclass
@@ -71,6 +80,22 @@ class EpochSpectra:
     gradient: np.ndarray
 
 
+@dataclass
+class StepSketch:
+    """What one step of one layer sends to the host.
+
+    ``route == "exact"``: ``tensors`` holds the padded group rows ``activation [C, m, h_in]`` and
+    ``adjoint [C, m, h_out]``. ``route == "sketch"``: float64 ``[C, b, b]`` matrices —
+    ``core_a = B_inᵀAᵀAB_in``, ``gram_a = (AᵀAB_in)ᵀ(AᵀAB_in)``, the same for Δ (``core_d``,
+    ``gram_d``), ``gram_y = (GB_out)ᵀ(GB_out)``, ``gram_x = (B_inᵀG)(B_inᵀG)ᵀ``,
+    ``core_g = B_inᵀGB_out``, ``basis_in = B_inᵀB_in``, ``basis_out = B_outᵀB_out`` — and the
+    ``[C]`` squared norms ``norm_a = ‖A_c‖²_F``, ``norm_d = ‖Δ_c‖²_F``.
+    """
+
+    route: str
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
 def _random(generator: torch.Generator, *shape: int) -> np.ndarray:
     return torch.randn(*shape, generator=generator, dtype=torch.float64).numpy()
 
@@ -83,35 +108,17 @@ def _orthonormal(generator: torch.Generator, n_groups: int, dim: int, width: int
     return np.linalg.qr(_random(generator, n_groups, dim, width))[0]
 
 
-@dataclass
-class StepSketch:
-    """What one step of one layer sends to the host.
-
-    ``route == "exact"``: ``tensors`` holds the padded group rows ``activation [C, m, h_in]`` and
-    ``adjoint [C, m, h_out]``. ``route == "ritz"``: Gram matrices of the Rayleigh–Ritz projections
-    ``activation [C, wa', wa']``, ``adjoint [C, wd', wd']``, ``gradient [C, wg', wg']`` (float64).
-    """
-
-    route: str
-    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
-
-
-_EPOCH_SKETCHES = ("y_a", "y_d", "y_g", "x_g", "z_g")
-WARMUP_ITERATIONS = 4  # power iterations of the warm blocks on the run's first step
-TIED_EXACT_ROWS = 4096  # per-group rows up to which the tying spectrum is computed exactly
+def _gram64(x: torch.Tensor) -> torch.Tensor:
+    """``XᵀX`` in float64 (the Gram of a float32 sketch keeps its small eigenvalues)."""
+    x = x.to(torch.float64)
+    return x.mT @ x
 
 
 class LayerTracker:
     """Streaming truncated-SVD tracker of one weight matrix, all groups batched.
 
-    Device state (leading dim ``C`` = groups), fixed-size, independent of steps and data size:
-    test matrices ``Ω_A [h_in, wa]``, ``Ω_Δ [h_out, wd]``, ``Ω_G [h_out, wg]``, ``Υᵀ [h_in, wg]``,
-    ``Φᵀ [h_in, s_in]``, ``Ψᵀ [h_out, s_out]``; warm blocks ``W_A, W_Δ, W_G``; the epoch sketches.
-
-    Test matrices are held fixed within an epoch so the epoch sketches stay linear. The first
-    epoch's are seeded from its first step's data; each later epoch's are the previous epoch's
-    top-k directions plus fresh Gaussian columns (the core's ``Φ, Ψ`` are always fresh Gaussian),
-    so every epoch is one more power iteration: the epoch's "rank-k correction".
+    Device state is fixed-size, ``O((b_in + b_out)·(h_in + h_out))`` per group, independent of
+    steps and data size.
 
     Args:
         h_in: input width of the weight matrix (columns of ``A``).
@@ -138,11 +145,10 @@ class LayerTracker:
         self.widths = SketchWidths.for_layer(h_in, h_out, rank, oversample)
         self._generator = generator
         self._device: torch.device | None = None
-        self._test: dict[str, torch.Tensor] = {}
+        self._omega: dict[str, torch.Tensor] = {}
         self._warm: dict[str, torch.Tensor] = {}
         self._sketch: dict[str, torch.Tensor] = {}
-        self._reseed = True
-        self._warmup = True
+        self._seed_from_data = True  # first epoch: Ω from the first step's data
 
     def _setup(self, device: torch.device) -> None:
         w, g, c = self.widths, self._generator, self.n_groups
@@ -150,39 +156,25 @@ class LayerTracker:
         def put(a: np.ndarray) -> torch.Tensor:
             return torch.as_tensor(a, dtype=torch.float32).to(device)
 
-        self._test = {
-            "omega_a": put(_orthonormal(g, c, self.h_in, w.activation)),
-            "omega_d": put(_orthonormal(g, c, self.h_out, w.adjoint)),
-            "omega_g": put(_orthonormal(g, c, self.h_out, w.gradient)),
-            "upsilon_t": put(_orthonormal(g, c, self.h_in, w.gradient)),
+        self._omega = {
+            "in": put(_orthonormal(g, c, self.h_in, w.epoch_in)),
+            "out": put(_orthonormal(g, c, self.h_out, w.epoch_out)),
         }
         self._warm = {
-            "activation": put(_orthonormal(g, c, self.h_in, w.warm_activation)),
-            "adjoint": put(_orthonormal(g, c, self.h_out, w.warm_adjoint)),
-            "gradient": put(_orthonormal(g, c, self.h_out, w.warm_gradient)),
+            "in": put(_orthonormal(g, c, self.h_in, w.warm_in)),
+            "out": put(_orthonormal(g, c, self.h_out, w.warm_out)),
         }
-        self._new_core(device)
-        self._reset_sketches(device)
         self._device = device
+        self._reset_sketches()
 
-    def _new_core(self, device: torch.device) -> None:
-        w, g, c = self.widths, self._generator, self.n_groups
-        for name, dim, width in (
-            ("phi_t", self.h_in, w.core_in),
-            ("psi_t", self.h_out, w.core_out),
-        ):
-            self._test[name] = torch.as_tensor(
-                _orthonormal(g, c, dim, width), dtype=torch.float32
-            ).to(device)
-
-    def _reset_sketches(self, device: torch.device) -> None:
-        w, c = self.widths, self.n_groups
+    def _reset_sketches(self) -> None:
+        w, c, device = self.widths, self.n_groups, self._device
         shapes = {
-            "y_a": (c, self.h_in, w.activation),
-            "y_d": (c, self.h_out, w.adjoint),
-            "y_g": (c, self.h_in, w.gradient),
-            "x_g": (c, w.gradient, self.h_out),
-            "z_g": (c, w.core_in, w.core_out),
+            "y_a": (c, self.h_in, w.epoch_in),
+            "y_d": (c, self.h_out, w.epoch_out),
+            "y_g": (c, self.h_in, w.epoch_out),
+            "x_g": (c, w.epoch_in, self.h_out),
+            "z_g": (c, w.epoch_in, w.epoch_out),
         }
         self._sketch = {
             k: torch.zeros(s, dtype=torch.float32, device=device) for k, s in shapes.items()
@@ -199,13 +191,6 @@ class LayerTracker:
     ) -> StepSketch:
         """Fold one step into the epoch sketches and sketch the step's own spectra.
 
-        The step's range sketch is taken with ``[W | Ω]``: a warm block ``W`` carried from the
-        previous step (``W ← orth(AᵀAW)`` for A and Δ; ``W ← orth(GᵀQ)`` for the gradient) and the
-        epoch's test matrix ``Ω``, whose product also feeds the epoch sketch. Across steps this is
-        a block subspace iteration (Halko, Martinsson, Tropp 2011, Alg. 4.3 with the iterations
-        spread over steps), so a step is resolved far better than by a one-pass sketch of it alone;
-        the final Rayleigh–Ritz projection ``σ(AQ)``, ``σ(QᵀG)`` is exact on the captured range.
-
         Args:
             activation: ``[C, m, h_in]`` the groups' rows, zero-padded to a common ``m``, as a
                 tensor or as a :class:`RowOperator` (products only: conv patches, one-hot rows).
@@ -220,83 +205,79 @@ class LayerTracker:
             self._setup(adjoint.device)
         a = DenseRows(activation) if isinstance(activation, torch.Tensor) else activation
         d = adjoint.to(torch.float32)
-        if self._warmup:
-            self._warmup = False
-            self._power_iterate(a, d, WARMUP_ITERATIONS)
-        w, t, warm = self.widths, self._test, self._warm
-        wa, wd, wg = w.activation, w.adjoint, w.gradient
-        va, vd, vg = w.warm_activation, w.warm_adjoint, w.warm_gradient
+        w = self.widths
+        if self._seed_from_data:
+            self._seed_from_data = False
+            self._seed(a, d)
+        vi, vo = w.warm_in, w.warm_out
+        b_in = torch.cat([self._warm["in"], self._omega["in"]], dim=2)  # [C, h_in, b_in]
+        b_out = torch.cat([self._warm["out"], self._omega["out"]], dim=2)  # [C, h_out, b_out]
 
-        # One batched product with A and one with Δ for everything that multiplies them first.
-        a_r = a.mm(torch.cat([warm["activation"], t["omega_a"], t["upsilon_t"], t["phi_t"]], dim=2))
-        d_r = d @ torch.cat(
-            [warm["gradient"], t["omega_g"], warm["adjoint"], t["omega_d"], t["psi_t"]], dim=2
-        )
-        ia = va + wa  # a_r = [AW_A | AΩ_A | AΥᵀ | AΦᵀ]
-        ig = vg + wg  # d_r = [ΔW_G | ΔΩ_G | ΔW_Δ | ΔΩ_Δ | ΔΨᵀ]
-        id_ = ig + vd + wd
-        a_t = a.tmm(torch.cat([a_r[..., :ia], d_r[..., :ig]], dim=2))
-        y_a, y_g = a_t[..., :ia], a_t[..., ia:]  # AᵀA[W_A | Ω_A],  G[W_G | Ω_G]
-        y_d = d.mT @ d_r[..., ig:id_]  # ΔᵀΔ[W_Δ | Ω_Δ]
-        x_g = a_r[..., ia : ia + wg].mT @ d  # ΥG
-        z_g = a_r[..., ia + wg :].mT @ d_r[..., id_:]  # ΦGΨᵀ
-
-        # Orthonormal bases of the step's ranges. CholeskyQR keeps column order (Gram–Schmidt), so
-        # the first columns are orth(AᵀAW): the next step's warm block.
-        q_a = orthonormalize(y_a).to(torch.float32)
-        q_d = orthonormalize(y_d).to(torch.float32)
-        q_g = orthonormalize(y_g).to(torch.float32)
-        a_q = a.mm(torch.cat([q_a, q_g], dim=2))
-        d_q = d @ q_d
-        b_g = a_q[..., ia:].mT @ d  # QᵀG  [C, vg+wg, h_out]
-        new_warm_g = orthonormalize(b_g[:, :vg].mT).to(torch.float32) if vg else warm["gradient"]
+        p = a.mm(b_in)  # A·B_in      [C, m, b_in]
+        r = d @ b_out  # Δ·B_out     [C, m, b_out]
+        s_in = a.tmm(torch.cat([p, r], dim=2))  # [AᵀA·B_in | G·B_out]       [C, h_in, b_in+b_out]
+        s_out = d.mT @ torch.cat([r, p], dim=2)  # [ΔᵀΔ·B_out | Gᵀ·B_in]     [C, h_out, b_out+b_in]
+        bi = w.block_in
+        bo = w.block_out
+        y_a, y_g = s_in[..., :bi], s_in[..., bi:]
+        y_d, x_gt = s_out[..., :bo], s_out[..., bo:]
+        core_g = p.mT @ r  # B_inᵀ·G·B_out  [C, b_in, b_out]
 
         sk = self._sketch
-        if self._reseed:
-            self._reseed = False
-            self._reseed_from(q_a, q_d, q_g, b_g)
-            # The epoch's first contributions, taken with the new test matrices.
-            y_a_e = a.tmm(a.mm(t["omega_a"])) if va else y_a[..., va:]
-            y_d_e = d.mT @ (d @ t["omega_d"]) if vd else y_d[..., vd:]
-            if vg:
-                y_g_e = a.tmm(d @ t["omega_g"])
-                x_g = a.mm(t["upsilon_t"]).mT @ d
-            else:
-                y_g_e = y_g[..., vg:]
-            sk["y_a"] += y_a_e
-            sk["y_d"] += y_d_e
-            sk["y_g"] += y_g_e
-        else:
-            sk["y_a"] += y_a[..., va:]
-            sk["y_d"] += y_d[..., vd:]
-            sk["y_g"] += y_g[..., vg:]
-        sk["x_g"] += x_g
-        sk["z_g"] += z_g
-        if va:
-            warm["activation"] = q_a[..., :va]
-        if vd:
-            warm["adjoint"] = q_d[..., :vd]
-        warm["gradient"] = new_warm_g
+        sk["y_a"] += y_a[..., vi:]
+        sk["y_d"] += y_d[..., vo:]
+        sk["y_g"] += y_g[..., vo:]
+        sk["x_g"] += x_gt[..., vi:].mT
+        sk["z_g"] += core_g[:, vi:, vo:]
+        if vi:
+            self._warm["in"] = orthonormalize(y_a[..., :vi]).to(torch.float32)
+        if vo:
+            self._warm["out"] = orthonormalize(y_d[..., :vo]).to(torch.float32)
 
         if exact:
-            sketch = StepSketch("exact", {"activation": a.dense(), "adjoint": d})
+            tensors = {"activation": a.dense(), "adjoint": d}
             if tie is not None:
-                sketch.tensors["position"] = tie[0]
-            return sketch
-        b_a = a_q[..., :ia].to(torch.float64)
-        b_d = d_q.to(torch.float64)
-        b_g64 = b_g.to(torch.float64)
+                tensors["position"] = tie[0]
+            return StepSketch("exact", tensors)
         tensors = {
-            "activation": b_a.mT @ b_a,
-            "adjoint": b_d.mT @ b_d,
-            "gradient": b_g64 @ b_g64.mT,
+            "core_a": _gram64(p),
+            "gram_a": _gram64(y_a),
+            "core_d": _gram64(r),
+            "gram_d": _gram64(y_d),
+            "gram_y": _gram64(y_g),
+            "gram_x": _gram64(x_gt),
+            "core_g": core_g.to(torch.float64),
+            "basis_in": _gram64(b_in),
+            "basis_out": _gram64(b_out),
+            "norm_a": a.sq_norm(),
+            "norm_d": d.square().sum(dim=(1, 2), dtype=torch.float64),
         }
         if tie is not None:
             if a.shape[1] <= TIED_EXACT_ROWS:
                 tensors["tied"] = self._tying_gram_exact(a, d, *tie)
             else:
-                tensors["tied"] = self._tying_gram(a_q[..., :ia], d_q, *tie)
-        return StepSketch("ritz", tensors)
+                q_in = orthonormalize(b_in).to(torch.float32)
+                q_out = orthonormalize(b_out).to(torch.float32)
+                tensors["tied"] = self._tying_gram(a.mm(q_in), d @ q_out, *tie)
+        return StepSketch("sketch", tensors)
+
+    def _seed(self, a: RowOperator, d: torch.Tensor) -> None:
+        """The run's first step: power-iterate the warm blocks on its data, then take the first
+        epoch's test matrices as their top-k directions plus fresh columns (a cold one-pass
+        sketch of a flat spectrum would be off by tens of percent in its first epoch)."""
+        w, k = self.widths, self.rank
+        for _ in range(WARMUP_ITERATIONS):
+            if w.warm_in:
+                self._warm["in"] = orthonormalize(a.tmm(a.mm(self._warm["in"]))).float()
+            if w.warm_out:
+                self._warm["out"] = orthonormalize(d.mT @ (d @ self._warm["out"])).float()
+        for side, warm in (("in", w.warm_in), ("out", w.warm_out)):
+            if not warm:
+                continue  # Ω is the identity: exact already
+            top = min(k, warm)
+            fresh = self._omega[side][..., : self._omega[side].shape[-1] - top]
+            block = torch.cat([self._warm[side][..., :top], fresh], dim=2)
+            self._omega[side] = orthonormalize(block).to(torch.float32)
 
     @staticmethod
     def _tying_gram_exact(
@@ -315,13 +296,12 @@ class LayerTracker:
     def _tying_gram(
         a_hat: torch.Tensor, d_hat: torch.Tensor, position: torch.Tensor, n_positions: int
     ) -> torch.Tensor:
-        """Gram of the per-position gradient contributions projected on the step's bases (large m).
+        """Gram of the per-position gradient contributions projected on orthonormal bases.
 
-        Row ``p`` of the tying matrix is ``vec(Σ_{r at p} a_rᵀδ_r)``; projected on the
-        activation and adjoint bases (``â = AQ_A``, ``d̂ = ΔQ_Δ``) it is ``Σ_r â_r ⊗ d̂_r``,
-        exact when the bases span the rows and otherwise a lower bound (a projection only removes energy)
-        missing what lies outside the leading subspaces of A and Δ. Returns the float64 Gram of
-        the smaller side (``[C, P, P]`` or ``[C, F, F]``).
+        Row ``p`` of the tying matrix is ``vec(Σ_{r at p} a_rᵀδ_r)``; projected on the bases
+        (``â = AQ_in``, ``d̂ = ΔQ_out``) it is ``Σ_r â_r ⊗ d̂_r``: exact when the bases span the
+        rows, otherwise a lower bound (a projection only removes energy) missing what lies outside
+        the leading subspaces of A and Δ. Returns the float64 Gram of the smaller side.
         """
         c, m, fa = a_hat.shape
         fd = d_hat.shape[-1]
@@ -330,48 +310,6 @@ class LayerTracker:
         per_position.index_add_(1, position, features)
         t = per_position.to(torch.float64)
         return t @ t.mT if n_positions <= fa * fd else t.mT @ t
-
-    def _power_iterate(self, a: RowOperator, d: torch.Tensor, iterations: int) -> None:
-        """Block power iterations of the warm blocks on one step's data (the run's first step).
-
-        A one-off cost that replaces the random initial blocks by data-adapted ones, so that the
-        first epoch's test matrices (seeded from the first step) start near the dominant
-        subspaces instead of cold.
-        """
-        warm = self._warm
-        for _ in range(iterations):
-            if self.widths.warm_activation:
-                warm["activation"] = orthonormalize(a.tmm(a.mm(warm["activation"]))).float()
-            if self.widths.warm_adjoint:
-                warm["adjoint"] = orthonormalize(d.mT @ (d @ warm["adjoint"])).float()
-            if self.widths.warm_gradient:
-                left = orthonormalize(a.tmm(d @ warm["gradient"])).float()  # orth(G W)
-                warm["gradient"] = orthonormalize(d.mT @ a.mm(left)).float()  # orth(GᵀQ)
-
-    def _reseed_from(
-        self, q_a: torch.Tensor, q_d: torch.Tensor, q_g: torch.Tensor, b_g: torch.Tensor
-    ) -> None:
-        """First-epoch test matrices from the first step's data (sketches not already exact).
-
-        Same shape as later epochs' (top-k directions plus extra columns): the first ``k`` columns
-        of the step's basis (``orth(AᵀAW)``, the dominant ones) and, for the rest, the
-        data-adapted columns that follow them (``AᵀAΩ`` orthogonalised against those).
-        """
-        w, t, k = self.widths, self._test, self.rank
-
-        def select(q: torch.Tensor, warm: int, width: int) -> torch.Tensor:
-            top = min(k, warm, width)
-            return torch.cat([q[..., :top], q[..., warm : warm + width - top]], dim=-1)
-
-        if w.warm_activation:
-            t["omega_a"] = select(q_a, w.warm_activation, w.activation)
-        if w.warm_adjoint:
-            t["omega_d"] = select(q_d, w.warm_adjoint, w.adjoint)
-        if w.warm_gradient:
-            left = select(q_g, w.warm_gradient, w.gradient)
-            rows = select(b_g.mT, w.warm_gradient, w.gradient)  # GᵀQ for the same columns
-            t["upsilon_t"] = left
-            t["omega_g"] = orthonormalize(rows).to(torch.float32)
 
     # -- the epoch (between epochs: host sync allowed) ----------------------------------------
 
@@ -388,63 +326,52 @@ class LayerTracker:
             return EpochSpectra(empty, empty, empty)
         host = {
             name: v.detach().to("cpu", torch.float64).numpy()
-            for name, v in (*self._test.items(), *self._sketch.items())
+            for name, v in (
+                ("omega_in", self._omega["in"]),
+                ("omega_out", self._omega["out"]),
+                *self._sketch.items(),
+            )
         }
         out: dict[str, list[np.ndarray]] = {"activation": [], "adjoint": [], "gradient": []}
-        warm: dict[str, list[np.ndarray | None]] = {
-            "omega_a": [],
-            "omega_d": [],
-            "omega_g": [],
-            "upsilon_t": [],
-        }
+        directions: dict[str, list[np.ndarray | None]] = {"in": [], "out": []}
         for i in range(c):
             if not all(np.isfinite(host[n][i]).all() for n in _EPOCH_SKETCHES):
-                for kind in out:
-                    out[kind].append(np.full(1, np.nan))
-                for found in warm.values():
-                    found.append(None)
+                for values in out.values():
+                    values.append(np.full(1, np.nan))
+                directions["in"].append(None)
+                directions["out"].append(None)
                 continue
-            lam_a, u_a = nystrom(host["omega_a"][i], host["y_a"][i])
-            lam_d, u_d = nystrom(host["omega_d"][i], host["y_d"][i])
-            s_g, u_g, v_g = streaming_svd(
-                host["upsilon_t"][i].T,
-                host["phi_t"][i].T,
-                host["psi_t"][i].T,
-                host["y_g"][i],
-                host["x_g"][i],
-                host["z_g"][i],
-            )
+            lam_a, u_a = nystrom(host["omega_in"][i], host["y_a"][i])
+            lam_d, u_d = nystrom(host["omega_out"][i], host["y_d"][i])
+            s_g = generalized_nystrom_epoch(host["y_g"][i], host["x_g"][i], host["z_g"][i])
             out["activation"].append(np.sqrt(lam_a))
             out["adjoint"].append(np.sqrt(lam_d))
             out["gradient"].append(s_g)
-            warm["omega_a"].append(u_a[:, : _n_positive(lam_a, self.rank)])
-            warm["omega_d"].append(u_d[:, : _n_positive(lam_d, self.rank)])
-            warm["omega_g"].append(v_g[:, : _n_positive(s_g, self.rank)])
-            warm["upsilon_t"].append(u_g[:, : _n_positive(s_g, self.rank)])
-        # Next epoch: the top-k directions of this one plus fresh Gaussian columns (a power
-        # iteration per epoch; ALGORITHMS.md measured ≤ 0.1% after a few epochs without drift).
-        w, g = self.widths, self._generator
-        for name, width in (
-            ("omega_a", w.activation),
-            ("omega_d", w.adjoint),
-            ("omega_g", w.gradient),
-            ("upsilon_t", w.gradient),
-        ):
-            current = host[name]
-            if current.shape[1] <= width:  # identity: already exact
-                continue
-            fresh = _random(g, c, current.shape[1], width)
-            for i, directions in enumerate(warm[name]):
-                if directions is not None and directions.size:
-                    fresh[i, :, : directions.shape[1]] = directions
-            self._test[name] = torch.as_tensor(np.linalg.qr(fresh)[0], dtype=torch.float32).to(
-                self._device
-            )
-        self._new_core(self._device)
-        self._reset_sketches(self._device)
+            directions["in"].append(u_a[:, : _n_positive(lam_a, self.rank)])
+            directions["out"].append(u_d[:, : _n_positive(lam_d, self.rank)])
+        self._warm_start(host, directions)
+        self._reset_sketches()
         return EpochSpectra(
             *(_pad_rows(out[kind]) for kind in ("activation", "adjoint", "gradient"))
         )
+
+    def _warm_start(
+        self, host: dict[str, np.ndarray], directions: dict[str, list[np.ndarray | None]]
+    ) -> None:
+        """Next epoch's Ω: this epoch's top-k directions plus fresh Gaussian columns (one power
+        iteration per epoch; ALGORITHMS.md measured ≤ 0.1% after a few epochs without drift)."""
+        for side in ("in", "out"):
+            current = host[f"omega_{side}"]
+            dim, width = current.shape[1], current.shape[2]
+            if width >= dim:  # the identity: already exact
+                continue
+            fresh = _random(self._generator, self.n_groups, dim, width)
+            for i, found in enumerate(directions[side]):
+                if found is not None and found.size:
+                    fresh[i, :, : found.shape[1]] = found
+            self._omega[side] = torch.as_tensor(np.linalg.qr(fresh)[0], dtype=torch.float32).to(
+                self._device
+            )
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The epoch sketches (sum them across data-parallel ranks to merge)."""

@@ -4,15 +4,24 @@ A writer publishes rows in three moves: grow the arrays, write the rows, then ra
 counters (group attributes ``committed_steps``/``committed_epochs``). A reader reads the counters
 first and slices every variable to them, so it never sees a half-written row, even from another
 process while the run goes on. Zarr array handles never see a new shape, so every read re-opens
-the group.
+the group, and never through consolidated metadata: a finished run's writer consolidates at
+``close()``, but a resumed run grows the arrays again, and the only metadata that is never stale
+is each array's own ``zarr.json``.
+
+Archives are local directories, fsspec URLs, Zarr store objects, or read-only ``.zip`` files
+written by :func:`streamspec.store.export_archive`.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 import os
 import warnings
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -21,11 +30,13 @@ import xarray as xr
 import zarr
 from xarray.backends import AbstractDataStore, ZarrStore
 from zarr.abc.store import Store
+from zarr.core.sync import sync
 
 from streamspec.errors import StreamspecError
 from streamspec.layout import RunLayout
 from streamspec.store.schema import (
     COMMIT_ATTRS,
+    CREATING_ATTR,
     DATASET_ATTRS,
     ROW_DIMS,
     layout_from_attrs,
@@ -40,13 +51,20 @@ def resolve_store(store: StoreLike, *, read_only: bool) -> tuple[Store, str, Pat
 
     Args:
         store: A local path, an fsspec URL (``"memory://run.zarr"``, ``"s3://bucket/run.zarr"``;
-            needs ``fsspec``), or a Zarr store object (used as is).
+            needs ``fsspec``), a local ``.zip`` file (an export; read-only), or a Zarr store
+            object (used as is).
         read_only: Open paths and URLs read-only.
 
     Returns:
         ``(store, label, path)``: the store, a name for messages, and the local path (``None``
-        unless ``store`` was a local path).
+        unless ``store`` was a local directory path).
+
+    Raises:
+        StreamspecError: for something that is not a store, a URL without fsspec, a ``.zip``
+            opened for writing, or a ``.zip`` path that is missing or not a zip file.
     """
+    if isinstance(store, zarr.storage.ZipStore) and not read_only:
+        _zip_store(Path(store.path), read_only=False)  # raises: a zip is written once, in export
     if isinstance(store, Store):
         return store, repr(store), None
     if not isinstance(store, str | os.PathLike):
@@ -67,7 +85,29 @@ def resolve_store(store: StoreLike, *, read_only: bool) -> tuple[Store, str, Pat
             ) from exc
         return fsspec_store, text, None
     path = Path(text.removeprefix("file://"))
+    if path.suffix.lower() == ".zip":
+        return _zip_store(path, read_only=read_only), str(path), None
     return zarr.storage.LocalStore(path, read_only=read_only), str(path), path
+
+
+def _zip_store(path: Path, *, read_only: bool) -> Store:
+    """A read-only store over an exported ``.zip`` archive."""
+    if not read_only:
+        raise StreamspecError.build(
+            expected="a directory or URL to write an archive to",
+            got=f"{str(path)!r}, a .zip path (zip archives are read-only exports)",
+            fix="write to a .zarr directory; make a .zip of a finished run with "
+            "streamspec.store.export_archive(run, out_zip)",
+        )
+    if not path.exists():
+        raise StreamspecError.build(
+            expected=f"a streamspec archive (Zarr v3 group) at {path}",
+            got="nothing there",
+            fix="check the path of the exported .zip",
+        )
+    if not zipfile.is_zipfile(path):
+        raise _not_an_archive(str(path), "a file that is not a zip file")
+    return zarr.storage.ZipStore(path, mode="r", read_only=True)
 
 
 @contextmanager
@@ -85,14 +125,24 @@ def quiet_partial_files() -> Iterator[None]:
         yield
 
 
-def find_archive(store: Store, label: str, path: Path | None) -> zarr.Group | None:
+def find_archive(
+    store: Store, label: str, path: Path | None, *, incomplete_ok: bool = False
+) -> zarr.Group | None:
     """Open the streamspec archive in ``store`` read-only, if there is one.
+
+    Args:
+        store: The store to look in.
+        label: Its name, for messages.
+        path: Its local directory, if it is one (a missing or empty directory holds nothing).
+        incomplete_ok: Return the group of an archive whose creation was interrupted (see
+            :func:`is_incomplete`) instead of refusing it; a writer re-creates such an archive.
 
     Returns:
         The archive's root group, or ``None`` if the store (or local path) holds nothing.
 
     Raises:
-        StreamspecError: if the store holds something that is not a streamspec archive.
+        StreamspecError: if the store holds something that is not a streamspec archive, or
+            (unless ``incomplete_ok``) an archive whose creation was interrupted.
     """
     if path is not None:
         if not path.exists():
@@ -103,7 +153,7 @@ def find_archive(store: Store, label: str, path: Path | None) -> zarr.Group | No
         if not entries:
             return None
     try:
-        group = zarr.open_group(store, mode="r")
+        group = open_root(store)
         with quiet_partial_files():
             names = set(group.keys())
     except zarr.errors.GroupNotFoundError:
@@ -115,6 +165,15 @@ def find_archive(store: Store, label: str, path: Path | None) -> zarr.Group | No
         ) from None
     except zarr.errors.ContainsArrayError:
         raise _not_an_archive(label, "a Zarr array, not a group") from None
+    if is_incomplete(group):
+        if incomplete_ok:
+            return group
+        raise _not_an_archive(
+            label,
+            "an archive whose creation was interrupted (its process stopped before the first "
+            "step; nothing was recorded)",
+            fix="start the run again with this path: the writer replaces it",
+        )
     missing = missing_archive_parts(dict(group.attrs), names)
     if missing:
         raise _not_an_archive(
@@ -124,11 +183,26 @@ def find_archive(store: Store, label: str, path: Path | None) -> zarr.Group | No
     return group
 
 
-def _not_an_archive(label: str, found: str) -> StreamspecError:
+def is_incomplete(group: zarr.Group) -> bool:
+    """True for an archive whose writer stopped while creating it (arrays not all there).
+
+    The writer creates the root group with only the :data:`CREATING_ATTR` marker and replaces
+    the attributes with the real ones once every array exists.
+    """
+    attrs = group.attrs
+    return CREATING_ATTR in attrs and "streamspec_version" not in attrs
+
+
+def open_root(store: Store, *, mode: str = "r") -> zarr.Group:
+    """The root group, ignoring consolidated metadata (the one source that can be stale)."""
+    return zarr.open_group(store, mode=mode, use_consolidated=False)  # type: ignore[arg-type]
+
+
+def _not_an_archive(label: str, found: str, fix: str | None = None) -> StreamspecError:
     return StreamspecError.build(
         expected=f"a streamspec archive (Zarr v3 group) at {label}",
         got=found,
-        fix="pass the path a streamspec run wrote to, or a new path for a new archive",
+        fix=fix or "pass the path a streamspec run wrote to, or a new path for a new archive",
     )
 
 
@@ -136,7 +210,8 @@ def open_archive(store: StoreLike) -> Archive:
     """Open a streamspec archive for reading (a finished run, or a live one to follow).
 
     Args:
-        store: A local path, an fsspec URL, or a Zarr store object (e.g. the
+        store: A local path, an fsspec URL, a ``.zip`` written by
+            :func:`~streamspec.store.export_archive`, or a Zarr store object (e.g. the
             ``zarr.storage.MemoryStore`` a writer used).
 
     Raises:
@@ -172,12 +247,12 @@ class Archive:
     def __init__(self, store: Store, label: str) -> None:
         self._store = store
         self._label = label
-        group = zarr.open_group(store, mode="r")
+        group = open_root(store)
         self.attrs: dict[str, Any] = dict(group.attrs)
-        self.layers: tuple[str, ...] = _strings(group, "layer")
-        self.groups: tuple[str, ...] = _strings(group, "group")
-        self.kinds: tuple[str, ...] = _strings(group, "kind")
-        self.pairs: tuple[str, ...] = _strings(group, "pair")
+        self.layers: tuple[str, ...] = self._strings(group, "layer")
+        self.groups: tuple[str, ...] = self._strings(group, "group")
+        self.kinds: tuple[str, ...] = self._strings(group, "kind")
+        self.pairs: tuple[str, ...] = self._strings(group, "pair")
         self.rank = int(self.attrs["rank"])
         self.normalize = str(self.attrs["normalize"])
         self.every = int(self.attrs.get("every", 1))
@@ -237,11 +312,148 @@ class Archive:
         ds.attrs = {k: ds.attrs[k] for k in DATASET_ATTRS if k in ds.attrs}
         return ds
 
+    @property
+    def store(self) -> Store:
+        """The Zarr store read from."""
+        return self._store
+
+    def epoch_steps(self, epoch: int) -> EpochSteps:
+        """The committed step rows of one epoch (those whose ``step_epoch`` is ``epoch``).
+
+        A resumed run feeds them to its Welch accumulator: the statistics of an epoch that a
+        crash interrupted then cover its steps from before the crash too.
+
+        Args:
+            epoch: The epoch, e.g. ``ArchiveWriter.start_epoch`` (the unfinished one).
+
+        Returns:
+            An :class:`EpochSteps`; empty (``n_steps == 0``) if no committed step belongs to it.
+        """
+        return read_epoch_steps(self._group(), self._committed()["step"], epoch)
+
+    def check(self) -> None:
+        """Verify that every committed chunk of every array is there and decodes.
+
+        Reads (and decompresses) the whole archive once: the time it takes is that of reading
+        every committed row. Chunks hold a zstd checksum, so a changed byte is found too. Also
+        checks that ``step`` and ``epoch`` increase and ``step_epoch`` never decreases.
+
+        Raises:
+            StreamspecError: naming the first array and chunk key (``sigma/c/3/0/0/0/0``) that is
+                missing or does not decode, and the rows it holds.
+        """
+        group = self._group()
+        committed = committed_rows(group)
+        with quiet_partial_files():
+            names = sorted(group.array_keys())
+        for name in names:
+            array = member_array(group, name)
+            dims = getattr(array.metadata, "dimension_names", None) or ()
+            row_dim = dims[0] if dims and dims[0] in committed else None
+            rows = committed[row_dim] if row_dim is not None else array.shape[0]
+            if array.shape[0] < rows:
+                raise self._damaged(
+                    name, f"{array.shape[0]} rows, fewer than the {rows} committed {row_dim}s"
+                )
+            shape = (rows, *array.shape[1:]) if array.ndim else ()
+            grid = [range(math.ceil(n / c)) for n, c in zip(shape, array.chunks, strict=True)]
+            for coords in itertools.product(*grid):
+                key = f"{name}/{array.metadata.encode_chunk_key(coords)}"
+                where = _chunk_rows(array, coords, row_dim)
+                if not sync(self._store.exists(key)):
+                    raise self._damaged(name, f"chunk {key!r}{where} missing")
+                try:
+                    array.get_block_selection(coords)
+                except Exception as exc:
+                    raise self._damaged(
+                        name, f"chunk {key!r}{where} that does not decode ({exc})"
+                    ) from exc
+        self._check_indices(group, committed)
+
+    def _check_indices(self, group: zarr.Group, committed: dict[str, int]) -> None:
+        for name, row_dim, strict in (
+            ("step", "step", True),
+            ("epoch", "epoch", True),
+            ("step_epoch", "step", False),
+        ):
+            values = np.asarray(member_array(group, name)[: committed[row_dim]])
+            steps = np.diff(values)
+            bad = np.flatnonzero(steps <= 0 if strict else steps < 0)
+            if bad.size:
+                i = int(bad[0])
+                order = "increasing" if strict else "non-decreasing"
+                raise self._damaged(
+                    name,
+                    f"{values[i]} then {values[i + 1]} at rows {i}, {i + 1}",
+                    expected=f"the committed values of array {name!r} in {self._label} {order}",
+                )
+
+    def _strings(self, group: zarr.Group, name: str) -> tuple[str, ...]:
+        array = member_array(group, name)
+        try:
+            values = np.asarray(array[:])
+        except Exception as exc:  # a coordinate is one chunk
+            key = f"{name}/{array.metadata.encode_chunk_key((0,))}"
+            raise self._damaged(name, f"chunk {key!r} that does not decode ({exc})") from exc
+        return tuple(str(s) for s in values.tolist())
+
+    def _damaged(self, name: str, got: str, expected: str | None = None) -> StreamspecError:
+        return StreamspecError.build(
+            expected=expected
+            or f"every committed chunk of array {name!r} in {self._label} present and decodable",
+            got=got,
+            fix="the archive is damaged: restore it from a copy; to_xarray() still reads the "
+            "other chunks (a missing one reads as NaN / -1)",
+        )
+
     def _group(self) -> zarr.Group:
-        return zarr.open_group(self._store, mode="r")
+        return open_root(self._store)
 
     def _committed(self) -> dict[str, int]:
         return committed_rows(self._group())
+
+
+@dataclass(frozen=True)
+class EpochSteps:
+    """The committed step rows of one epoch, read back from an archive.
+
+    Attributes:
+        epoch: The epoch.
+        step: ``[n]`` int64, the steps' indices.
+        sigma: ``[n, layer, kind, group, rank]`` float32, as archived (NaN kept).
+        count: ``[n, group]`` int64, samples of each group in each step.
+    """
+
+    epoch: int
+    step: np.ndarray
+    sigma: np.ndarray
+    count: np.ndarray
+
+    @property
+    def n_steps(self) -> int:
+        """How many steps of the epoch are committed."""
+        return int(self.step.shape[0])
+
+
+def read_epoch_steps(group: zarr.Group, committed_steps: int, epoch: int) -> EpochSteps:
+    """The rows among the first ``committed_steps`` whose ``step_epoch`` is ``epoch``."""
+    step_epoch = np.asarray(member_array(group, "step_epoch")[:committed_steps])
+    # step_epoch never decreases: the epoch's steps are one contiguous block.
+    start, stop = (int(i) for i in np.searchsorted(step_epoch, [epoch, epoch + 1], side="left"))
+    return EpochSteps(
+        epoch=int(epoch),
+        step=np.asarray(member_array(group, "step")[start:stop], dtype=np.int64),
+        sigma=np.asarray(member_array(group, "sigma")[start:stop], dtype=np.float32),
+        count=np.asarray(member_array(group, "count")[start:stop], dtype=np.int64),
+    )
+
+
+def _chunk_rows(array: zarr.Array, coords: tuple[int, ...], row_dim: str | None) -> str:
+    """`` (steps 256..511)``: the rows a chunk holds, for messages (empty for fixed arrays)."""
+    if row_dim is None:
+        return ""
+    size = array.chunks[0]
+    return f" ({row_dim} rows {coords[0] * size}..{(coords[0] + 1) * size - 1})"
 
 
 def committed_rows(group: zarr.Group) -> dict[str, int]:
@@ -259,10 +471,6 @@ def member_array(group: zarr.Group, name: str) -> zarr.Array:
             fix="open the archive a streamspec run wrote",
         )
     return node
-
-
-def _strings(group: zarr.Group, name: str) -> tuple[str, ...]:
-    return tuple(str(s) for s in np.asarray(member_array(group, name)[:]).tolist())
 
 
 class _CommittedRows(AbstractDataStore):

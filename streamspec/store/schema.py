@@ -26,6 +26,11 @@ ROW_DIMS: tuple[str, ...] = ("step", "epoch")
 # rows themselves, so a reader slicing to it never sees a half-written row.
 COMMIT_ATTRS: dict[str, str] = {"step": "committed_steps", "epoch": "committed_epochs"}
 
+# Group attribute of an archive being created: the writer creates the root group with only this,
+# then its arrays, then replaces the attributes with the real ones. A process killed in between
+# leaves a group readers refuse and writers re-create, instead of one that looks damaged.
+CREATING_ATTR = "streamspec_creating"
+
 # Group attributes a resumed run must match (the rest may differ between sessions of one run).
 RESUME_ATTRS: tuple[str, ...] = ("layers", "groups", "rank", "normalize")
 
@@ -97,6 +102,8 @@ ROW_VARIABLES: tuple[RowVariable, ...] = (
     RowVariable("step", ("step",), "int64", keyword="step"),
     RowVariable("step_epoch", ("step",), "int64", keyword="epoch", coordinate=True),
     RowVariable("sigma", ("step", *_CELL), "float32"),
+    # Error estimate of each recorded σ (same dims): 0 for exact spectra; see the README.
+    RowVariable("sigma_err", ("step", *_CELL), "float32", required=False),
     RowVariable("count", ("step", "group"), "int64"),
     RowVariable(
         "sigma_tied", ("step", "layer", "group", "rank"), "float32", required=False, optional=True

@@ -4,12 +4,22 @@ The training thread only copies each row into a buffer (:meth:`ArchiveWriter.app
 whole blocks are written by one background thread: grow every array, write the block's region,
 then raise the commit counter. One-row appends would rewrite ``zarr.json`` and the partly filled
 chunk for every row and array (milliseconds each), and would publish a new shape before its data.
+
+Crash safety (``kill -9`` at any moment): local stores replace files atomically, so each file is
+either its old or its new version; rows above the commit counters are ignored by readers and cut
+off by the next ``resume``. Only ``close()`` consolidates the metadata (``xarray.open_zarr`` with
+its defaults then reads one file); a resumed writer first removes it, before anything grows.
+Every chunk is written, even one holding only fill values, so a missing chunk always means damage
+(:meth:`Archive.check <streamspec.store.reader.Archive.check>`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import threading
+import warnings
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -20,20 +30,26 @@ import numpy as np
 import zarr
 from zarr.abc.store import Store
 from zarr.codecs import ZstdCodec
+from zarr.core.array_spec import ArrayConfigParams
 
 from streamspec._version import __version__
 from streamspec.errors import StreamspecError
 from streamspec.layout import RunLayout
 from streamspec.store.reader import (
     Archive,
+    EpochSteps,
     committed_rows,
     find_archive,
+    is_incomplete,
     member_array,
+    open_root,
     quiet_partial_files,
+    read_epoch_steps,
     resolve_store,
 )
 from streamspec.store.schema import (
     COMMIT_ATTRS,
+    CREATING_ATTR,
     EPOCH_CHUNK_ROWS,
     RESUME_ATTRS,
     RowVariable,
@@ -44,7 +60,15 @@ from streamspec.store.schema import (
     row_variables,
 )
 
-_COMPRESSORS = ZstdCodec(level=3)
+# The checksum (4 bytes per chunk) lets Archive.check() find a changed byte, not only a lost file.
+_COMPRESSORS = ZstdCodec(level=3, checksum=True)
+
+# Write every chunk, even one of fill values only (e.g. a variable a run never fills, or rank 1's
+# ``rank`` coordinate [0]): then a missing chunk is always damage, never "all NaN".
+_ARRAY_CONFIG: ArrayConfigParams = {"write_empty_chunks": True}
+
+# What LocalStore leaves behind when killed inside an atomic write: ``<name>.<uuid4 hex>.partial``.
+_PARTIAL_FILE = re.compile(r"\.[0-9a-f]{32}\.partial$")
 
 
 class ArchiveWriter:
@@ -55,7 +79,8 @@ class ArchiveWriter:
             in-memory store.
         layout: What the run records; fixes every array's shape but the first dimension.
         resume: Continue an existing archive (its layout must match) instead of refusing it.
-            A missing archive is created either way.
+            A missing archive is created either way, and so is one whose creation a killed
+            process left unfinished.
         chunk_steps: Rows per chunk along ``step`` (fewer for very wide layouts, so that one
             chunk stays under 64 MiB uncompressed).
         flush_every: Buffered steps that trigger a background write.
@@ -91,9 +116,9 @@ class ArchiveWriter:
             existing = None
         else:
             self._store, self._label, path = resolve_store(store, read_only=False)
-            existing = find_archive(self._store, self._label, path)
-        if existing is None:
-            self._group = self._create(chunk_steps)
+            existing = find_archive(self._store, self._label, path, incomplete_ok=True)
+        if existing is None or is_incomplete(existing):
+            self._group = self._create(chunk_steps, replace=existing is not None)
         elif not resume:
             raise StreamspecError.build(
                 expected=f"no archive at {self._label} (streamspec never overwrites one)",
@@ -101,11 +126,13 @@ class ArchiveWriter:
                 fix="pass resume=True to continue it, or choose a new path",
             )
         else:
-            self._group = self._resume(existing, chunk_steps)
+            self._group = self._resume(existing, chunk_steps, path)
 
         self._committed = committed_rows(self._group)
+        self._steps_before = self._committed["step"]  # committed by earlier sessions
         self._arrays = {
-            v.name: member_array(self._group, v.name) for v in row_variables(layout=self._layout)
+            v.name: member_array(self._group, v.name).with_config(_ARRAY_CONFIG)
+            for v in row_variables(layout=self._layout)
         }
         self._start_step = _next_index(self._arrays["step"], self._committed["step"])
         self._start_epoch = _next_index(self._arrays["epoch"], self._committed["epoch"])
@@ -146,6 +173,20 @@ class ArchiveWriter:
     def store(self) -> Store:
         """The Zarr store written to."""
         return self._store
+
+    def unfinished_epoch(self) -> EpochSteps:
+        """The steps of epoch :attr:`start_epoch` that earlier sessions committed.
+
+        A run killed mid-epoch committed some of that epoch's steps but not its epoch row; a
+        resumed run continues the epoch and feeds these rows to its Welch accumulator
+        (``GroupWelch.update_batch(unfinished.sigma)``), so the epoch's tests cover all its
+        steps. Empty (``n_steps == 0``) for a new archive or one closed at an epoch's end.
+
+        Returns:
+            ``sigma`` ``[n, layer, kind, group, rank]`` float32, ``count`` ``[n, group]``,
+            ``step`` ``[n]`` of the committed steps whose ``step_epoch`` is ``start_epoch``.
+        """
+        return read_epoch_steps(self._group, self._steps_before, self._start_epoch)
 
     def append_step(self, row: Mapping[str, Any], *, step: int, epoch: int) -> None:
         """Buffer one step's row; a full buffer is handed to the background thread.
@@ -220,10 +261,16 @@ class ArchiveWriter:
         self._raise_failure(again=True)
 
     def close(self) -> None:
-        """Write everything buffered, wait, and stop the thread. Calling it again does nothing.
+        """Write everything buffered, wait, stop the thread, then consolidate the metadata.
+
+        Consolidated metadata (the root ``zarr.json`` holding every array's metadata) lets
+        ``xarray.open_zarr(path)`` and ``xarray.open_datatree(path, engine="zarr")`` read a finished
+        archive with their defaults. It is written only when every row is, and a resumed writer
+        removes it before growing any array. Calling ``close`` again does nothing.
 
         Raises:
-            StreamspecError: if a background write failed and no earlier call reported it.
+            StreamspecError: if a background write failed and no earlier call reported it (the
+                metadata is then left unconsolidated), or if consolidating failed.
         """
         if self._closed:
             return
@@ -233,6 +280,8 @@ class ArchiveWriter:
         finally:
             self._executor.shutdown(wait=True)
         self._raise_failure(again=False)
+        if self._error is None:
+            self._consolidate()
 
     def archive(self) -> Archive:
         """A reader over the same store, seeing the committed rows (follows the run)."""
@@ -354,7 +403,8 @@ class ArchiveWriter:
             self._error = (what, exc)
 
     # ------------------------------------------------------------------ creation / resume
-    def _create(self, chunk_steps: int) -> zarr.Group:
+    def _create(self, chunk_steps: int, *, replace: bool) -> zarr.Group:
+        """Create the archive; ``replace`` one whose creation was interrupted."""
         attrs = {
             **layout_attrs(self._layout),
             "streamspec_version": __version__,
@@ -362,7 +412,12 @@ class ArchiveWriter:
             **{counter: 0 for counter in COMMIT_ATTRS.values()},
         }
         try:
-            group = zarr.create_group(self._store, zarr_format=3, attributes=attrs)
+            group = zarr.create_group(
+                self._store,
+                zarr_format=3,
+                attributes={CREATING_ATTR: __version__},
+                overwrite=replace,
+            )
         except zarr.errors.ContainsArrayError as exc:
             raise StreamspecError.build(
                 expected=f"an empty store or a streamspec archive at {self._label}",
@@ -377,11 +432,13 @@ class ArchiveWriter:
                 dtype=str if values.dtype.kind == "U" else values.dtype,
                 compressors=_COMPRESSORS,
                 dimension_names=(name,),
+                config=_ARRAY_CONFIG,
             )
             if values.size:
                 array[:] = values
         for v in row_variables(layout=self._layout):
             self._create_row_array(group, v, rows=0, chunk_steps=chunk_steps)
+        group.attrs.put(attrs)  # last: from here on it is an archive
         return group
 
     def _create_row_array(
@@ -402,9 +459,30 @@ class ArchiveWriter:
             compressors=_COMPRESSORS,
             dimension_names=v.dims,
             attributes={"coordinates": " ".join(coords)} if coords and not v.coordinate else {},
+            config=_ARRAY_CONFIG,
         )
 
-    def _resume(self, existing: zarr.Group, chunk_steps: int) -> zarr.Group:
+    def _consolidate(self) -> None:
+        if not self._store.supports_consolidated_metadata:
+            return
+        try:
+            with warnings.catch_warnings(), quiet_partial_files():
+                # "not part of the Zarr v3 specification": known, and readers never need it.
+                warnings.filterwarnings(
+                    "ignore", message="Consolidated metadata", category=UserWarning
+                )
+                zarr.consolidate_metadata(self._store)
+        except Exception as exc:
+            raise StreamspecError.build(
+                expected=f"the metadata of {self._label} consolidated at close",
+                got=f"{type(exc).__name__}: {exc}",
+                fix="every row is written and streamspec.open() reads it; for xarray pass "
+                "consolidated=False",
+            ) from exc
+
+    def _resume(
+        self, existing: zarr.Group, chunk_steps: int, path: os.PathLike[str] | None
+    ) -> zarr.Group:
         attrs = dict(existing.attrs)
         wanted = layout_attrs(self._layout)
         differences = [
@@ -418,10 +496,14 @@ class ArchiveWriter:
                 got="; ".join(differences),
                 fix="resume with the layout the archive was written with, or start a new path",
             )
-        group = zarr.open_group(self._store, mode="r+")
+        group = open_root(self._store, mode="r+")  # without the consolidated metadata ...
+        committed_now = committed_rows(group)
+        # ... so rewriting the root's zarr.json removes it, before any array changes shape.
+        group.attrs.update({COMMIT_ATTRS[d]: n for d, n in committed_now.items()})
+        if path is not None:
+            _remove_partial_files(path)
         with quiet_partial_files():
             present = set(group.array_keys())
-        committed_now = committed_rows(group)
         for v in row_variables(layout=self._layout):
             committed = committed_now[v.row_dim]
             if v.name not in present:  # a variable newer than the archive: fill its past rows
@@ -437,6 +519,18 @@ class ArchiveWriter:
             if array.shape[0] > committed:  # rows of a flush interrupted before its commit
                 array.resize((committed, *array.shape[1:]))
         return group
+
+
+def _remove_partial_files(root: os.PathLike[str]) -> None:
+    """Delete the temporary files of atomic writes that a killed writer left under ``root``.
+
+    Only a writer calls this, and only while it is the store's one writer (before it writes).
+    """
+    for directory, _, files in os.walk(root):
+        for name in files:
+            if _PARTIAL_FILE.search(name):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(directory, name))
 
 
 def _stack(v: RowVariable, rows: list[dict[str, np.ndarray]], layout: RunLayout) -> np.ndarray:

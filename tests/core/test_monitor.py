@@ -322,7 +322,14 @@ def test_in_memory_and_open_zarr_give_the_same_variables(tmp_path) -> None:
     on_disk = xr.open_zarr(path, consolidated=False)
     in_memory = run_digits(None, epochs=1, n_samples=256, record=False).ds
     for ds in (on_disk, in_memory, run.ds):
-        assert set(ds.data_vars) == {"sigma", "count", "sigma_epoch", "welch_t", "welch_p"}
+        assert set(ds.data_vars) == {
+            "sigma",
+            "sigma_err",
+            "count",
+            "sigma_epoch",
+            "welch_t",
+            "welch_p",
+        }
         assert {"step", "step_epoch", "epoch", "layer", "kind", "group", "rank", "pair"} <= set(
             ds.coords
         )
@@ -402,3 +409,28 @@ def test_deepcopy_of_a_watched_model_is_plain_and_not_recorded() -> None:
         assert mon.step == 3
     for p, q in zip(model.parameters(), best.parameters(), strict=True):
         assert p.shape == q.shape
+
+
+def test_resume_of_an_unfinished_epoch_rebuilds_its_welch_state(tmp_path) -> None:
+    """Welch of an epoch split by a resume equals Welch of the same steps in one session."""
+    path = tmp_path / "run.zarr"
+    model = mlp()
+    mon = streamspec.watch(model, ["a", "b"], rank=2, store=path, live=False)
+    train(model, mon, steps=4)
+    mon.flush()
+    # Simulate a crash: drop the monitor without close(); the archive holds 4 committed steps.
+    mon._remove_hooks()
+    mon._pipeline.close()
+    mon._writer.close()
+    with streamspec.watch(model, ["a", "b"], rank=2, store=path, live=False, resume=True) as mon2:
+        assert (mon2.step, mon2.epoch) == (4, 0)
+        train(model, mon2, steps=3, seed=1)
+    ds = streamspec.open(path).to_xarray()
+    assert ds.sizes["step"] == 7 and ds["step_epoch"].values.tolist() == [0] * 7
+    sigma = ds["sigma"].values.astype(np.float64)
+    with np.errstate(all="ignore"):
+        ref = scipy.stats.ttest_ind(
+            sigma[..., 0, :], sigma[..., 1, :], axis=0, equal_var=False, nan_policy="omit"
+        )
+    got = ds["welch_t"].values[0, :, :, 0]
+    np.testing.assert_allclose(got, np.asarray(ref.statistic), rtol=1e-6)

@@ -81,24 +81,24 @@ def test_resume_in_memory_store(layout, step_row):
 
 
 def test_a_new_variable_is_one_table_line(tmp_path, layout, step_row, monkeypatch):
-    """Schema growth: an archive written before ``sigma_err`` existed gains it on resume."""
+    """Schema growth: an archive written before ``sigma_bound`` existed gains it on resume."""
     from streamspec.store import schema
 
     path = tmp_path / "run.zarr"
     with ArchiveWriter(path, layout) as writer:
         write(writer, step_row, range(2), epoch=0)
 
-    sigma_err = schema.RowVariable(
-        "sigma_err", ("step", "layer", "kind", "group", "rank"), "float32", required=False
+    sigma_bound = schema.RowVariable(
+        "sigma_bound", ("step", "layer", "kind", "group", "rank"), "float32", required=False
     )
-    monkeypatch.setattr(schema, "ROW_VARIABLES", (*schema.ROW_VARIABLES, sigma_err))
+    monkeypatch.setattr(schema, "ROW_VARIABLES", (*schema.ROW_VARIABLES, sigma_bound))
     err = np.full(layout.step_shape, 0.5, dtype=np.float32)
     with ArchiveWriter(path, layout, resume=True) as writer:
-        writer.append_step({**step_row(2), "sigma_err": err}, step=2, epoch=0)
+        writer.append_step({**step_row(2), "sigma_bound": err}, step=2, epoch=0)
         writer.append_step(step_row(3), step=3, epoch=0)  # optional: left out
 
     ds = open_archive(path).to_xarray()
-    assert ds.sigma_err.dims == ds.sigma.dims
-    assert "step_epoch" in ds.sigma_err.coords
-    assert np.isnan(ds.sigma_err[[0, 1, 3]]).all()  # rows before it existed, and left out
-    np.testing.assert_array_equal(ds.sigma_err[2], err)
+    assert ds.sigma_bound.dims == ds.sigma.dims
+    assert "step_epoch" in ds.sigma_bound.coords
+    assert np.isnan(ds.sigma_bound[[0, 1, 3]]).all()  # rows before it existed, and left out
+    np.testing.assert_array_equal(ds.sigma_bound[2], err)

@@ -12,7 +12,7 @@ import zarr
 from streamspec import __version__
 from streamspec.layout import KINDS, RunLayout
 from streamspec.store import ArchiveWriter, open_archive
-from streamspec.store.schema import ROW_VARIABLES
+from streamspec.store.schema import ROW_VARIABLES, row_variables
 
 N_STEPS = 23  # with chunk_steps=8, flush_every=5: several flushes, the last one partial
 EVERY = 2  # recorded steps are 0, 2, 4, …
@@ -32,8 +32,19 @@ def write_run(writer, step_row, epoch_row, n_steps=N_STEPS):
     return steps, epochs
 
 
+WRITTEN = {"sigma", "count", "sigma_epoch", "welch_t", "welch_p"}
+
+
 def check_dataset(ds: xr.Dataset, layout: RunLayout, steps, epochs) -> None:
-    assert set(ds.data_vars) == {"sigma", "count", "sigma_epoch", "welch_t", "welch_p"}
+    # Variables a row may leave out (e.g. sigma_err) are there too, all fill values.
+    left_out = {
+        v.name
+        for v in row_variables(layout=layout)
+        if not v.required and not v.coordinate and v.name not in WRITTEN
+    }
+    assert set(ds.data_vars) == WRITTEN | left_out
+    for name in left_out:
+        assert ds[name].isnull().all() and ds[name].dims[0] == "step"
     assert set(ds.coords) == {
         "step",
         "step_epoch",

@@ -1,0 +1,299 @@
+"""Side-by-side timing of streamspec against plain training and the paper's approach.
+
+Protocol (bench/README.md): whole training runs of the same model, one per mode, alternated
+``repetitions`` times in one process; ``watch()`` and ``close()`` are inside the timed region, so
+deferred and background work counts. Per mode: median per-step time over all repetitions
+(warm-up steps dropped), ratio to plain, whole-run time, peak memory. A separate, untimed pass
+compares the recorded spectra with float64 SVDs of the exact matrices and checks ``sigma_err``.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import streamspec
+from streamspec.testing.reference import ExactRecorder
+
+
+@dataclass(frozen=True)
+class Config:
+    """A benchmark model and its data."""
+
+    name: str
+    d_model: int
+    layers: int
+    heads: int
+    ffn: int
+    batch: int
+    seq: int
+    steps: int
+    warmup: int
+    repetitions: int
+    rank: int = 16
+    groups: int = 2
+
+
+CONFIGS = {
+    "smoke": Config("smoke", 32, 1, 2, 64, 4, 8, steps=3, warmup=1, repetitions=1, rank=4),
+    # The issue's CPU target: 2 × TransformerEncoderLayer(256, 4, 1024) + Linear(256, 256).
+    "cpu": Config("cpu", 256, 2, 4, 1024, 16, 64, steps=12, warmup=2, repetitions=3),
+    # BERT-base size (anchors/): d = 768, 12 layers, B = 32, T = 128.
+    "gpu-base": Config("gpu-base", 768, 12, 12, 3072, 32, 128, steps=20, warmup=3, repetitions=3),
+    "gpu-mid": Config("gpu-mid", 512, 6, 8, 2048, 32, 128, steps=20, warmup=3, repetitions=3),
+}
+
+
+def build_model(cfg: Config, device: torch.device) -> nn.Module:
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(
+        cfg.d_model, cfg.heads, cfg.ffn, dropout=0.0, batch_first=True
+    )
+    encoder = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False)
+    return nn.Sequential(encoder, nn.Linear(cfg.d_model, cfg.d_model)).to(device)
+
+
+class PaperBaseline:
+    """The paper's approach: full SVDs of ``A_c``, ``Δ_c`` and ``A_cᵀΔ_c`` of every hooked
+    ``nn.Linear``, every group, every step (``"full"``), or ``torch.svd_lowrank`` of the group
+    gradient only (``"lowrank"``). Attention projections inside ``nn.MultiheadAttention`` are
+    applied functionally, so (as in shared/anchors) their hooks never fire."""
+
+    def __init__(self, model: nn.Module, mode: str, rank: int) -> None:
+        self.mode, self.rank = mode, rank
+        self.labels: torch.Tensor | None = None
+        self.handles = [
+            m.register_forward_hook(self._forward)
+            for m in model.modules()
+            if isinstance(m, nn.Linear)
+        ]
+
+    def label(self, labels: torch.Tensor) -> None:
+        self.labels = labels
+
+    def _forward(
+        self, module: nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor
+    ) -> None:
+        if not torch.is_grad_enabled():
+            return
+        a = inputs[0].detach()
+        labels = self.labels
+
+        def hook(grad: torch.Tensor) -> None:
+            assert labels is not None
+            for c in range(int(labels.max()) + 1):
+                mask = (labels == c).to(a.device)
+                a_c = a[mask].reshape(-1, a.shape[-1])
+                d_c = grad[mask].reshape(-1, grad.shape[-1])
+                if self.mode == "full":
+                    torch.linalg.svdvals(a_c)
+                    torch.linalg.svdvals(d_c)
+                    torch.linalg.svdvals(a_c.T @ d_c)
+                else:
+                    torch.svd_lowrank(a_c.T @ d_c, q=self.rank + 8, niter=2)
+
+        out.register_hook(hook)
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass
+class ModeResult:
+    mode: str
+    step_ms: list[float] = field(default_factory=list)
+    run_s: list[float] = field(default_factory=list)
+    peak_bytes: list[int] = field(default_factory=list)
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "median_step_ms": float(np.median(self.step_ms)),
+            "median_run_s": float(np.median(self.run_s)),
+            "peak_mib": float(np.max(self.peak_bytes)) / 2**20,
+        }
+
+
+MODES = ("plain", "watch", "watch10", "paper", "lowrank")
+
+
+def run_mode(cfg: Config, mode: str, device: torch.device, result: ModeResult) -> None:
+    """One whole training run; appends its per-step times, run time and peak memory."""
+    model = build_model(cfg, device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    gen = torch.Generator().manual_seed(1)
+    xs = [torch.randn(cfg.batch, cfg.seq, cfg.d_model, generator=gen).to(device) for _ in range(4)]
+    labels = torch.arange(cfg.batch) % cfg.groups
+    groups = [f"g{i}" for i in range(cfg.groups)]
+    cuda = device.type == "cuda"
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    base_rss = _rss_bytes()
+    peak = 0
+    sync()
+    start = time.perf_counter()
+    monitor: Any = None
+    if mode in ("watch", "watch10"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            monitor = streamspec.watch(
+                model, groups, rank=cfg.rank, live=False, every=10 if mode == "watch10" else 1
+            )
+    elif mode in ("paper", "lowrank"):
+        monitor = PaperBaseline(model, "full" if mode == "paper" else "lowrank", cfg.rank)
+    for i in range(cfg.steps):
+        t0 = time.perf_counter()
+        if monitor is not None:
+            monitor.label(labels)
+        x = xs[i % len(xs)]
+        loss = nn.functional.mse_loss(model(x), x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sync()
+        if i >= cfg.warmup:
+            result.step_ms.append((time.perf_counter() - t0) * 1e3)
+        peak = max(peak, _rss_bytes() - base_rss)
+    if monitor is not None:
+        monitor.close()
+    sync()
+    result.run_s.append(time.perf_counter() - start)
+    result.peak_bytes.append(torch.cuda.max_memory_allocated() if cuda else peak)
+
+
+def measure(cfg: Config, device: torch.device, modes: tuple[str, ...]) -> dict[str, ModeResult]:
+    results = {m: ModeResult(m) for m in modes}
+    for _ in range(cfg.repetitions):
+        for mode in modes:  # alternated: drift hits every mode alike
+            run_mode(cfg, mode, device, results[mode])
+    return results
+
+
+def accuracy(cfg: Config, device: torch.device, steps: int = 3) -> dict[str, Any]:
+    """Recorded σ vs float64 SVDs of the exact matrices, per layer class, and sigma_err coverage
+    (untimed; nn.Linear layers, which the reference recorder sees)."""
+    model = build_model(cfg, device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    gen = torch.Generator().manual_seed(2)
+    labels = torch.arange(cfg.batch) % cfg.groups
+    rec = ExactRecorder(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mon = streamspec.watch(
+            model, [f"g{i}" for i in range(cfg.groups)], rank=cfg.rank, live=False
+        )
+    for _ in range(steps):
+        x = torch.randn(cfg.batch, cfg.seq, cfg.d_model, generator=gen).to(device)
+        mon.label(labels)
+        rec.label(labels)
+        loss = nn.functional.mse_loss(model(x), x)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    ds = mon.to_xarray()
+    mon.close()
+    rec.remove()
+    sigma, err = ds["sigma"].values, ds["sigma_err"].values
+    layers = [str(n) for n in ds["layer"].values]
+    per_class: dict[str, dict[str, list[np.ndarray]]] = {}
+    covered: dict[str, list[np.ndarray]] = {}
+    for li, name in enumerate(layers):
+        if name not in rec.names:
+            continue
+        cls = _layer_class(name)
+        for s in range(steps):
+            for c in range(cfg.groups):
+                exact = rec.spectra([s], name, c, cfg.rank)
+                for ki, kind in enumerate(("activation", "adjoint", "gradient")):
+                    e, g, bound = exact[ki], sigma[s, li, ki, c].astype(float), err[s, li, ki, c]
+                    keep = np.isfinite(e) & (e > 1e-4 * np.nan_to_num(e[0]))
+                    rel = np.abs(g[keep] - e[keep]) / e[keep]
+                    per_class.setdefault(cls, {}).setdefault(kind, []).append(rel)
+                    ok = np.abs(g[keep] - e[keep]) <= bound[keep] * (1 + 1e-3) + 1e-6 * e[0]
+                    covered.setdefault(kind, []).append(ok)
+    out: dict[str, Any] = {"per_class": {}, "sigma_err_coverage": {}}
+    for cls, kinds in per_class.items():
+        out["per_class"][cls] = {
+            kind: {
+                "median": float(np.median(np.concatenate(v))),
+                "p99": float(np.percentile(np.concatenate(v), 99)),
+            }
+            for kind, v in kinds.items()
+        }
+    for kind, v in covered.items():
+        out["sigma_err_coverage"][kind] = float(np.mean(np.concatenate(v)))
+    return out
+
+
+def _layer_class(name: str) -> str:
+    for key in ("out_proj", "linear1", "linear2"):
+        if key in name:
+            return key
+    return "head"
+
+
+def report(
+    cfg: Config, device: torch.device, results: dict[str, ModeResult], acc: dict[str, Any] | None
+) -> tuple[dict[str, Any], str]:
+    """JSON-able results and a markdown table."""
+    plain = np.median(results["plain"].step_ms) if "plain" in results else float("nan")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    rows = [
+        f"Config `{cfg.name}` on {name} (torch {torch.__version__}, {torch.get_num_threads()} "
+        f"threads; {cfg.steps} steps × {cfg.repetitions} repetitions, medians):",
+        "",
+        "| mode | step (ms) | × plain | whole run (s) | peak memory (MiB) |",
+        "|---|---|---|---|---|",
+    ]
+    data: dict[str, Any] = {
+        "config": asdict(cfg),
+        "device": name,
+        "torch": torch.__version__,
+        "modes": {},
+    }
+    for mode, res in results.items():
+        s = res.summary()
+        s["ratio"] = s["median_step_ms"] / plain
+        data["modes"][mode] = s
+        rows.append(
+            f"| {mode} | {s['median_step_ms']:.1f} | {s['ratio']:.2f} | "
+            f"{s['median_run_s']:.2f} | {s['peak_mib']:.0f} |"
+        )
+    if "plain" in results and "watch" in results and "paper" in results:
+        added_watch = np.median(results["watch"].step_ms) - plain
+        added_paper = np.median(results["paper"].step_ms) - plain
+        data["paper_added_over_watch_added"] = float(added_paper / max(added_watch, 1e-9))
+        rows.append("")
+        rows.append(
+            f"Time the paper's full SVDs add per step ÷ time streamspec adds: "
+            f"{data['paper_added_over_watch_added']:.1f}"
+        )
+    if acc is not None:
+        data["accuracy"] = acc
+        rows += ["", "| layer class | kind | median rel. error | p99 |", "|---|---|---|---|"]
+        for cls, kinds in acc["per_class"].items():
+            for kind, v in kinds.items():
+                rows.append(f"| {cls} | {kind} | {v['median']:.1e} | {v['p99']:.1e} |")
+        cov = ", ".join(f"{k} {v:.1%}" for k, v in acc["sigma_err_coverage"].items())
+        rows += ["", f"sigma_err covers the true error in: {cov} of cells"]
+    return data, "\n".join(rows)

@@ -1,0 +1,20 @@
+"""The bench harness runs end to end at smoke size (correctness only: no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+
+from bench.__main__ import main
+
+
+def test_bench_smoke(tmp_path, capsys) -> None:
+    assert main(["--config", "smoke", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "smoke-cpu.json").read_text())
+    assert set(data["modes"]) == {"plain", "watch", "watch10", "paper", "lowrank"}
+    for mode in data["modes"].values():
+        assert mode["median_step_ms"] > 0 and mode["ratio"] > 0
+    assert data["modes"]["plain"]["ratio"] == 1.0
+    acc = data["accuracy"]
+    assert set(acc["sigma_err_coverage"]) == {"activation", "adjoint", "gradient"}
+    assert "| watch |" in capsys.readouterr().out
+    assert (tmp_path / "smoke-cpu.md").read_text().startswith("Config `smoke`")
