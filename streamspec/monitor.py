@@ -14,7 +14,7 @@ import os
 import sys
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -26,7 +26,7 @@ from torch import nn
 
 from streamspec.capture import Site, family_of
 from streamspec.capture.groups import GroupPlan, as_labels, describe
-from streamspec.capture.registry import Capture
+from streamspec.capture.registry import Capture, RowSource
 from streamspec.capture.swap import restore, swap_stepwise
 from streamspec.capture.validate import unsupported_matrices
 from streamspec.errors import StreamspecError, StreamspecWarning
@@ -420,7 +420,12 @@ class Monitor:
                 continue
             if recording:
                 self._state[index].calls += 1
-                cap.output.register_hook(self._adjoint_hook(index, cap, plan))
+                # The hook keeps the rows and the adjoint mapping, never the output tensor it
+                # hangs on: output → hook → output would be a reference cycle that keeps every
+                # step's activations alive until Python's cycle collector happens to run.
+                cap.output.register_hook(
+                    self._adjoint_hook(index, cap.activation, cap.adjoint, plan)
+                )
             else:
                 cap.output.register_hook(self._count_only_hook)
 
@@ -444,7 +449,13 @@ class Monitor:
     def _count_only_hook(self, grad: torch.Tensor) -> None:
         self._queue_end_of_backward()
 
-    def _adjoint_hook(self, index: int, cap: Capture, plan: GroupPlan) -> Any:
+    def _adjoint_hook(
+        self,
+        index: int,
+        source: RowSource,
+        adjoint_rows: Callable[[torch.Tensor], torch.Tensor],
+        plan: GroupPlan,
+    ) -> Any:
         def hook(grad: torch.Tensor) -> None:
             self._queue_end_of_backward()
             if self._step_plan is None:
@@ -453,9 +464,9 @@ class Monitor:
                 return  # a step without grouped samples is still recorded: counts 0, σ NaN
             try:
                 state = self._state[index]
-                activation = cap.activation.gather(plan)
-                adjoint = plan.gather(cap.adjoint(grad.detach()))
-                state.pending.append((activation, adjoint, cap.activation.positions))
+                activation = source.gather(plan)
+                adjoint = plan.gather(adjoint_rows(grad.detach()))
+                state.pending.append((activation, adjoint, source.positions))
                 if len(state.pending) == state.calls:
                     self._fold(index)
             except StreamspecError:

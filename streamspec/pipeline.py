@@ -22,17 +22,23 @@ import torch
 from streamspec.layout import RunLayout
 from streamspec.live.snapshot import Snapshot
 from streamspec.live.view import epoch_line
-from streamspec.sketch.linalg import (
-    exact_spectra,
-    generalized_nystrom_values,
-    nystrom_values,
-    projected_values,
-    ritz_values,
-)
+from streamspec.sketch.host import sketched_spectra
+from streamspec.sketch.linalg import exact_spectra, ritz_values
 from streamspec.stats.welch import GroupWelch
 from streamspec.store.writer import ArchiveWriter
 
 _STOP = object()
+_SKETCH = (
+    "core_a",
+    "gram_a",
+    "core_d",
+    "gram_d",
+    "gram_y",
+    "gram_x",
+    "core_g",
+    "norm_a",
+    "norm_d",
+)
 
 
 @dataclass
@@ -71,25 +77,6 @@ class EpochRecord:
     epoch: int
     sigma_epoch: np.ndarray
     done: threading.Event = field(default_factory=threading.Event)
-
-
-def _sketched_spectra(
-    t: dict[str, np.ndarray],
-) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
-    """Spectra and error estimates of one group from the step's small sketch matrices."""
-    spectra, errors = [], []
-    for kind in ("a", "d"):
-        lam = nystrom_values(t[f"core_{kind}"], t[f"gram_{kind}"])
-        residual = max(float(t[f"norm_{kind}"]) - float(lam.sum()), 0.0)
-        spectra.append(np.sqrt(lam))
-        errors.append(np.sqrt(lam + residual) - np.sqrt(lam))
-    gn = generalized_nystrom_values(t["gram_y"], t["gram_x"], t["core_g"])
-    lower = projected_values(t["basis_in"], t["basis_out"], t["core_g"])
-    both = np.zeros(gn.size)
-    both[: min(gn.size, lower.size)] = lower[: gn.size]
-    spectra.append(gn)
-    errors.append(np.abs(gn - both))
-    return tuple(spectra), tuple(errors)
 
 
 def _single_threaded_host_blas() -> Any:
@@ -254,7 +241,17 @@ class HostPipeline:
                 (len(layout.layers), len(layout.groups), layout.rank), np.nan, dtype=np.float32
             )
         for layer in rec.layers:
-            sigma[layer.index], row["sigma_err"][layer.index] = self._layer_sigma(layer, rec.counts)
+            if layer.route == "exact":
+                sigma[layer.index], row["sigma_err"][layer.index] = self._layer_sigma(
+                    layer, rec.counts
+                )
+        self._sketched_sigma(
+            [layer for layer in rec.layers if layer.route == "sketch"],
+            rec.counts,
+            sigma,
+            row["sigma_err"],
+        )
+        for layer in rec.layers:
             if tied and layer.n_positions:
                 row["sigma_tied"][layer.index] = self._layer_tied(layer, rec.counts)
         self._writer.append_step(row, step=rec.step, epoch=rec.epoch)
@@ -270,15 +267,8 @@ class HostPipeline:
             self._steps_in_epoch += 1
 
     def _layer_sigma(self, layer: LayerStep, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``([3, C, k], [3, C, k])``: normalised σ of one layer in one step and its error bound.
-
-        Activation/adjoint (sketched route): Nyström values are lower bounds, and
-        ``λ_j − λ̂_j ≤ ‖H − Ĥ‖₂ ≤ tr(H) − Σλ̂ = ‖A‖²_F − Σλ̂``, so ``σ_j ∈ [σ̂_j, √(σ̂_j² + that)]``:
-        the recorded error is that interval's width (rigorous). Gradient: the distance between the
-        generalized Nyström estimate and the projection lower bound ``σ(Q_inᵀGQ_out)`` (an
-        estimate, not a bound; its coverage is measured in ``bench``). Exact route: 0 (float64
-        spectra of the float32 rows).
-        """
+        """``([3, C, k], [3, C, k])``: exact σ of one layer's rows in one step, error 0 (float64
+        spectra of the float32 rows); sketched layers go through :meth:`_sketched_sigma`."""
         k = self.layout.rank
         h_in, h_out = self._widths[layer.index]
         out = np.full((3, counts.size, k), np.nan)
@@ -294,13 +284,8 @@ class HostPipeline:
             bounds = (min(rows, h_in), min(rows, h_out), min(rows, h_in, h_out))
             if not all(np.isfinite(v[c]).all() for v in t.values()):
                 continue
-            spectra: tuple[np.ndarray, ...]
-            errors: tuple[np.ndarray, ...]
-            if layer.route == "exact":
-                spectra = exact_spectra(t["activation"][c], t["adjoint"][c])
-                errors = tuple(np.zeros_like(x) for x in spectra)
-            else:
-                spectra, errors = _sketched_spectra({name: v[c] for name, v in t.items()})
+            spectra = exact_spectra(t["activation"][c], t["adjoint"][c])
+            errors = tuple(np.zeros_like(x) for x in spectra)
             for kind, (values, error, bound) in enumerate(
                 zip(spectra, errors, bounds, strict=True)
             ):
@@ -311,6 +296,54 @@ class HostPipeline:
                 out[:, c] /= scale
                 err[:, c] /= scale
         return out, err
+
+    def _sketched_sigma(
+        self, layers: list[LayerStep], counts: np.ndarray, sigma: np.ndarray, error: np.ndarray
+    ) -> None:
+        """Fill ``sigma``/``error`` ``[L, 3, C, k]`` for the sketched layers, one batched host
+        factorisation per sketch shape (all layers and groups at once)."""
+        k, n_groups = self.layout.rank, counts.size
+        by_shape: dict[tuple[tuple[str, tuple[int, ...]], ...], list[LayerStep]] = {}
+        for layer in layers:
+            key = tuple(
+                sorted((n, tuple(v.shape)) for n, v in layer.tensors.items() if n in _SKETCH)
+            )
+            by_shape.setdefault(key, []).append(layer)
+        for group in by_shape.values():
+            stacked = {
+                n: np.concatenate([lay.tensors[n].numpy() for lay in group]) for n in _SKETCH
+            }
+            finite = np.ones(len(group) * n_groups, dtype=bool)
+            for v in stacked.values():
+                finite &= np.isfinite(v.reshape(v.shape[0], -1)).all(axis=1)
+            if not finite.all():
+                for v in stacked.values():
+                    v[~finite] = 0.0
+                with self._lock:
+                    for j, lay in enumerate(group):
+                        if not finite[j * n_groups : (j + 1) * n_groups].all():
+                            self._nonfinite_layers.add(self.layout.layers[lay.index])
+            spectra, errors = sketched_spectra(stacked)
+            for j, lay in enumerate(group):
+                h_in, h_out = self._widths[lay.index]
+                for c, n in enumerate(counts):
+                    i = j * n_groups + c
+                    if n == 0 or not finite[i]:
+                        continue
+                    rows = int(n) * lay.positions
+                    bounds = (min(rows, h_in), min(rows, h_out), min(rows, h_in, h_out))
+                    scale = (
+                        (np.sqrt(n), np.sqrt(n), n)
+                        if self.layout.normalize == "mean"
+                        else (1, 1, 1)
+                    )
+                    for kind in range(3):
+                        sigma[lay.index, kind, c] = (
+                            _bounded(spectra[kind][i], bounds[kind], k) / scale[kind]
+                        )
+                        error[lay.index, kind, c] = (
+                            _bounded(errors[kind][i], bounds[kind], k) / scale[kind]
+                        )
 
     def _layer_tied(self, layer: LayerStep, counts: np.ndarray) -> np.ndarray:
         """``[C, k]`` tying spectrum of one layer in one step (normalised like the gradient)."""

@@ -1,8 +1,8 @@
 """Per-layer spectral trackers: streaming sketches of each group's activation, adjoint, gradient.
 
 A :class:`LayerTracker` holds, for all groups of one weight matrix at once (leading dim ``C``),
-one basis block per side of the weight, ``B_in = [W_in | Ω_in]`` ``[h_in, b_in]`` and
-``B_out = [W_out | Ω_out]`` ``[h_out, b_out]``: a warm block ``W`` carried from step to step
+one orthonormal basis block per side of the weight, ``B_in = [Ω_in | W_in]`` ``[h_in, b_in]``
+and ``B_out = [Ω_out | W_out]`` ``[h_out, b_out]``: a warm block ``W`` carried from step to step
 (``W_in ← orth(AᵀAW_in)``, ``W_out ← orth(ΔᵀΔW_out)``: a block subspace iteration spread over
 steps, Halko, Martinsson & Tropp 2011, Alg. 4.3) and an epoch test matrix ``Ω`` held fixed within
 an epoch (so that the epoch sketches stay linear in the data).
@@ -26,7 +26,6 @@ the first step's data.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -63,7 +62,7 @@ class SketchWidths:
         # The co-range (input) side is wider than the range side: a square generalized-Nyström
         # core is unstable (Nakatsukasa 2020 recommends 1.5×).
         e_in, e_out = min(width + width // 2, h_in), min(width, h_out)
-        warm = int(os.environ.get("STREAMSPEC_WARM", width))
+        warm = max(rank // 2, 1)  # the step-to-step block: accuracy on flat spectra vs cost
         return cls(e_in, e_out, min(warm, h_in - e_in), min(warm, h_out - e_out))
 
 
@@ -88,8 +87,7 @@ class StepSketch:
     ``adjoint [C, m, h_out]``. ``route == "sketch"``: float64 ``[C, b, b]`` matrices —
     ``core_a = B_inᵀAᵀAB_in``, ``gram_a = (AᵀAB_in)ᵀ(AᵀAB_in)``, the same for Δ (``core_d``,
     ``gram_d``), ``gram_y = (GB_out)ᵀ(GB_out)``, ``gram_x = (B_inᵀG)(B_inᵀG)ᵀ``,
-    ``core_g = B_inᵀGB_out``, ``basis_in = B_inᵀB_in``, ``basis_out = B_outᵀB_out`` — and the
-    ``[C]`` squared norms ``norm_a = ‖A_c‖²_F``, ``norm_d = ‖Δ_c‖²_F``.
+    ``core_g = B_inᵀGB_out`` (the blocks ``B`` are orthonormal) — and the ``[C]`` squared norms ``norm_a = ‖A_c‖²_F``, ``norm_d = ‖Δ_c‖²_F``.
     """
 
     route: str
@@ -210,8 +208,11 @@ class LayerTracker:
             self._seed_from_data = False
             self._seed(a, d)
         vi, vo = w.warm_in, w.warm_out
-        b_in = torch.cat([self._warm["in"], self._omega["in"]], dim=2)  # [C, h_in, b_in]
-        b_out = torch.cat([self._warm["out"], self._omega["out"]], dim=2)  # [C, h_out, b_out]
+        ei, eo = w.epoch_in, w.epoch_out
+        # Orthonormal blocks B = [Ω | W′], W′ the warm block orthogonalised against Ω: the epoch
+        # part stays exactly Ω (linear epoch sketches) and the host needs no basis Gram.
+        b_in = self._block(self._omega["in"], self._warm["in"])  # [C, h_in, b_in]
+        b_out = self._block(self._omega["out"], self._warm["out"])  # [C, h_out, b_out]
 
         p = a.mm(b_in)  # A·B_in      [C, m, b_in]
         r = d @ b_out  # Δ·B_out     [C, m, b_out]
@@ -224,15 +225,15 @@ class LayerTracker:
         core_g = p.mT @ r  # B_inᵀ·G·B_out  [C, b_in, b_out]
 
         sk = self._sketch
-        sk["y_a"] += y_a[..., vi:]
-        sk["y_d"] += y_d[..., vo:]
-        sk["y_g"] += y_g[..., vo:]
-        sk["x_g"] += x_gt[..., vi:].mT
-        sk["z_g"] += core_g[:, vi:, vo:]
+        sk["y_a"] += y_a[..., :ei]
+        sk["y_d"] += y_d[..., :eo]
+        sk["y_g"] += y_g[..., :eo]
+        sk["x_g"] += x_gt[..., :ei].mT
+        sk["z_g"] += core_g[:, :ei, :eo]
         if vi:
-            self._warm["in"] = orthonormalize(y_a[..., :vi]).to(torch.float32)
+            self._warm["in"] = orthonormalize(y_a[..., ei:]).to(torch.float32)
         if vo:
-            self._warm["out"] = orthonormalize(y_d[..., :vo]).to(torch.float32)
+            self._warm["out"] = orthonormalize(y_d[..., eo:]).to(torch.float32)
 
         if exact:
             tensors = {"activation": a.dense(), "adjoint": d}
@@ -247,8 +248,6 @@ class LayerTracker:
             "gram_y": _gram64(y_g),
             "gram_x": _gram64(x_gt),
             "core_g": core_g.to(torch.float64),
-            "basis_in": _gram64(b_in),
-            "basis_out": _gram64(b_out),
             "norm_a": a.sq_norm(),
             "norm_d": d.square().sum(dim=(1, 2), dtype=torch.float64),
         }
@@ -260,6 +259,14 @@ class LayerTracker:
                 q_out = orthonormalize(b_out).to(torch.float32)
                 tensors["tied"] = self._tying_gram(a.mm(q_in), d @ q_out, *tie)
         return StepSketch("sketch", tensors)
+
+    @staticmethod
+    def _block(omega: torch.Tensor, warm: torch.Tensor) -> torch.Tensor:
+        """``[Ω | orth((I − ΩΩᵀ)W)]``: orthonormal, with ``Ω`` itself as its first columns."""
+        if not warm.shape[-1]:
+            return omega
+        rest = warm - omega @ (omega.mT @ warm)
+        return torch.cat([omega, orthonormalize(rest).to(torch.float32)], dim=2)
 
     def _seed(self, a: RowOperator, d: torch.Tensor) -> None:
         """The run's first step: power-iterate the warm blocks on its data, then take the first

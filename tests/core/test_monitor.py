@@ -434,3 +434,24 @@ def test_resume_of_an_unfinished_epoch_rebuilds_its_welch_state(tmp_path) -> Non
         )
     got = ds["welch_t"].values[0, :, :, 0]
     np.testing.assert_allclose(got, np.asarray(ref.statistic), rtol=1e-6)
+
+
+def test_step_activations_are_freed_without_the_cycle_collector() -> None:
+    """No reference cycle through the hooks: a step's activations die with its graph."""
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    seen: list[weakref.ref] = []
+    # The watched layer's output carries the monitor's tensor hook: it must not be kept alive.
+    model[2].register_forward_hook(lambda m, i, o: seen.append(weakref.ref(o)))
+    gc.disable()
+    try:
+        with streamspec.watch(model, ["a", "b"], rank=2, live=False) as mon:
+            for _ in range(3):
+                mon.label(torch.tensor([0, 1, 0, 1]))
+                model(torch.randn(4, 4)).sum().backward()
+            assert all(r() is None for r in seen), "captured activations outlived their step"
+    finally:
+        gc.enable()
