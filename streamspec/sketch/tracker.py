@@ -87,7 +87,8 @@ class StepSketch:
     ``adjoint [C, m, h_out]``. ``route == "sketch"``: float64 ``[C, b, b]`` matrices —
     ``core_a = B_inᵀAᵀAB_in``, ``gram_a = (AᵀAB_in)ᵀ(AᵀAB_in)``, the same for Δ (``core_d``,
     ``gram_d``), ``gram_y = (GB_out)ᵀ(GB_out)``, ``gram_x = (B_inᵀG)(B_inᵀG)ᵀ``,
-    ``core_g = B_inᵀGB_out`` (the blocks ``B`` are orthonormal) — and the ``[C]`` squared norms ``norm_a = ‖A_c‖²_F``, ``norm_d = ‖Δ_c‖²_F``.
+    ``core_g = B_inᵀGB_out`` (the blocks ``B`` are orthonormal) — and the ``[C]`` squared norms
+    ``norm_a = ‖A_c‖²_F``, ``norm_d = ‖Δ_c‖²_F``.
     """
 
     route: str
