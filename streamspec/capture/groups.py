@@ -75,6 +75,7 @@ class GroupPlan:
         sorted_groups = grouped[order]
         within = torch.arange(sorted_groups.numel()) - starts[sorted_groups]
         self._dst = sorted_groups * self.n_max + within  # slot in the padded [C * n_max] layout
+        self._dense = bool(self.n_max) and int(self.counts.sum()) == self.n_groups * self.n_max
         self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _indices(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,6 +90,8 @@ class GroupPlan:
     def gather_samples(self, x: torch.Tensor, fill: float = 0) -> torch.Tensor:
         """``[B, …]`` → ``[C, n_max, …]``: each group's samples in a block, ``fill`` for padding."""
         src, dst = self._indices(x.device)
+        if self._dense:  # every group has n_max samples: no padding, one copy
+            return x.index_select(0, src).view(self.n_groups, self.n_max, *x.shape[1:])
         out = x.new_full((self.n_groups * self.n_max, *x.shape[1:]), fill)
         out.index_copy_(0, dst, x.index_select(0, src))
         return out.view(self.n_groups, self.n_max, *x.shape[1:])
