@@ -16,11 +16,9 @@ import sys
 
 import numpy as np
 import torch
-from torch import nn
 
-import streamspec
 from streamspec.layout import KINDS
-from streamspec.testing.reference import ExactRecorder
+from streamspec.testing.digits import run_digits
 
 
 def relative_errors(got: np.ndarray, exact: np.ndarray) -> np.ndarray:
@@ -39,44 +37,20 @@ def run(
     rank: int = 16,
     oversample: int = 10,
 ):
-    from sklearn.datasets import load_digits
-
-    torch.manual_seed(0)
-    d = load_digits()
-    x = torch.tensor(d.data / 16.0, dtype=torch.float32)
-    y = torch.tensor(d.target)
-    g = labels(y)
-    model = nn.Sequential(
-        nn.Linear(64, hidden),
-        nn.ReLU(),
-        nn.Linear(hidden, hidden),
-        nn.ReLU(),
-        nn.Linear(hidden, 10),
+    result = run_digits(
+        epochs=epochs,
+        batch_size=batch_size,
+        groups=groups,
+        label_fn=labels,
+        hidden=hidden,
+        rank=rank,
+        n_samples=None,
+        optimizer="adam",
+        shuffle_seed=0,
+        exact_rows=exact_rows,
+        oversample=oversample,
     )
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    rec = ExactRecorder(model)
-    epoch_steps, step = [], 0
-    gen = torch.Generator().manual_seed(0)
-    with streamspec.watch(
-        model, groups, rank=rank, live=False, exact_rows=exact_rows, oversample=oversample
-    ) as mon:
-        for _ in range(epochs):
-            steps = []
-            perm = torch.randperm(len(x), generator=gen)
-            for start in range(0, len(x), batch_size):
-                idx = perm[start : start + batch_size]
-                mon.label(g[idx])
-                rec.label(g[idx])
-                loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                steps.append(step)
-                step += 1
-            epoch_steps.append(steps)
-            mon.end_epoch()
-        ds = mon.to_xarray()
-    rec.remove()
+    ds, rec, epoch_steps = result.ds, result.recorder, result.epoch_steps
     layers = [str(n) for n in ds["layer"].values]
     n_groups, k = ds.sizes["group"], ds.sizes["rank"]
     per_step = {kind: [] for kind in KINDS}

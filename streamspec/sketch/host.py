@@ -33,8 +33,10 @@ def _descending(values: np.ndarray) -> np.ndarray:
 def nystrom_values(core: np.ndarray, gram: np.ndarray, rtol: float = 1e-6) -> np.ndarray:
     """Batched Nyström eigenvalues of PSD ``H`` from ``core = BᵀHB``, ``gram = (HB)ᵀ(HB)``.
 
-    ``[N, b, b]`` each → ``[N, b]`` descending lower bounds of ``H``'s eigenvalues (see
-    :func:`streamspec.sketch.linalg.nystrom_values`).
+    ``[N, b, b]`` each → ``[N, b]`` descending. The eigenvalues are those of
+    ``M^{-1/2} N M^{-1/2}`` (``M = core``, ``N = gram``), with ``M``'s eigenvalues below
+    ``rtol·λ_max`` dropped (an ε-pseudo-inverse: the sketches were formed in float32). The
+    approximation is ⪯ ``H``, so every value is a lower bound of the true one.
     """
     lam, vec, keep = _masked_eigh(core, rtol)
     inv_sqrt = np.where(keep, 1.0 / np.sqrt(np.where(keep, lam, 1.0)), 0.0)

@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from streamspec.sketch.linalg import generalized_nystrom_epoch, nystrom, orthonormalize
+from streamspec.sketch.host import generalized_nystrom_values
+from streamspec.sketch.linalg import nystrom, orthonormalize
 from streamspec.sketch.operators import DenseRows, RowOperator
 
 WARMUP_ITERATIONS = 4  # power iterations of the warm blocks on the run's first step
@@ -351,7 +352,10 @@ class LayerTracker:
                 continue
             lam_a, u_a = nystrom(host["omega_in"][i], host["y_a"][i])
             lam_d, u_d = nystrom(host["omega_out"][i], host["y_d"][i])
-            s_g = generalized_nystrom_epoch(host["y_g"][i], host["x_g"][i], host["z_g"][i])
+            y, x = host["y_g"][i], host["x_g"][i]
+            s_g = generalized_nystrom_values(
+                (y.T @ y)[None], (x @ x.T)[None], host["z_g"][i][None]
+            )[0]
             out["activation"].append(np.sqrt(lam_a))
             out["adjoint"].append(np.sqrt(lam_d))
             out["gradient"].append(s_g)

@@ -18,7 +18,9 @@ pytestmark = [
 def encoder(device: str) -> nn.Module:
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True)
-    return nn.Sequential(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), nn.Linear(64, 8)).to(device)
+    return nn.Sequential(
+        nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), nn.Linear(64, 8)
+    ).to(device)
 
 
 def test_monitored_steps_do_not_synchronise() -> None:
