@@ -38,6 +38,9 @@ from streamspec.sketch.operators import RowOperator, stack_rows
 from streamspec.sketch.tracker import LayerTracker, StepSketch
 from streamspec.store.writer import ArchiveWriter
 
+QUEUED_STEPS = 64  # recorded steps waiting for the host thread (back-pressure beyond)
+FLUSH_EVERY = 256 - QUEUED_STEPS  # rows the writer buffers before writing a block
+
 
 @dataclass(frozen=True)
 class WatchConfig:
@@ -195,7 +198,9 @@ class Monitor:
             model=type(model).__name__,
             extras=("sigma_tied",) if config.tied else (),
         )
-        self._writer = ArchiveWriter(store, self.layout, resume=resume)
+        # A crash loses at most the steps queued for the host thread plus those buffered in the
+        # writer: QUEUED_STEPS + FLUSH_EVERY ≤ 256 (the archive's promise).
+        self._writer = ArchiveWriter(store, self.layout, resume=resume, flush_every=FLUSH_EVERY)
         self._step = self._writer.start_step
         self._epoch = self._writer.start_epoch
         self._generator = torch.Generator().manual_seed(config.seed)
@@ -230,6 +235,7 @@ class Monitor:
             self._writer,
             plain_epoch_lines=(live is None and not interactive),
             store_label=_store_label(store),
+            max_queue=QUEUED_STEPS,
         )
         self._pipeline.set_epoch(self._epoch)
         unfinished = self._writer.unfinished_epoch()

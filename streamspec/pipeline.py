@@ -28,6 +28,7 @@ from streamspec.stats.welch import GroupWelch
 from streamspec.store.writer import ArchiveWriter
 
 _STOP = object()
+FLUSH_SECONDS = 60.0  # hand buffered rows to the writer at least this often
 _SKETCH = (
     "core_a",
     "gram_a",
@@ -137,6 +138,7 @@ class HostPipeline:
         self._epoch = 0
         self._steps_in_epoch = 0
         self._started = time.monotonic()
+        self._last_flush = self._started
         self._finished: tuple[int, int, np.ndarray] | None = None  # last epoch: (index, steps, t)
         self._nonfinite_layers: set[str] = set()
         self._reported_nonfinite: set[str] = set()
@@ -255,6 +257,10 @@ class HostPipeline:
             if tied and layer.n_positions:
                 row["sigma_tied"][layer.index] = self._layer_tied(layer, rec.counts)
         self._writer.append_step(row, step=rec.step, epoch=rec.epoch)
+        if time.monotonic() - self._last_flush > FLUSH_SECONDS:
+            # Slow steps: do not sit on unwritten rows for hours (non-blocking hand-off).
+            self._writer.flush(wait=False)
+            self._last_flush = time.monotonic()
         with self._lock:
             self._welch.update(sigma)
             # The live view shows each cell's latest recorded value: a group absent from the last
