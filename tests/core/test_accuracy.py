@@ -108,7 +108,8 @@ def test_sigma_err_covers_the_true_error() -> None:
                 for k in range(3):
                     keep = np.isfinite(exact[k])
                     gap = np.abs(sigma[s, li, k, c][keep] - exact[k][keep])
-                    covered[k].append(gap <= err[s, li, k, c][keep] * (1 + 1e-3) + 1e-6 * exact[k][0])
+                    bound = err[s, li, k, c][keep] * (1 + 1e-3) + 1e-6 * exact[k][0]
+                    covered[k].append(gap <= bound)
     rates = {k: float(np.mean(np.concatenate(v))) for k, v in covered.items()}
     assert rates[0] == 1.0 and rates[1] == 1.0, rates  # rigorous for activation and adjoint
     assert rates[2] >= 0.95, rates
