@@ -10,6 +10,7 @@ to the host asynchronously and handed to the host pipeline.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -181,13 +182,30 @@ class Monitor:
             warnings.warn(
                 f"streamspec does not watch: {'; '.join(problems)}", StreamspecWarning, stacklevel=3
             )
+        # Until fully built, the monitor is "closed": twins calling _deliver do nothing; any error
+        # below undoes everything done so far (swaps, hooks, threads), leaving the model as it was.
+        self._closed = True
+        self._handles: list[Any] = []
+        self._view: LiveView | None = None
         self._swaps = swap_stepwise(model, self._deliver)
         try:
-            sites = find_sites(model)
-            self._check_sites(model, sites)
+            self._build(model, config, store=store, live=live, resume=resume)
         except BaseException:
-            restore(self._swaps)
+            self._abort()
             raise
+        self._closed = False
+
+    def _build(
+        self,
+        model: nn.Module,
+        config: WatchConfig,
+        *,
+        store: str | os.PathLike[str] | Any | None,
+        live: bool | None,
+        resume: bool,
+    ) -> None:
+        sites = find_sites(model)
+        self._check_sites(model, sites)
         self.sites = sites
         self.layout = RunLayout(
             layers=tuple(s.name for s in sites),
@@ -222,8 +240,7 @@ class Monitor:
         self._state = [_LayerStepState() for _ in sites]
         self._step_plan: GroupPlan | None = None
         self._callback_queued = False
-        self._lock = threading.RLock()
-        self._closed = False
+        self._lock = threading.Lock()  # hooks of a multi-device backward run on several threads
         self._failed: BaseException | None = None
         self._warned_nonfinite = False
 
@@ -245,14 +262,25 @@ class Monitor:
             # after the resume (the sketches died with the process).
             self._pipeline.restore_epoch(unfinished.sigma)
             self._epoch_steps = unfinished.n_steps
-        self._handles = []
         for module in {id(s.module): s.module for s in sites}.values():
             family = family_of(module)
             if family is not None and not family.stepwise:
                 self._handles.append(module.register_forward_hook(self._on_forward))
-        self._view: LiveView | None = None
         if use_live:
             self._view = LiveView(self.snapshot).start()
+
+    def _abort(self) -> None:
+        """Undo a half-built monitor (an error inside ``watch()``)."""
+        self._remove_hooks()
+        if self._view is not None:
+            self._view.stop()
+        pipeline: HostPipeline | None = getattr(self, "_pipeline", None)
+        if pipeline is not None:
+            pipeline.close()
+        writer: ArchiveWriter | None = getattr(self, "_writer", None)
+        if writer is not None:
+            with contextlib.suppress(Exception):
+                writer.close()
 
     # -- public API -----------------------------------------------------------------------------
 
@@ -299,6 +327,7 @@ class Monitor:
                 Pass them on the CPU: labels on a GPU cost one device-to-host copy per call.
         """
         self._check_open()
+        self._drop_failed_backward()
         t = as_labels(labels, len(self.layout.groups))
         self._labels = t
         self._plan = GroupPlan(t, len(self.layout.groups))
@@ -413,6 +442,7 @@ class Monitor:
         """Take one module call's captures (from a forward hook or a stepwise module)."""
         if self._closed or not torch.is_grad_enabled() or not captures:
             return
+        self._drop_failed_backward()
         plan = self._plan_for(captures[0].activation.batch_size, module)
         if torch._C._current_graph_task_id() != -1:
             # A forward inside a backward: a checkpointed segment being recomputed. With reentrant
@@ -483,9 +513,18 @@ class Monitor:
         return hook
 
     def _queue_end_of_backward(self) -> None:
-        if not self._callback_queued:
+        with self._lock:
+            if self._callback_queued:
+                return
             self._callback_queued = True
-            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+        torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+
+    def _drop_failed_backward(self) -> None:
+        """A backward that raised (and was caught by the user) never reaches its end callback:
+        outside any backward, a still-pending step is that dead step — discard it, so recording
+        resumes with the next step instead of stalling and piling up rows."""
+        if self._callback_queued and torch._C._current_graph_task_id() == -1:
+            self._discard_step()
 
     def _fold(self, index: int) -> None:
         """Fold a layer's captured calls of this step into its tracker (device products only)."""
@@ -497,7 +536,10 @@ class Monitor:
         state.pending.clear()
         rows_per_group = activation.shape[1]
         exact = rows_per_group <= self.config.exact_threshold
-        state.sketch = self._trackers[index].step(activation, adjoint, exact, tie)
+        # Sketches accumulate in float32 even when the step runs under autocast (the autocast
+        # state reaches tensor hooks).
+        with torch.autocast(device_type=adjoint.device.type, enabled=False):
+            state.sketch = self._trackers[index].step(activation, adjoint, exact, tie)
         state.positions += positions
         if tie is not None:
             state.n_positions += tie[1]
@@ -648,12 +690,10 @@ def _to_host(
             buffer.copy_(t.detach(), non_blocking=True)
             host[name] = buffer
         out.append(host)
-    if torch.cuda.is_available() and any(
-        t.device.type == "cuda" for tensors in tensor_dicts for t in tensors.values()
-    ):
-        event = torch.cuda.Event()
-        event.record()
-        events.append(event)
+    # One event per device, recorded on the stream each copy was queued on.
+    for device in {t.device for tensors in tensor_dicts for t in tensors.values()}:
+        if device.type == "cuda":
+            events.append(torch.cuda.current_stream(device).record_event())
 
     def ready() -> None:
         for e in events:
@@ -726,6 +766,14 @@ def watch(
         A :class:`Monitor` (also a context manager).
     """
     names = _check_config(groups, rank, every, normalize, batch_dim, oversample, exact_rows)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise StreamspecError.build("seed as an integer", repr(seed), "pass e.g. seed=0")
+    if live is not None and not isinstance(live, bool):
+        raise StreamspecError.build(
+            "live as None (auto), True or False", repr(live), "pass live=False to silence it"
+        )
+    if not isinstance(tied, bool):
+        raise StreamspecError.build("tied as True or False", repr(tied), "pass tied=True")
     if on_unsupported not in ("warn", "error", "skip"):
         raise StreamspecError.build(
             "on_unsupported in ('warn', 'error', 'skip')", repr(on_unsupported), "use 'warn'"
@@ -740,7 +788,7 @@ def watch(
         oversample=oversample,
         exact_rows=exact_rows,
         on_unsupported=on_unsupported,
-        tied=bool(tied),
+        tied=tied,
     )
     return Monitor(model, config, store=store, live=live, resume=resume)
 

@@ -149,6 +149,7 @@ class LayerTracker:
         self._warm: dict[str, torch.Tensor] = {}
         self._sketch: dict[str, torch.Tensor] = {}
         self._seed_from_data = True  # first epoch: Ω from the first step's data
+        self._steps = 0  # steps folded into the current epoch's sketches
 
     def _setup(self, device: torch.device) -> None:
         w, g, c = self.widths, self._generator, self.n_groups
@@ -233,9 +234,10 @@ class LayerTracker:
         sk["x_g"] += x_gt[..., :ei].mT
         sk["z_g"] += core_g[:, :ei, :eo]
         if vi:
-            self._warm["in"] = orthonormalize(y_a[..., ei:]).to(torch.float32)
+            self._warm["in"] = _keep_valid(self._warm["in"], y_a[..., ei:])
         if vo:
-            self._warm["out"] = orthonormalize(y_d[..., eo:]).to(torch.float32)
+            self._warm["out"] = _keep_valid(self._warm["out"], y_d[..., eo:])
+        self._steps += 1
 
         if exact:
             tensors = {"activation": a.dense(), "adjoint": d}
@@ -277,16 +279,22 @@ class LayerTracker:
         w, k = self.widths, self.rank
         for _ in range(WARMUP_ITERATIONS):
             if w.warm_in:
-                self._warm["in"] = orthonormalize(a.tmm(a.mm(self._warm["in"]))).float()
+                self._warm["in"] = _keep_valid(self._warm["in"], a.tmm(a.mm(self._warm["in"])))
             if w.warm_out:
-                self._warm["out"] = orthonormalize(d.mT @ (d @ self._warm["out"])).float()
-        for side, warm in (("in", w.warm_in), ("out", w.warm_out)):
+                self._warm["out"] = _keep_valid(self._warm["out"], d.mT @ (d @ self._warm["out"]))
+        g, c = self._generator, self.n_groups
+        for side, dim, warm in (("in", self.h_in, w.warm_in), ("out", self.h_out, w.warm_out)):
             if not warm:
                 continue  # Ω is the identity: exact already
             top = min(k, warm)
             fresh = self._omega[side][..., : self._omega[side].shape[-1] - top]
             block = torch.cat([self._warm[side][..., :top], fresh], dim=2)
             self._omega[side] = orthonormalize(block).to(torch.float32)
+            # The warm block went into Ω: restart it from fresh directions, so that [Ω | W′]
+            # spans new ones (W′ is W orthogonalised against Ω).
+            self._warm[side] = torch.as_tensor(
+                _orthonormal(g, c, dim, warm), dtype=torch.float32
+            ).to(self._device)
 
     @staticmethod
     def _tying_gram_exact(
@@ -330,9 +338,10 @@ class LayerTracker:
             non-finite values; empty when the layer saw no step this epoch).
         """
         c = self.n_groups
-        if self._device is None:  # never saw a step
+        if self._device is None or self._steps == 0:  # no step this epoch: keep Ω as it is
             empty = np.full((c, 0), np.nan)
             return EpochSpectra(empty, empty, empty)
+        self._steps = 0
         host = {
             name: v.detach().to("cpu", torch.float64).numpy()
             for name, v in (
@@ -388,6 +397,19 @@ class LayerTracker:
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The epoch sketches (sum them across data-parallel ranks to merge)."""
         return dict(self._sketch)
+
+
+def _keep_valid(old: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``orth(y)`` per group where it is usable, else the group's previous block.
+
+    A group absent from the step (zero rows) or a step with NaN/Inf would otherwise zero or
+    poison its warm block for the rest of the run. Decided on the device (``torch.where``): no
+    host sync.
+    """
+    new = orthonormalize(y).to(torch.float32)
+    finite = torch.isfinite(new).all(dim=-2, keepdim=True).all(dim=-1, keepdim=True)
+    nonzero = (new.abs().sum(dim=-2, keepdim=True) > 0).all(dim=-1, keepdim=True)
+    return torch.where(finite & nonzero, new, old)
 
 
 def _n_positive(values: np.ndarray, rank: int) -> int:

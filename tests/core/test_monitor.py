@@ -455,3 +455,85 @@ def test_step_activations_are_freed_without_the_cycle_collector() -> None:
             assert all(r() is None for r in seen), "captured activations outlived their step"
     finally:
         gc.enable()
+
+
+def test_a_nan_step_does_not_poison_later_steps() -> None:
+    """Warm blocks keep their last good value: spectra recover on the next finite step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 40), nn.Tanh(), nn.Linear(40, 2))
+    gen = torch.Generator().manual_seed(0)
+    with streamspec.watch(model, ["a", "b"], rank=2, live=False, exact_rows=0) as mon:
+        for step in range(6):
+            x = torch.randn(64, 40, generator=gen)
+            if step == 2:
+                x[0, 0] = float("nan")
+            mon.label(torch.arange(64) % 2)
+            if step == 2:
+                with pytest.warns(streamspec.StreamspecWarning, match="NaN"):
+                    model(x).pow(2).mean().backward()
+                    mon.flush()
+            else:
+                model(x).pow(2).mean().backward()
+        ds = mon.to_xarray()
+    sigma = ds["sigma"].values[:, 0, 0, :, 0]  # [step, group] activation σ₁ of the first layer
+    assert np.isnan(sigma[2, 0]) and np.isfinite(sigma[3:]).all()
+
+
+def test_an_exception_caught_during_backward_does_not_stall_recording() -> None:
+    model = mlp()
+    with streamspec.watch(model, ["a", "b"], rank=2, live=False) as mon:
+        train(model, mon, steps=2)
+
+        def explode(grad: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("out of memory (simulated)")
+
+        mon.label(torch.zeros(12, dtype=torch.long))
+        out = model(torch.randn(12, 10))
+        out.register_hook(explode)
+        with pytest.raises(RuntimeError, match="simulated"):
+            out.sum().backward()
+        train(model, mon, steps=3, seed=1)  # the user skips the batch and goes on
+        assert mon.step == 5
+        assert mon.to_xarray().sizes["step"] == 5
+
+
+def test_a_failed_watch_leaves_the_model_as_it_was(tmp_path) -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.LSTM(3, 4, batch_first=True)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.rnn(x)[0][:, -1])
+
+    model = Net()
+    original = model.rnn
+    path = tmp_path / "run.zarr"
+    streamspec.watch(model, ["a"], rank=2, store=path, live=False).close()
+    with pytest.raises(streamspec.StreamspecError, match="resume=True"):
+        streamspec.watch(model, ["a"], rank=2, store=path, live=False)
+    assert model.rnn is original and hook_count(model) == 0
+    model(torch.randn(2, 5, 3)).sum().backward()  # plain training works
+    with pytest.raises(streamspec.StreamspecError, match="seed"):
+        streamspec.watch(model, ["a"], rank=2, store=tmp_path / "b.zarr", seed="x", live=False)
+    assert not (tmp_path / "b.zarr").exists()
+
+
+def test_sketches_stay_float32_under_autocast() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 40), nn.Tanh(), nn.Linear(40, 2))
+    x = torch.randn(64, 40)
+    labels = torch.arange(64) % 2
+    out = {}
+    for autocast in (False, True):
+        with streamspec.watch(model, ["a", "b"], rank=4, live=False, exact_rows=0) as mon:
+            mon.label(labels)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                # backward inside the context, as training loops commonly do: the autocast state
+                # then reaches the monitor's tensor hooks
+                model(x).float().pow(2).mean().backward()
+            out[autocast] = mon.to_xarray()["sigma"].values[0, 0, 0]  # first layer, activation
+        model.zero_grad()
+    # The activations are the same float32 inputs either way: the sketch must not drop to bf16.
+    np.testing.assert_allclose(out[True], out[False], rtol=1e-4)
