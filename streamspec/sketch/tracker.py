@@ -162,8 +162,8 @@ class LayerTracker:
             "out": put(_orthonormal(g, c, self.h_out, w.epoch_out)),
         }
         self._warm = {
-            "in": put(_orthonormal(g, c, self.h_in, w.warm_in)),
-            "out": put(_orthonormal(g, c, self.h_out, w.warm_out)),
+            side: _against(self._omega[side], put(_orthonormal(g, c, dim, width)))
+            for side, dim, width in (("in", self.h_in, w.warm_in), ("out", self.h_out, w.warm_out))
         }
         self._device = device
         self._reset_sketches()
@@ -212,10 +212,11 @@ class LayerTracker:
             self._seed(a, d)
         vi, vo = w.warm_in, w.warm_out
         ei, eo = w.epoch_in, w.epoch_out
-        # Orthonormal blocks B = [Ω | W′], W′ the warm block orthogonalised against Ω: the epoch
-        # part stays exactly Ω (linear epoch sketches) and the host needs no basis Gram.
-        b_in = self._block(self._omega["in"], self._warm["in"])  # [C, h_in, b_in]
-        b_out = self._block(self._omega["out"], self._warm["out"])  # [C, h_out, b_out]
+        # Orthonormal blocks B = [Ω | W]: the warm block is kept orthogonal to Ω (re-orthogonalised
+        # whenever either changes), so the epoch part stays exactly Ω (linear epoch sketches) and
+        # the host needs no basis Gram.
+        b_in = torch.cat([self._omega["in"], self._warm["in"]], dim=2)  # [C, h_in, b_in]
+        b_out = torch.cat([self._omega["out"], self._warm["out"]], dim=2)  # [C, h_out, b_out]
 
         p = a.mm(b_in)  # A·B_in      [C, m, b_in]
         r = d @ b_out  # Δ·B_out     [C, m, b_out]
@@ -234,9 +235,9 @@ class LayerTracker:
         sk["x_g"] += x_gt[..., :ei].mT
         sk["z_g"] += core_g[:, :ei, :eo]
         if vi:
-            self._warm["in"] = _keep_valid(self._warm["in"], y_a[..., ei:])
+            self._warm["in"] = _keep_valid(self._warm["in"], y_a[..., ei:], self._omega["in"])
         if vo:
-            self._warm["out"] = _keep_valid(self._warm["out"], y_d[..., eo:])
+            self._warm["out"] = _keep_valid(self._warm["out"], y_d[..., eo:], self._omega["out"])
         self._steps += 1
 
         if exact:
@@ -264,14 +265,6 @@ class LayerTracker:
                 tensors["tied"] = self._tying_gram(a.mm(q_in), d @ q_out, *tie)
         return StepSketch("sketch", tensors)
 
-    @staticmethod
-    def _block(omega: torch.Tensor, warm: torch.Tensor) -> torch.Tensor:
-        """``[Ω | orth((I − ΩΩᵀ)W)]``: orthonormal, with ``Ω`` itself as its first columns."""
-        if not warm.shape[-1]:
-            return omega
-        rest = warm - omega @ (omega.mT @ warm)
-        return torch.cat([omega, orthonormalize(rest).to(torch.float32)], dim=2)
-
     def _seed(self, a: RowOperator, d: torch.Tensor) -> None:
         """The run's first step: power-iterate the warm blocks on its data, then take the first
         epoch's test matrices as their top-k directions plus fresh columns (a cold one-pass
@@ -290,11 +283,9 @@ class LayerTracker:
             fresh = self._omega[side][..., : self._omega[side].shape[-1] - top]
             block = torch.cat([self._warm[side][..., :top], fresh], dim=2)
             self._omega[side] = orthonormalize(block).to(torch.float32)
-            # The warm block went into Ω: restart it from fresh directions, so that [Ω | W′]
-            # spans new ones (W′ is W orthogonalised against Ω).
-            self._warm[side] = torch.as_tensor(
-                _orthonormal(g, c, dim, warm), dtype=torch.float32
-            ).to(self._device)
+            # The warm block went into Ω: restart it from fresh directions orthogonal to Ω.
+            fresh_warm = torch.as_tensor(_orthonormal(g, c, dim, warm), dtype=torch.float32)
+            self._warm[side] = _against(self._omega[side], fresh_warm.to(self._device))
 
     @staticmethod
     def _tying_gram_exact(
@@ -393,20 +384,31 @@ class LayerTracker:
             self._omega[side] = torch.as_tensor(np.linalg.qr(fresh)[0], dtype=torch.float32).to(
                 self._device
             )
+            self._warm[side] = _against(self._omega[side], self._warm[side])
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The epoch sketches (sum them across data-parallel ranks to merge)."""
         return dict(self._sketch)
 
 
-def _keep_valid(old: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``orth(y)`` per group where it is usable, else the group's previous block.
+def _against(omega: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``orth((I − ΩΩᵀ)W)``: an orthonormal block orthogonal to ``Ω`` (empty stays empty)."""
+    if not w.shape[-1]:
+        return w
+    return orthonormalize(w - omega @ (omega.mT @ w)).to(torch.float32)
+
+
+def _keep_valid(
+    old: torch.Tensor, y: torch.Tensor, omega: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``orth(y)`` (orthogonal to ``omega`` if given) per group where it is usable, else the
+    group's previous block.
 
     A group absent from the step (zero rows) or a step with NaN/Inf would otherwise zero or
     poison its warm block for the rest of the run. Decided on the device (``torch.where``): no
     host sync.
     """
-    new = orthonormalize(y).to(torch.float32)
+    new = orthonormalize(y).to(torch.float32) if omega is None else _against(omega, y)
     finite = torch.isfinite(new).all(dim=-2, keepdim=True).all(dim=-1, keepdim=True)
     nonzero = (new.abs().sum(dim=-2, keepdim=True) > 0).all(dim=-1, keepdim=True)
     return torch.where(finite & nonzero, new, old)
