@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from streamspec.capture.registry import Capture, DenseSource, Sink, Site, register
+from streamspec.capture.registry import Capture, DenseSource, Sink, Site, qualified, register
 
 PACKED = "packed"  # one entry for the whole in_proj_weight (self-attention)
 BLOCKS = "blocks"  # three entries, one per q/k/v row block (cross-attention)
@@ -310,12 +310,11 @@ class AttentionFamily:
     @staticmethod
     def sites(module: nn.Module, prefix: str) -> list[Site]:
         assert isinstance(module, nn.MultiheadAttention)
-        at = f"{prefix}." if prefix else ""
         e = module.embed_dim
         if not module._qkv_same_embed_dim:
             separate = (module.q_proj_weight, module.k_proj_weight, module.v_proj_weight)
             return [
-                Site(f"{at}{key}", module, key, int(w.shape[1]), int(w.shape[0]))
+                Site(qualified(prefix, key), module, key, int(w.shape[1]), int(w.shape[0]))
                 for key, w in zip(_SEPARATE, separate, strict=True)
                 if w is not None and w.requires_grad
             ]
@@ -328,9 +327,11 @@ class AttentionFamily:
         )
         sites = []
         if PACKED in entries:
-            sites.append(Site(f"{at}in_proj_weight", module, "in_proj_weight", e, 3 * e))
+            sites.append(
+                Site(qualified(prefix, "in_proj_weight"), module, "in_proj_weight", e, 3 * e)
+            )
         if BLOCKS in entries:
-            sites.extend(Site(f"{at}{key}", module, key, e, e) for key in _BLOCK_KEYS)
+            sites.extend(Site(qualified(prefix, key), module, key, e, e) for key in _BLOCK_KEYS)
         return sites
 
     @staticmethod

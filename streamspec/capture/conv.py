@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from streamspec.capture.groups import GroupPlan
-from streamspec.capture.registry import Capture, Site, register
+from streamspec.capture.registry import Capture, Site, register, weight_site
 from streamspec.errors import StreamspecError
 from streamspec.sketch.operators import ConvRows, RowOperator
 
@@ -66,11 +66,8 @@ class ConvFamily:
     @staticmethod
     def sites(module: nn.Module, prefix: str) -> list[Site]:
         assert isinstance(module, _CONVS)
-        if not module.weight.requires_grad:
-            return []
-        name = f"{prefix}.weight" if prefix else "weight"
         w = module.weight
-        return [Site(name, module, "weight", math.prod(w.shape[1:]), w.shape[0])]
+        return weight_site(module, prefix, math.prod(w.shape[1:]), w.shape[0])
 
     @staticmethod
     def problems(module: nn.Module) -> list[str]:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from streamspec.capture.groups import GroupPlan
-from streamspec.capture.registry import Capture, Site, register, samples_first
+from streamspec.capture.registry import Capture, Site, register, samples_first, weight_site
 from streamspec.errors import StreamspecError
 from streamspec.sketch.operators import OneHotRows, RowOperator
 
@@ -46,10 +46,7 @@ class EmbeddingFamily:
     @staticmethod
     def sites(module: nn.Module, prefix: str) -> list[Site]:
         assert isinstance(module, nn.Embedding)
-        if not module.weight.requires_grad:
-            return []
-        name = f"{prefix}.weight" if prefix else "weight"
-        return [Site(name, module, "weight", module.num_embeddings, module.embedding_dim)]
+        return weight_site(module, prefix, module.num_embeddings, module.embedding_dim)
 
     @staticmethod
     def problems(module: nn.Module) -> list[str]:

@@ -12,6 +12,7 @@ from streamspec.capture.registry import (
     check_batched,
     register,
     samples_first,
+    weight_site,
 )
 
 
@@ -25,10 +26,7 @@ class LinearFamily:
     @staticmethod
     def sites(module: nn.Module, prefix: str) -> list[Site]:
         assert isinstance(module, nn.Linear)
-        if not module.weight.requires_grad:
-            return []
-        name = f"{prefix}.weight" if prefix else "weight"
-        return [Site(name, module, "weight", module.in_features, module.out_features)]
+        return weight_site(module, prefix, module.in_features, module.out_features)
 
     @staticmethod
     def capture(

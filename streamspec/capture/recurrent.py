@@ -35,7 +35,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence
 
-from streamspec.capture.registry import Capture, DenseSource, Sink, Site, register
+from streamspec.capture.registry import Capture, DenseSource, Sink, Site, qualified, register
 from streamspec.errors import StreamspecError
 
 
@@ -258,7 +258,7 @@ class RecurrentFamily:
             weight = module._parameters.get(key)
             if not key.startswith("weight_") or weight is None or not weight.requires_grad:
                 continue
-            name = f"{prefix}.{key}" if prefix else key
+            name = qualified(prefix, key)
             sites.append(Site(name, module, key, int(weight.shape[1]), int(weight.shape[0])))
         return sites
 

@@ -157,6 +157,20 @@ def family_of(module: nn.Module) -> type[Family] | None:
     return None
 
 
+def qualified(prefix: str, key: str) -> str:
+    """A parameter's name in ``model.named_parameters()``: ``prefix.key`` (root: ``key``)."""
+    return f"{prefix}.{key}" if prefix else key
+
+
+def weight_site(module: nn.Module, prefix: str, h_in: int, h_out: int) -> list[Site]:
+    """The single ``weight`` matrix of a module as a site, or none when it is frozen."""
+    weight = module.weight
+    assert isinstance(weight, torch.Tensor)
+    if not weight.requires_grad:
+        return []
+    return [Site(qualified(prefix, "weight"), module, "weight", h_in, h_out)]
+
+
 def check_batched(x: torch.Tensor, batch_dim: int, what: str) -> None:
     """Raise unless ``x`` has a sample dimension ``batch_dim`` other than its last (feature) dim."""
     if x.dim() < 2 or not (-x.dim() <= batch_dim < x.dim()) or batch_dim % x.dim() == x.dim() - 1:
