@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from bench.harness import CONFIGS, MODES, accuracy, measure, report
+from bench.harness import CONFIGS, MODES, accuracy, measure, profile, report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {MODES}")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (CPU configs)")
     p.add_argument("--no-accuracy", action="store_true")
+    p.add_argument("--profile", type=int, default=0, help="profile N monitored steps too")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = p.parse_args(argv)
     cfg = CONFIGS[args.config]
@@ -49,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     stem.with_suffix(".json").write_text(json.dumps(data, indent=2))
     stem.with_suffix(".md").write_text(table + "\n")
     print(table)
+    if args.profile:
+        text = profile(cfg, device, args.profile)
+        (out / f"profile-{cfg.name}-{device.type}.txt").write_text(text + "\n")
+        print(text[:4000])
     print(f"\nwritten: {stem}.json, {stem}.md")
     return 0
 

@@ -1,14 +1,23 @@
 #!/usr/bin/env bash
-# One prepared device run (see bench/README.md): GPU tests, then the GPU benchmark.
+# One prepared device run (see bench/README.md): GPU tests, then the GPU benchmarks.
 # Installs nothing but carried wheels (zarr & co. travel as .whl/); writes results under $OUT.
+#   bash bench/gpu_check.sh [BASE_MODES] [MID_MODES]
 set -uo pipefail
 OUT=${OUT:-bench/results}
+BASE_MODES=${1:-plain,watch,watch10,lowrank,paper}
+MID_MODES=${2:-plain,watch,watch10,lowrank,paper}
+export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
 fi
 export PYTHONPATH=${PYTHONPATH:-$PWD}
-nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
-python3 -m pytest -q -m gpu tests/gpu 2>&1 | tee "$OUT/gpu-tests.log"
-python3 -m bench --config gpu-base --device cuda --out "$OUT" 2>&1 | tee "$OUT/gpu-bench.log"
+nvidia-smi --query-gpu=name,memory.total --format=csv
+python3 -m pytest -q -m gpu tests/gpu -p no:cacheprovider 2>&1 | tee "$OUT/gpu-tests.log"
+python3 -m bench --config gpu-base --device cuda --modes "$BASE_MODES" --profile 3 --out "$OUT" \
+  2>&1 | tee "$OUT/gpu-base.log"
+if [ "$MID_MODES" != "none" ]; then
+  python3 -m bench --config gpu-mid --device cuda --modes "$MID_MODES" --no-accuracy --out "$OUT" \
+    2>&1
+fi

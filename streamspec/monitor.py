@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from streamspec.capture import Site, family_of
 from streamspec.capture.groups import GroupPlan, as_labels, describe
@@ -538,7 +539,10 @@ class Monitor:
         exact = rows_per_group <= self.config.exact_threshold
         # Sketches accumulate in float32 even when the step runs under autocast (the autocast
         # state reaches tensor hooks).
-        with torch.autocast(device_type=adjoint.device.type, enabled=False):
+        with (
+            torch.autocast(device_type=adjoint.device.type, enabled=False),
+            record_function("streamspec.fold"),
+        ):
             state.sketch = self._trackers[index].step(activation, adjoint, exact, tie)
         state.positions += positions
         if tie is not None:
@@ -578,7 +582,8 @@ class Monitor:
                     self._epoch_counts[index] += plan.counts
             recorded = self._step % self.config.every == 0 and self._failed is None
             if recorded and plan is not None:
-                tensors, ready = _to_host([layer.tensors for layer in layers])
+                with record_function("streamspec.to_host"):
+                    tensors, ready = _to_host([layer.tensors for layer in layers])
                 for layer, host in zip(layers, tensors, strict=True):
                     layer.tensors = host
                 self._pipeline.submit(
