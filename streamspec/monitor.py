@@ -37,7 +37,7 @@ from streamspec.live.snapshot import Snapshot
 from streamspec.live.view import LiveView
 from streamspec.pipeline import EpochRecord, HostPipeline, LayerStep, StepRecord
 from streamspec.sketch.operators import RowOperator, stack_rows
-from streamspec.sketch.tracker import LayerTracker, StepSketch
+from streamspec.sketch.tracker import LayerTracker, SketchBank, SketchWidths, StepProducts
 from streamspec.store.writer import ArchiveWriter
 
 QUEUED_STEPS = 64  # recorded steps waiting for the host thread (back-pressure beyond)
@@ -141,7 +141,7 @@ class _LayerStepState:
     pending: list[tuple[RowOperator, torch.Tensor, int]] = field(default_factory=list)
     positions: int = 0
     n_positions: int = 0
-    sketch: StepSketch | None = None
+    products: StepProducts | None = None
 
 
 class Monitor:
@@ -223,12 +223,7 @@ class Monitor:
         self._step = self._writer.start_step
         self._epoch = self._writer.start_epoch
         self._generator = torch.Generator().manual_seed(config.seed)
-        self._trackers = [
-            LayerTracker(
-                s.h_in, s.h_out, len(config.groups), config.rank, config.oversample, self._generator
-            )
-            for s in sites
-        ]
+        self._trackers = _trackers(sites, len(config.groups), config, self._generator)
         self._index = {(id(s.module), s.key): i for i, s in enumerate(sites)}
         self._modules = {id(s.module) for s in sites}
         self._tied = [
@@ -543,7 +538,7 @@ class Monitor:
             torch.autocast(device_type=adjoint.device.type, enabled=False),
             record_function("streamspec.fold"),
         ):
-            state.sketch = self._trackers[index].step(activation, adjoint, exact, tie)
+            state.products = self._trackers[index].products(activation, adjoint, exact, tie)
         state.positions += positions
         if tie is not None:
             state.n_positions += tie[1]
@@ -565,27 +560,19 @@ class Monitor:
         self._callback_queued = False
         try:
             plan = self._step_plan
-            layers: list[LayerStep] = []
+            present: list[int] = []
             for index, state in enumerate(self._state):
                 if state.pending:
                     self._fold(index)
-                if state.sketch is not None and plan is not None:
-                    layers.append(
-                        LayerStep(
-                            index,
-                            state.sketch.route,
-                            state.sketch.tensors,
-                            state.positions,
-                            state.n_positions,
-                        )
-                    )
+                if state.products is not None and plan is not None:
+                    present.append(index)
                     self._epoch_counts[index] += plan.counts
             recorded = self._step % self.config.every == 0 and self._failed is None
-            if recorded and plan is not None:
-                with record_function("streamspec.to_host"):
-                    tensors, ready = _to_host([layer.tensors for layer in layers])
-                for layer, host in zip(layers, tensors, strict=True):
-                    layer.tensors = host
+            send = recorded and plan is not None
+            with record_function("streamspec.end_step"):
+                layers, ready = self._finish_step(present, send) if present else ([], None)
+            if send:
+                assert plan is not None
                 self._pipeline.submit(
                     StepRecord(self._step, self._epoch, plan.counts.copy(), layers, ready)
                 )
@@ -598,6 +585,51 @@ class Monitor:
             self._reset_step()
             self._step += 1
         self._emit_warnings()
+
+    def _finish_step(
+        self, present: list[int], send: bool
+    ) -> tuple[list[LayerStep], Callable[[], None] | None]:
+        """Batched end of a step: each bank of same-shape layers folds its layers' products at
+        once; then one packed transfer of every bank's small matrices to the host (plus the
+        rows of exact-route layers), without a host sync."""
+        by_bank: dict[int, tuple[SketchBank, dict[int, StepProducts]]] = {}
+        for index in present:
+            tracker, products = self._trackers[index], self._state[index].products
+            assert products is not None
+            by_bank.setdefault(id(tracker.bank), (tracker.bank, {}))[1][tracker.slot] = products
+        packed = {key: bank.finish(slots) for key, (bank, slots) in by_bank.items()}
+        if not send:
+            return [], None
+        device_tensors = list(packed.values())
+        extra: list[tuple[int, str]] = []
+        for index in present:
+            products = self._state[index].products
+            assert products is not None
+            for name, t in products.rows.items():
+                extra.append((index, name))
+                device_tensors.append(t)
+        host, ready = _to_host(device_tensors)
+        host_packed = dict(zip(packed, host[: len(packed)], strict=True))
+        rows: dict[int, dict[str, torch.Tensor]] = {}
+        for (index, name), t in zip(extra, host[len(packed) :], strict=True):
+            rows.setdefault(index, {})[name] = t
+        layers = []
+        for index in present:
+            tracker, state = self._trackers[index], self._state[index]
+            assert state.products is not None
+            if state.products.route == "exact":
+                tensors = rows.get(index, {})
+            else:
+                tensors = {
+                    **tracker.bank.unpack(host_packed[id(tracker.bank)], tracker.slot),
+                    **rows.get(index, {}),
+                }
+            layers.append(
+                LayerStep(
+                    index, state.products.route, tensors, state.positions, state.n_positions
+                )
+            )
+        return layers, ready
 
     def _reset_step(self) -> None:
         self._state = [_LayerStepState() for _ in self.sites]
@@ -678,33 +710,59 @@ class Monitor:
             )
 
 
-def _to_host(
-    tensor_dicts: list[dict[str, torch.Tensor]],
-) -> tuple[list[dict[str, torch.Tensor]], Any]:
+def _to_host(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], Any]:
     """Copy device tensors to the host without synchronising: pinned buffers, non-blocking
-    copies, one CUDA event. Returns the host dicts and a ``ready()`` that waits for the copies."""
-    events = []
-    out: list[dict[str, torch.Tensor]] = []
-    for tensors in tensor_dicts:
-        host: dict[str, torch.Tensor] = {}
-        for name, t in tensors.items():
-            if t.device.type == "cpu":
-                host[name] = t.detach()
-                continue
-            buffer = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-            buffer.copy_(t.detach(), non_blocking=True)
-            host[name] = buffer
-        out.append(host)
+    copies, one CUDA event per device. Returns the host tensors and a ``ready()`` that waits for
+    the copies (None when nothing was on a GPU)."""
+    out: list[torch.Tensor] = []
+    for t in tensors:
+        if t.device.type == "cpu":
+            out.append(t.detach())
+            continue
+        buffer = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        buffer.copy_(t.detach(), non_blocking=True)
+        out.append(buffer)
     # One event per device, recorded on the stream each copy was queued on.
-    for device in {t.device for tensors in tensor_dicts for t in tensors.values()}:
-        if device.type == "cuda":
-            events.append(torch.cuda.current_stream(device).record_event())
+    events = [
+        torch.cuda.current_stream(device).record_event()
+        for device in {t.device for t in tensors}
+        if device.type == "cuda"
+    ]
 
     def ready() -> None:
         for e in events:
             e.synchronize()
 
     return out, ready if events else None
+
+
+def _trackers(
+    sites: Sequence[Site], n_groups: int, config: Any, generator: torch.Generator
+) -> list[LayerTracker]:
+    """One tracker per weight matrix; matrices of one shape share a :class:`SketchBank`."""
+    widths = {
+        (s.h_in, s.h_out): SketchWidths.for_layer(s.h_in, s.h_out, config.rank, config.oversample)
+        for s in sites
+    }
+    counts: dict[tuple[int, int], int] = {}
+    for s in sites:
+        counts[(s.h_in, s.h_out)] = counts.get((s.h_in, s.h_out), 0) + 1
+    banks = {
+        shape: SketchBank(*shape, n_groups, widths[shape], capacity=n)
+        for shape, n in counts.items()
+    }
+    return [
+        LayerTracker(
+            s.h_in,
+            s.h_out,
+            n_groups,
+            config.rank,
+            config.oversample,
+            generator,
+            bank=banks[(s.h_in, s.h_out)],
+        )
+        for s in sites
+    ]
 
 
 def _store_label(store: object) -> str | None:

@@ -114,11 +114,168 @@ def _gram64(x: torch.Tensor) -> torch.Tensor:
     return x.mT @ x
 
 
+@dataclass
+class StepProducts:
+    """One layer's row products of one step (computed in its backward hook, while its rows are
+    alive); the rest of the step runs batched over a whole :class:`SketchBank` at the step's end.
+
+    Attributes:
+        s_in: ``Aᵀ[P | R] = [AᵀA·B_in | G·B_out]`` ``[C, h_in, b_in + b_out]`` float32.
+        s_out: ``Δᵀ[P | R] = [Gᵀ·B_in | ΔᵀΔ·B_out]`` ``[C, h_out, b_in + b_out]`` float32.
+        gram: ``[P | R]ᵀ[P | R]`` ``[C, b_in + b_out, b_in + b_out]`` float64 (holds the cores
+            ``B_inᵀAᵀAB_in``, ``B_outᵀΔᵀΔB_out`` and ``B_inᵀGB_out``).
+        norms: ``[C, 2]`` float64 ``‖A_c‖²_F``, ``‖Δ_c‖²_F``.
+        rows: for the exact route, the padded group rows (``activation``, ``adjoint``; and
+            ``position`` when tied); for a tied sketched layer, ``tied``.
+        route: ``"exact"`` or ``"sketch"``.
+    """
+
+    s_in: torch.Tensor
+    s_out: torch.Tensor
+    gram: torch.Tensor
+    norms: torch.Tensor
+    route: str
+    rows: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class SketchBank:
+    """Device state of ``L`` same-shape layers in one set of tensors, so that everything after
+    the row products runs once per bank and step, not once per layer: the epoch-sketch updates,
+    the warm blocks' orthonormalisation, the small Gram matrices and their transfer to the host.
+    On a GPU this is the difference between a few dozen and a few thousand kernel launches per
+    step.
+
+    State (leading ``[L, C]``): the blocks ``B_in = [Ω_in | W_in]`` ``[h_in, b_in]`` and
+    ``B_out = [Ω_out | W_out]``; the epoch sketches ``E_in = Σ[AᵀAΩ_in | GΩ_out]``
+    ``[h_in, e_in + e_out]``, ``E_out = Σ[GᵀΩ_in | ΔᵀΔΩ_out]`` and the core ``Z = ΣΩ_inᵀGΩ_out``
+    (float64).
+
+    Args:
+        h_in, h_out, n_groups, widths: the common shape.
+        capacity: number of layers (slots).
+    """
+
+    def __init__(
+        self, h_in: int, h_out: int, n_groups: int, widths: SketchWidths, capacity: int
+    ) -> None:
+        self.h_in, self.h_out, self.n_groups, self.widths = h_in, h_out, n_groups, widths
+        self.capacity = capacity
+        self.slots = 0
+        self.device: torch.device | None = None
+        w = widths
+        self.step_width = w.block_in + w.block_out
+        self._layout: dict[str, tuple[int, tuple[int, ...]]] = {}
+        offset = 0
+        bi, bo = w.block_in, w.block_out
+        for name, shape in (
+            ("core_a", (bi, bi)),
+            ("gram_a", (bi, bi)),
+            ("core_d", (bo, bo)),
+            ("gram_d", (bo, bo)),
+            ("gram_y", (bo, bo)),
+            ("gram_x", (bi, bi)),
+            ("core_g", (bi, bo)),
+            ("norm_a", ()),
+            ("norm_d", ()),
+        ):
+            self._layout[name] = (offset, shape)
+            offset += int(np.prod(shape))
+        self.packed_width = offset
+
+    def add(self) -> int:
+        """A slot for one more layer."""
+        if self.slots >= self.capacity:
+            raise RuntimeError("SketchBank is full")  # internal invariant, never a user error
+        self.slots += 1
+        return self.slots - 1
+
+    def allocate(self, device: torch.device) -> None:
+        w, c, n = self.widths, self.n_groups, self.capacity
+        f32 = {"dtype": torch.float32, "device": device}
+        self.block_in = torch.zeros(n, c, self.h_in, w.block_in, **f32)
+        self.block_out = torch.zeros(n, c, self.h_out, w.block_out, **f32)
+        self.epoch_in = torch.zeros(n, c, self.h_in, w.epoch_in + w.epoch_out, **f32)
+        self.epoch_out = torch.zeros(n, c, self.h_out, w.epoch_in + w.epoch_out, **f32)
+        self.epoch_core = torch.zeros(
+            n, c, w.epoch_in, w.epoch_out, dtype=torch.float64, device=device
+        )
+        bi = w.block_in
+        # Columns of a step's products that the epoch sketches take: the Ω part of each block.
+        self._epoch_columns = torch.cat(
+            [torch.arange(w.epoch_in), bi + torch.arange(w.epoch_out)]
+        ).to(device)
+        width = self.step_width
+        self._zeros = StepProducts(
+            torch.zeros(c, self.h_in, width, **f32),
+            torch.zeros(c, self.h_out, width, **f32),
+            torch.zeros(c, width, width, dtype=torch.float64, device=device),
+            torch.zeros(c, 2, dtype=torch.float64, device=device),
+            "sketch",
+        )
+        self.device = device
+
+    def finish(self, present: dict[int, StepProducts]) -> torch.Tensor:
+        """Fold the step's products of the layers in ``present`` (slot → products) into the
+        epoch sketches, advance the warm blocks, and pack the small float64 matrices the host
+        needs into one ``[L, C, F]`` tensor (read with :meth:`unpack`). Device work only, no host
+        sync. Slots absent from the step contribute zeros: their sketches and blocks are kept."""
+        w = self.widths
+        ei, eo, bi = w.epoch_in, w.epoch_out, w.block_in
+        parts = [present.get(i, self._zeros) for i in range(self.capacity)]
+        s_in = torch.stack([p.s_in for p in parts])  # [L, C, h_in, b_in + b_out]
+        s_out = torch.stack([p.s_out for p in parts])  # [L, C, h_out, b_in + b_out]
+        gram = torch.stack([p.gram for p in parts])  # [L, C, b, b] float64
+        norms = torch.stack([p.norms for p in parts])  # [L, C, 2]
+        # Epoch sketches: the Ω columns only (Ω is fixed within an epoch: linear sketches).
+        self.epoch_in += s_in.index_select(3, self._epoch_columns)
+        self.epoch_out += s_out.index_select(3, self._epoch_columns)
+        self.epoch_core += gram[..., :ei, bi : bi + eo]
+        # Warm blocks: one subspace-iteration step, kept orthogonal to Ω.
+        if w.warm_in:
+            self.block_in[..., ei:] = _keep_valid(
+                self.block_in[..., ei:], s_in[..., ei:bi], self.block_in[..., :ei]
+            )
+        if w.warm_out:
+            self.block_out[..., eo:] = _keep_valid(
+                self.block_out[..., eo:], s_out[..., bi + eo :], self.block_out[..., :eo]
+            )
+        g_in = _gram64(s_in)  # [[gram_a, ·], [·, gram_y]]
+        g_out = _gram64(s_out)  # [[gram_x, ·], [·, gram_d]]
+        return torch.cat(
+            [
+                gram[..., :bi, :bi].flatten(-2),
+                g_in[..., :bi, :bi].flatten(-2),
+                gram[..., bi:, bi:].flatten(-2),
+                g_out[..., bi:, bi:].flatten(-2),
+                g_in[..., bi:, bi:].flatten(-2),
+                g_out[..., :bi, :bi].flatten(-2),
+                gram[..., :bi, bi:].flatten(-2),
+                norms,
+            ],
+            dim=-1,
+        )
+
+    def unpack(self, packed: torch.Tensor, slot: int) -> dict[str, torch.Tensor]:
+        """One layer's host tensors (views) from :meth:`finish`'s packed output."""
+        row = packed[slot]
+        c = self.n_groups
+        return {
+            # view, never a copy: on the host the data may still be arriving (async copy)
+            name: row[:, offset : offset + int(np.prod(shape))].view(c, *shape)
+            for name, (offset, shape) in self._layout.items()
+        }
+
+
 class LayerTracker:
     """Streaming truncated-SVD tracker of one weight matrix, all groups batched.
 
-    Device state is fixed-size, ``O((b_in + b_out)·(h_in + h_out))`` per group, independent of
-    steps and data size.
+    Device state (in a :class:`SketchBank` slot, shared tensors with the other layers of its
+    shape) is fixed-size, ``O((b_in + b_out)·(h_in + h_out))`` per group, independent of steps and
+    data size.
+
+    A step is :meth:`products` (in the layer's backward hook: the four products with the rows)
+    followed by the bank's :meth:`SketchBank.finish` (once per bank at the step's end);
+    :meth:`step` does both for this layer alone.
 
     Args:
         h_in: input width of the weight matrix (columns of ``A``).
@@ -127,6 +284,7 @@ class LayerTracker:
         rank: ``k``, the number of singular values recorded.
         oversample: extra sketch columns beyond ``k``.
         generator: the monitor's own seeded generator (never the global RNG).
+        bank: the bank to take a slot in (a bank of one when omitted).
     """
 
     def __init__(
@@ -137,66 +295,79 @@ class LayerTracker:
         rank: int,
         oversample: int,
         generator: torch.Generator,
+        bank: SketchBank | None = None,
     ) -> None:
         self.h_in = h_in
         self.h_out = h_out
         self.n_groups = n_groups
         self.rank = rank
         self.widths = SketchWidths.for_layer(h_in, h_out, rank, oversample)
+        if bank is None:
+            bank = SketchBank(h_in, h_out, n_groups, self.widths, capacity=1)
+        self.bank = bank
+        self.slot = bank.add()
         self._generator = generator
         self._device: torch.device | None = None
-        self._omega: dict[str, torch.Tensor] = {}
-        self._warm: dict[str, torch.Tensor] = {}
-        self._sketch: dict[str, torch.Tensor] = {}
         self._seed_from_data = True  # first epoch: Ω from the first step's data
         self._steps = 0  # steps folded into the current epoch's sketches
 
+    # -- views of this layer's slot -------------------------------------------------------------
+
+    def _block(self, side: str) -> torch.Tensor:
+        return (self.bank.block_in if side == "in" else self.bank.block_out)[self.slot]
+
+    def omega(self, side: str) -> torch.Tensor:
+        """The epoch test matrix ``Ω`` of one side, ``[C, h, e]`` (a view)."""
+        e = self.widths.epoch_in if side == "in" else self.widths.epoch_out
+        return self._block(side)[..., :e]
+
+    def warm(self, side: str) -> torch.Tensor:
+        """The warm block ``W`` of one side, ``[C, h, v]`` (a view)."""
+        e = self.widths.epoch_in if side == "in" else self.widths.epoch_out
+        return self._block(side)[..., e:]
+
     def _setup(self, device: torch.device) -> None:
+        if self.bank.device is None:
+            self.bank.allocate(device)
+        elif self.bank.device != device:
+            # A model spread over devices: layers of one shape on another device get a bank of
+            # their own there.
+            self.bank = SketchBank(self.h_in, self.h_out, self.n_groups, self.widths, capacity=1)
+            self.slot = self.bank.add()
+            self.bank.allocate(device)
         w, g, c = self.widths, self._generator, self.n_groups
 
         def put(a: np.ndarray) -> torch.Tensor:
             return torch.as_tensor(a, dtype=torch.float32).to(device)
 
-        self._omega = {
-            "in": put(_orthonormal(g, c, self.h_in, w.epoch_in)),
-            "out": put(_orthonormal(g, c, self.h_out, w.epoch_out)),
-        }
-        self._warm = {
-            side: _against(self._omega[side], put(_orthonormal(g, c, dim, width)))
-            for side, dim, width in (("in", self.h_in, w.warm_in), ("out", self.h_out, w.warm_out))
-        }
+        for side, dim, e in (("in", self.h_in, w.epoch_in), ("out", self.h_out, w.epoch_out)):
+            self.omega(side).copy_(put(_orthonormal(g, c, dim, e)))
+        for side, dim, v in (("in", self.h_in, w.warm_in), ("out", self.h_out, w.warm_out)):
+            self.warm(side).copy_(_against(self.omega(side), put(_orthonormal(g, c, dim, v))))
         self._device = device
         self._reset_sketches()
 
     def _reset_sketches(self) -> None:
-        w, c, device = self.widths, self.n_groups, self._device
-        shapes = {
-            "y_a": (c, self.h_in, w.epoch_in),
-            "y_d": (c, self.h_out, w.epoch_out),
-            "y_g": (c, self.h_in, w.epoch_out),
-            "x_g": (c, w.epoch_in, self.h_out),
-            "z_g": (c, w.epoch_in, w.epoch_out),
-        }
-        self._sketch = {
-            k: torch.zeros(s, dtype=torch.float32, device=device) for k, s in shapes.items()
-        }
+        bank = self.bank
+        for t in (bank.epoch_in, bank.epoch_out, bank.epoch_core):
+            t[self.slot].zero_()
 
     # -- the step (hot path: products only, no host sync) -----------------------------------------
 
-    def step(
+    def products(
         self,
         activation: RowOperator | torch.Tensor,
         adjoint: torch.Tensor,
         exact: bool,
         tie: tuple[torch.Tensor, int] | None = None,
-    ) -> StepSketch:
-        """Fold one step into the epoch sketches and sketch the step's own spectra.
+    ) -> StepProducts:
+        """The step's products with this layer's rows (the only per-layer work of a step).
 
         Args:
             activation: ``[C, m, h_in]`` the groups' rows, zero-padded to a common ``m``, as a
                 tensor or as a :class:`RowOperator` (products only: conv patches, one-hot rows).
             adjoint: ``[C, m, h_out]`` the matching adjoint rows.
-            exact: send the rows themselves for an exact host-side factorisation (cheap when a
+            exact: keep the rows themselves for an exact host-side factorisation (cheap when a
                 group's rows are no more than a sketch's width).
             tie: ``(position [m], P)``: the position (time step, output pixel) of every row, for
                 the tying spectrum: σ of the ``P × (h_in·h_out)`` matrix whose rows are the
@@ -206,86 +377,79 @@ class LayerTracker:
             self._setup(adjoint.device)
         a = DenseRows(activation) if isinstance(activation, torch.Tensor) else activation
         d = adjoint.to(torch.float32)
-        w = self.widths
         if self._seed_from_data:
             self._seed_from_data = False
             self._seed(a, d)
-        vi, vo = w.warm_in, w.warm_out
-        ei, eo = w.epoch_in, w.epoch_out
         # Orthonormal blocks B = [Ω | W]: the warm block is kept orthogonal to Ω (re-orthogonalised
         # whenever either changes), so the epoch part stays exactly Ω (linear epoch sketches) and
         # the host needs no basis Gram.
-        b_in = torch.cat([self._omega["in"], self._warm["in"]], dim=2)  # [C, h_in, b_in]
-        b_out = torch.cat([self._omega["out"], self._warm["out"]], dim=2)  # [C, h_out, b_out]
-
-        p = a.mm(b_in)  # A·B_in      [C, m, b_in]
-        r = d @ b_out  # Δ·B_out     [C, m, b_out]
-        s_in = a.tmm(torch.cat([p, r], dim=2))  # [AᵀA·B_in | G·B_out]       [C, h_in, b_in+b_out]
-        s_out = d.mT @ torch.cat([r, p], dim=2)  # [ΔᵀΔ·B_out | Gᵀ·B_in]     [C, h_out, b_out+b_in]
-        bi = w.block_in
-        bo = w.block_out
-        y_a, y_g = s_in[..., :bi], s_in[..., bi:]
-        y_d, x_gt = s_out[..., :bo], s_out[..., bo:]
-        core_g = p.mT @ r  # B_inᵀ·G·B_out  [C, b_in, b_out]
-
-        sk = self._sketch
-        sk["y_a"] += y_a[..., :ei]
-        sk["y_d"] += y_d[..., :eo]
-        sk["y_g"] += y_g[..., :eo]
-        sk["x_g"] += x_gt[..., :ei].mT
-        sk["z_g"] += core_g[:, :ei, :eo]
-        if vi:
-            self._warm["in"] = _keep_valid(self._warm["in"], y_a[..., ei:], self._omega["in"])
-        if vo:
-            self._warm["out"] = _keep_valid(self._warm["out"], y_d[..., eo:], self._omega["out"])
+        b_in, b_out = self._block("in"), self._block("out")
+        pr = torch.cat([a.mm(b_in), d @ b_out], dim=2)  # [A·B_in | Δ·B_out]   [C, m, b_in+b_out]
+        pr64 = pr.to(torch.float64)
+        products = StepProducts(
+            s_in=a.tmm(pr),  # [AᵀA·B_in | G·B_out]
+            s_out=d.mT @ pr,  # [Gᵀ·B_in | ΔᵀΔ·B_out]
+            gram=pr64.mT @ pr64,
+            norms=torch.stack(
+                [a.sq_norm(), d.square().sum(dim=(1, 2), dtype=torch.float64)], dim=1
+            ),
+            route="exact" if exact else "sketch",
+        )
         self._steps += 1
-
         if exact:
-            tensors = {"activation": a.dense(), "adjoint": d}
+            products.rows = {"activation": a.dense(), "adjoint": d}
             if tie is not None:
-                tensors["position"] = tie[0]
-            return StepSketch("exact", tensors)
-        tensors = {
-            "core_a": _gram64(p),
-            "gram_a": _gram64(y_a),
-            "core_d": _gram64(r),
-            "gram_d": _gram64(y_d),
-            "gram_y": _gram64(y_g),
-            "gram_x": _gram64(x_gt),
-            "core_g": core_g.to(torch.float64),
-            "norm_a": a.sq_norm(),
-            "norm_d": d.square().sum(dim=(1, 2), dtype=torch.float64),
-        }
-        if tie is not None:
+                products.rows["position"] = tie[0]
+        elif tie is not None:
             if a.shape[1] <= TIED_EXACT_ROWS:
-                tensors["tied"] = self._tying_gram_exact(a, d, *tie)
+                products.rows["tied"] = self._tying_gram_exact(a, d, *tie)
             else:
                 q_in = orthonormalize(b_in).to(torch.float32)
                 q_out = orthonormalize(b_out).to(torch.float32)
-                tensors["tied"] = self._tying_gram(a.mm(q_in), d @ q_out, *tie)
-        return StepSketch("sketch", tensors)
+                products.rows["tied"] = self._tying_gram(a.mm(q_in), d @ q_out, *tie)
+        return products
+
+    def step(
+        self,
+        activation: RowOperator | torch.Tensor,
+        adjoint: torch.Tensor,
+        exact: bool,
+        tie: tuple[torch.Tensor, int] | None = None,
+    ) -> StepSketch:
+        """:meth:`products` and the bank's :meth:`SketchBank.finish` for this layer alone."""
+        products = self.products(activation, adjoint, exact, tie)
+        packed = self.bank.finish({self.slot: products})
+        return self.sketch_of(products, packed)
+
+    def sketch_of(self, products: StepProducts, packed: torch.Tensor) -> StepSketch:
+        """What this layer sends to the host, from its products and its bank's packed output."""
+        if products.route == "exact":
+            return StepSketch("exact", dict(products.rows))
+        return StepSketch("sketch", {**self.bank.unpack(packed, self.slot), **products.rows})
 
     def _seed(self, a: RowOperator, d: torch.Tensor) -> None:
         """The run's first step: power-iterate the warm blocks on its data, then take the first
         epoch's test matrices as their top-k directions plus fresh columns (a cold one-pass
         sketch of a flat spectrum would be off by tens of percent in its first epoch)."""
         w, k = self.widths, self.rank
+        warm = {"in": self.warm("in").clone(), "out": self.warm("out").clone()}
         for _ in range(WARMUP_ITERATIONS):
             if w.warm_in:
-                self._warm["in"] = _keep_valid(self._warm["in"], a.tmm(a.mm(self._warm["in"])))
+                warm["in"] = _keep_valid(warm["in"], a.tmm(a.mm(warm["in"])))
             if w.warm_out:
-                self._warm["out"] = _keep_valid(self._warm["out"], d.mT @ (d @ self._warm["out"]))
+                warm["out"] = _keep_valid(warm["out"], d.mT @ (d @ warm["out"]))
         g, c = self._generator, self.n_groups
-        for side, dim, warm in (("in", self.h_in, w.warm_in), ("out", self.h_out, w.warm_out)):
-            if not warm:
+        for side, dim, width in (("in", self.h_in, w.warm_in), ("out", self.h_out, w.warm_out)):
+            if not width:
                 continue  # Ω is the identity: exact already
-            top = min(k, warm)
-            fresh = self._omega[side][..., : self._omega[side].shape[-1] - top]
-            block = torch.cat([self._warm[side][..., :top], fresh], dim=2)
-            self._omega[side] = orthonormalize(block).to(torch.float32)
+            top = min(k, width)
+            omega = self.omega(side)
+            fresh = omega[..., : omega.shape[-1] - top]
+            block = torch.cat([warm[side][..., :top], fresh], dim=2)
+            omega.copy_(orthonormalize(block))
             # The warm block went into Ω: restart it from fresh directions orthogonal to Ω.
-            fresh_warm = torch.as_tensor(_orthonormal(g, c, dim, warm), dtype=torch.float32)
-            self._warm[side] = _against(self._omega[side], fresh_warm.to(self._device))
+            fresh_warm = torch.as_tensor(_orthonormal(g, c, dim, width), dtype=torch.float32)
+            self.warm(side).copy_(_against(omega, fresh_warm.to(self._device)))
 
     @staticmethod
     def _tying_gram_exact(
@@ -335,12 +499,10 @@ class LayerTracker:
         self._steps = 0
         host = {
             name: v.detach().to("cpu", torch.float64).numpy()
-            for name, v in (
-                ("omega_in", self._omega["in"]),
-                ("omega_out", self._omega["out"]),
-                *self._sketch.items(),
-            )
+            for name, v in self.state_dict().items()
         }
+        host["omega_in"] = self.omega("in").to("cpu", torch.float64).numpy()
+        host["omega_out"] = self.omega("out").to("cpu", torch.float64).numpy()
         out: dict[str, list[np.ndarray]] = {"activation": [], "adjoint": [], "gradient": []}
         directions: dict[str, list[np.ndarray | None]] = {"in": [], "out": []}
         for i in range(c):
@@ -381,14 +543,21 @@ class LayerTracker:
             for i, found in enumerate(directions[side]):
                 if found is not None and found.size:
                     fresh[i, :, : found.shape[1]] = found
-            self._omega[side] = torch.as_tensor(np.linalg.qr(fresh)[0], dtype=torch.float32).to(
-                self._device
-            )
-            self._warm[side] = _against(self._omega[side], self._warm[side])
+            omega = self.omega(side)
+            omega.copy_(torch.as_tensor(np.linalg.qr(fresh)[0], dtype=torch.float32))
+            self.warm(side).copy_(_against(omega, self.warm(side)))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The epoch sketches (sum them across data-parallel ranks to merge)."""
-        return dict(self._sketch)
+        """The epoch sketches (views; sum them across data-parallel ranks to merge)."""
+        w, bank, i = self.widths, self.bank, self.slot
+        ei = w.epoch_in
+        return {
+            "y_a": bank.epoch_in[i][..., :ei],
+            "y_d": bank.epoch_out[i][..., ei:],
+            "y_g": bank.epoch_in[i][..., ei:],
+            "x_g": bank.epoch_out[i][..., :ei].mT,
+            "z_g": bank.epoch_core[i],
+        }
 
 
 def _against(omega: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ from streamspec.sketch.tracker import LayerTracker
 
 
 def blocks(tracker: LayerTracker) -> list[torch.Tensor]:
-    return [torch.cat([tracker._omega[side], tracker._warm[side]], dim=2) for side in ("in", "out")]
+    return [torch.cat([tracker.omega(side), tracker.warm(side)], dim=2) for side in ("in", "out")]
 
 
 def test_blocks_stay_orthonormal_across_steps_absent_groups_and_epochs() -> None:
