@@ -214,6 +214,39 @@ def profile(cfg: Config, device: torch.device, steps: int = 3, rows: int = 40) -
         opt.step()
 
     step()
+    # The host thread's load: its busy time per step and how long training waited on its queue.
+    from streamspec.pipeline import HostPipeline
+
+    load = {"host_s": 0.0, "submit_wait_s": 0.0, "steps": 0}
+    on_step, submit = HostPipeline._on_step, HostPipeline.submit
+
+    def timed_on_step(self: Any, rec: Any) -> None:
+        t0 = time.perf_counter()
+        on_step(self, rec)
+        load["host_s"] += time.perf_counter() - t0
+        load["steps"] += 1
+
+    def timed_submit(self: Any, item: Any) -> None:
+        t0 = time.perf_counter()
+        submit(self, item)
+        load["submit_wait_s"] += time.perf_counter() - t0
+
+    HostPipeline._on_step, HostPipeline.submit = timed_on_step, timed_submit  # type: ignore[method-assign]
+    try:
+        t0 = time.perf_counter()
+        for _ in range(10):
+            step()
+        mon.flush()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / 10
+    finally:
+        HostPipeline._on_step, HostPipeline.submit = on_step, submit  # type: ignore[method-assign]
+    n = max(int(load["steps"]), 1)
+    load_line = (
+        f"10 steps: {wall * 1e3:.1f} ms/step; host thread busy {load['host_s'] / n * 1e3:.1f} "
+        f"ms/step; training waited on the host queue {load['submit_wait_s'] / 10 * 1e3:.1f} ms/step"
+    )
     activities = [ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(ProfilerActivity.CUDA)
@@ -225,7 +258,7 @@ def profile(cfg: Config, device: torch.device, steps: int = 3, rows: int = 40) -
             torch.cuda.synchronize()
     mon.close()
     table = prof.key_averages()
-    parts = [f"{steps} monitored steps, config {cfg.name}, {device}"]
+    parts = [f"{steps} monitored steps, config {cfg.name}, {device}", load_line]
     if device.type == "cuda":
         parts.append(table.table(sort_by="self_cuda_time_total", row_limit=rows))
     parts.append(table.table(sort_by="self_cpu_time_total", row_limit=rows))

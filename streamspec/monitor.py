@@ -37,7 +37,13 @@ from streamspec.live.snapshot import Snapshot
 from streamspec.live.view import LiveView
 from streamspec.pipeline import EpochRecord, HostPipeline, LayerStep, StepRecord
 from streamspec.sketch.operators import RowOperator, stack_rows
-from streamspec.sketch.tracker import LayerTracker, SketchBank, SketchWidths, StepProducts
+from streamspec.sketch.tracker import (
+    LayerTracker,
+    SketchBank,
+    SketchWidths,
+    StepProducts,
+    finish_banks,
+)
 from streamspec.store.writer import ArchiveWriter
 
 QUEUED_STEPS = 64  # recorded steps waiting for the host thread (back-pressure beyond)
@@ -597,7 +603,7 @@ class Monitor:
             tracker, products = self._trackers[index], self._state[index].products
             assert products is not None
             by_bank.setdefault(id(tracker.bank), (tracker.bank, {}))[1][tracker.slot] = products
-        packed = {key: bank.finish(slots) for key, (bank, slots) in by_bank.items()}
+        packed = dict(zip(by_bank, finish_banks(list(by_bank.values())), strict=True))
         if not send:
             return [], None
         device_tensors = list(packed.values())
@@ -609,7 +615,7 @@ class Monitor:
                 extra.append((index, name))
                 device_tensors.append(t)
         host, ready = _to_host(device_tensors)
-        host_packed = dict(zip(packed, host[: len(packed)], strict=True))
+        host_packed = {key: t.numpy() for key, t in zip(packed, host[: len(packed)], strict=True)}
         rows: dict[int, dict[str, torch.Tensor]] = {}
         for (index, name), t in zip(extra, host[len(packed) :], strict=True):
             rows.setdefault(index, {})[name] = t
@@ -617,17 +623,16 @@ class Monitor:
         for index in present:
             tracker, state = self._trackers[index], self._state[index]
             assert state.products is not None
+            tensors: dict[str, torch.Tensor | np.ndarray]
             if state.products.route == "exact":
-                tensors = rows.get(index, {})
+                tensors = dict(rows.get(index, {}))
             else:
                 tensors = {
                     **tracker.bank.unpack(host_packed[id(tracker.bank)], tracker.slot),
                     **rows.get(index, {}),
                 }
             layers.append(
-                LayerStep(
-                    index, state.products.route, tensors, state.positions, state.n_positions
-                )
+                LayerStep(index, state.products.route, tensors, state.positions, state.n_positions)
             )
         return layers, ready
 

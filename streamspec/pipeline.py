@@ -55,7 +55,7 @@ class LayerStep:
 
     index: int
     route: str
-    tensors: dict[str, torch.Tensor]
+    tensors: dict[str, torch.Tensor | np.ndarray]
     positions: int
     n_positions: int = 0  # distinct positions for the tying spectrum (0: not tied)
 
@@ -279,7 +279,7 @@ class HostPipeline:
         h_in, h_out = self._widths[layer.index]
         out = np.full((3, counts.size, k), np.nan)
         err = np.full((3, counts.size, k), np.nan)
-        t = {name: v.numpy() for name, v in layer.tensors.items() if name != "position"}
+        t = {name: _host(v) for name, v in layer.tensors.items() if name != "position"}
         if not all(np.isfinite(v).all() for v in t.values()):
             with self._lock:
                 self._nonfinite_layers.add(self.layout.layers[layer.index])
@@ -316,9 +316,7 @@ class HostPipeline:
             )
             by_shape.setdefault(key, []).append(layer)
         for group in by_shape.values():
-            stacked = {
-                n: np.concatenate([lay.tensors[n].numpy() for lay in group]) for n in _SKETCH
-            }
+            stacked = {n: np.concatenate([_host(lay.tensors[n]) for lay in group]) for n in _SKETCH}
             finite = np.ones(len(group) * n_groups, dtype=bool)
             for v in stacked.values():
                 finite &= np.isfinite(v.reshape(v.shape[0], -1)).all(axis=1)
@@ -356,7 +354,7 @@ class HostPipeline:
         k = self.layout.rank
         h_in, h_out = self._widths[layer.index]
         out = np.full((counts.size, k), np.nan)
-        t = {name: v.numpy() for name, v in layer.tensors.items()}
+        t = {name: _host(v) for name, v in layer.tensors.items()}
         for c, n in enumerate(counts):
             if n == 0:
                 continue
@@ -398,3 +396,8 @@ class HostPipeline:
             snap = self.snapshot()
             if snap is not None:
                 print(epoch_line(snap), file=sys.stderr, flush=True)
+
+
+def _host(value: torch.Tensor | np.ndarray) -> np.ndarray:
+    """A host tensor's numpy view (sketched layers arrive as numpy views of a packed buffer)."""
+    return value if isinstance(value, np.ndarray) else value.numpy()

@@ -27,9 +27,11 @@ the first step's data.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from streamspec.sketch.host import generalized_nystrom_values
 from streamspec.sketch.linalg import nystrom, orthonormalize
@@ -93,7 +95,7 @@ class StepSketch:
     """
 
     route: str
-    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    tensors: dict[str, torch.Tensor | np.ndarray] = field(default_factory=dict)
 
 
 def _random(generator: torch.Generator, *shape: int) -> np.ndarray:
@@ -106,6 +108,10 @@ def _orthonormal(generator: torch.Generator, n_groups: int, dim: int, width: int
     if width >= dim:
         return np.broadcast_to(np.eye(dim), (n_groups, dim, dim)).copy()
     return np.linalg.qr(_random(generator, n_groups, dim, width))[0]
+
+
+def _gram(x: torch.Tensor) -> torch.Tensor:
+    return x.mT @ x
 
 
 def _gram64(x: torch.Tensor) -> torch.Tensor:
@@ -191,7 +197,7 @@ class SketchBank:
 
     def allocate(self, device: torch.device) -> None:
         w, c, n = self.widths, self.n_groups, self.capacity
-        f32 = {"dtype": torch.float32, "device": device}
+        f32: dict[str, Any] = {"dtype": torch.float32, "device": device}
         self.block_in = torch.zeros(n, c, self.h_in, w.block_in, **f32)
         self.block_out = torch.zeros(n, c, self.h_out, w.block_out, **f32)
         self.epoch_in = torch.zeros(n, c, self.h_in, w.epoch_in + w.epoch_out, **f32)
@@ -215,10 +221,10 @@ class SketchBank:
         self.device = device
 
     def finish(self, present: dict[int, StepProducts]) -> torch.Tensor:
-        """Fold the step's products of the layers in ``present`` (slot → products) into the
-        epoch sketches, advance the warm blocks, and pack the small float64 matrices the host
-        needs into one ``[L, C, F]`` tensor (read with :meth:`unpack`). Device work only, no host
-        sync. Slots absent from the step contribute zeros: their sketches and blocks are kept."""
+        """:func:`finish_banks` for this bank alone."""
+        return finish_banks([(self, present)])[0]
+
+    def _fold(self, present: dict[int, StepProducts]) -> tuple[torch.Tensor, list[_WarmUpdate]]:
         w = self.widths
         ei, eo, bi = w.epoch_in, w.epoch_out, w.block_in
         parts = [present.get(i, self._zeros) for i in range(self.capacity)]
@@ -230,40 +236,97 @@ class SketchBank:
         self.epoch_in += s_in.index_select(3, self._epoch_columns)
         self.epoch_out += s_out.index_select(3, self._epoch_columns)
         self.epoch_core += gram[..., :ei, bi : bi + eo]
-        # Warm blocks: one subspace-iteration step, kept orthogonal to Ω.
+        # Warm blocks: one subspace-iteration step each, kept orthogonal to Ω.
+        warm = []
         if w.warm_in:
-            self.block_in[..., ei:] = _keep_valid(
-                self.block_in[..., ei:], s_in[..., ei:bi], self.block_in[..., :ei]
-            )
+            block = self.block_in
+            warm.append(_WarmUpdate(block[..., ei:], s_in[..., ei:bi], block[..., :ei]))
         if w.warm_out:
-            self.block_out[..., eo:] = _keep_valid(
-                self.block_out[..., eo:], s_out[..., bi + eo :], self.block_out[..., :eo]
-            )
-        g_in = _gram64(s_in)  # [[gram_a, ·], [·, gram_y]]
-        g_out = _gram64(s_out)  # [[gram_x, ·], [·, gram_d]]
-        return torch.cat(
+            block = self.block_out
+            warm.append(_WarmUpdate(block[..., eo:], s_out[..., bi + eo :], block[..., :eo]))
+        # Grams of the diagonal blocks only, in float64: (AᵀAB_in), (GB_out) of s_in; (GᵀB_in),
+        # (ΔᵀΔB_out) of s_out.
+        s_in64, s_out64 = s_in.to(torch.float64), s_out.to(torch.float64)
+        packed = torch.cat(
             [
-                gram[..., :bi, :bi].flatten(-2),
-                g_in[..., :bi, :bi].flatten(-2),
-                gram[..., bi:, bi:].flatten(-2),
-                g_out[..., bi:, bi:].flatten(-2),
-                g_in[..., bi:, bi:].flatten(-2),
-                g_out[..., :bi, :bi].flatten(-2),
-                gram[..., :bi, bi:].flatten(-2),
+                gram[..., :bi, :bi].flatten(-2),  # core_a
+                _gram(s_in64[..., :bi]).flatten(-2),  # gram_a
+                gram[..., bi:, bi:].flatten(-2),  # core_d
+                _gram(s_out64[..., bi:]).flatten(-2),  # gram_d
+                _gram(s_in64[..., bi:]).flatten(-2),  # gram_y
+                _gram(s_out64[..., :bi]).flatten(-2),  # gram_x
+                gram[..., :bi, bi:].flatten(-2),  # core_g
                 norms,
             ],
             dim=-1,
         )
+        return packed, warm
 
-    def unpack(self, packed: torch.Tensor, slot: int) -> dict[str, torch.Tensor]:
-        """One layer's host tensors (views) from :meth:`finish`'s packed output."""
+    def unpack(
+        self, packed: torch.Tensor | np.ndarray, slot: int
+    ) -> dict[str, torch.Tensor | np.ndarray]:
+        """One layer's matrices from :func:`finish_banks`' packed output: views, never copies
+        (on the host the data may still be arriving through an async copy)."""
         row = packed[slot]
         c = self.n_groups
-        return {
-            # view, never a copy: on the host the data may still be arriving (async copy)
-            name: row[:, offset : offset + int(np.prod(shape))].view(c, *shape)
-            for name, (offset, shape) in self._layout.items()
-        }
+        out: dict[str, torch.Tensor | np.ndarray] = {}
+        for name, (offset, shape) in self._layout.items():
+            part = row[:, offset : offset + int(np.prod(shape))]
+            if isinstance(part, np.ndarray):
+                out[name] = np.reshape(part, (c, *shape), copy=False)
+            else:
+                out[name] = part.view(c, *shape)
+        return out
+
+
+@dataclass
+class _WarmUpdate:
+    """A warm block to advance: ``block ← orth((I − ΩΩᵀ)·y)`` where usable (see ``_keep_valid``)."""
+
+    block: torch.Tensor  # [..., h, v] view into a bank's state, updated in place
+    y: torch.Tensor  # [..., h, v] the block times the step's Gram (AᵀA·W or ΔᵀΔ·W)
+    omega: torch.Tensor  # [..., h, e] the epoch test matrix the block stays orthogonal to
+
+
+def finish_banks(work: list[tuple[SketchBank, dict[int, StepProducts]]]) -> list[torch.Tensor]:
+    """The step's end for several banks: each folds its layers' products (slot → products) into
+    its epoch sketches and packs the small float64 matrices for the host (``[L, C, F]``, read
+    with :meth:`SketchBank.unpack`); then every warm block of every bank advances in one batched
+    orthonormalisation (blocks zero-padded to a common height: zero rows change neither Grams
+    nor projections). Device work only, no host sync. Slots absent from the step contribute
+    zeros: their sketches and blocks are kept."""
+    packed, updates = [], []
+    for bank, present in work:
+        p, warm = bank._fold(present)
+        packed.append(p)
+        updates += warm
+    by_width: dict[int, list[_WarmUpdate]] = {}
+    for u in updates:
+        by_width.setdefault(u.y.shape[-1], []).append(u)
+    for group in by_width.values():
+        if len(group) == 1:
+            u = group[0]
+            u.block.copy_(_keep_valid(u.block, u.y, u.omega))
+            continue
+        height = max(u.y.shape[-2] for u in group)
+        width = max(u.omega.shape[-1] for u in group)
+
+        def pad(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+            flat = t.reshape(-1, *t.shape[-2:])
+            return F.pad(flat, (0, cols - t.shape[-1], 0, rows - t.shape[-2]))
+
+        v = group[0].y.shape[-1]
+        new = _keep_valid(
+            torch.cat([pad(u.block, height, v) for u in group]),
+            torch.cat([pad(u.y, height, v) for u in group]),
+            torch.cat([pad(u.omega, height, width) for u in group]),
+        )
+        start = 0
+        for u in group:
+            n, h = int(np.prod(u.y.shape[:-2])), u.y.shape[-2]
+            u.block.copy_(new[start : start + n, :h].reshape(u.block.shape))
+            start += n
+    return packed
 
 
 class LayerTracker:

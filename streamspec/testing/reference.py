@@ -116,7 +116,7 @@ class ExactRecorder:
         rows = a.shape[0]
         bounds = (min(rows, a.shape[1]), min(rows, d.shape[1]), min(rows, a.shape[1], d.shape[1]))
         for i, (m, b) in enumerate(zip((a, d, g), bounds, strict=True)):
-            s = torch.linalg.svdvals(m).numpy()
+            s = torch.linalg.svdvals(m).cpu().numpy()
             keep = min(b, rank)
             out[i, :keep] = s[:keep]
         if normalize == "mean":

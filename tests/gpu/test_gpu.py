@@ -95,13 +95,14 @@ def test_every_family_runs_without_sync_and_matches_cpu(exact_rows: int | None) 
     for device in ("cpu", "cuda"):
         torch.manual_seed(0)
         model = Families().to(device)
+        x, i = image.to(device), ids.to(device)  # a pageable host → device copy synchronises
         with streamspec.watch(model, ["a", "b"], rank=4, live=False, exact_rows=exact_rows) as mon:
             for step in range(3):
                 mon.label(labels)
                 if device == "cuda" and step >= 1:
                     torch.cuda.set_sync_debug_mode("error")
                 try:
-                    model(image.to(device), ids.to(device)).pow(2).mean().backward()
+                    model(x, i).pow(2).mean().backward()
                 finally:
                     torch.cuda.set_sync_debug_mode("default")
             ds = mon.to_xarray()
