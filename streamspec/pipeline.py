@@ -8,11 +8,13 @@ no step is ever dropped) and at ``end_epoch()``/``close()`` boundaries that ask 
 
 from __future__ import annotations
 
+import os
 import queue
 import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,6 +98,25 @@ def _single_threaded_host_blas() -> Any:
     return pools.limit(limits=1) if pools.lib_controllers else None
 
 
+_MIN_CHUNK = 8  # (layer, group) problems per worker chunk: smaller ones are not worth a hand-off
+
+
+def host_workers(cores: int | None = None) -> int:
+    """Threads for the host factorisations: one per four cores beyond the first four, at most
+    four (a 2-core machine keeps one: training needs those cores); ``STREAMSPEC_HOST_WORKERS``
+    overrides."""
+    override = os.environ.get("STREAMSPEC_HOST_WORKERS")
+    if override:
+        try:
+            return max(1, int(override))
+        except ValueError:
+            pass
+    if cores is None:
+        affinity = getattr(os, "sched_getaffinity", None)
+        cores = len(affinity(0)) if affinity is not None else (os.cpu_count() or 1)
+    return int(min(4, max(1, cores // 4)))
+
+
 def _bounded(values: np.ndarray, bound: int, rank: int) -> np.ndarray:
     """Top-``rank`` of descending ``values``, NaN beyond the matrix's rank ``bound``."""
     out = np.full(rank, np.nan)
@@ -144,6 +165,13 @@ class HostPipeline:
         self._reported_nonfinite: set[str] = set()
         self._error: BaseException | None = None
         self._blas = _single_threaded_host_blas()
+        # Spare cores (a GPU machine's host): factorise chunks of a step's sketches in parallel.
+        self._workers = host_workers()
+        self._pool = (
+            ThreadPoolExecutor(self._workers, thread_name_prefix="streamspec-host-worker")
+            if self._workers > 1
+            else None
+        )
         self._thread = threading.Thread(target=self._run, name="streamspec-host", daemon=True)
         self._thread.start()
 
@@ -160,6 +188,9 @@ class HostPipeline:
         if self._thread.is_alive():
             self._queue.put(_STOP)
             self._thread.join()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
         if self._blas is not None:
             self._blas.restore_original_limits()
             self._blas = None
@@ -327,7 +358,7 @@ class HostPipeline:
                     for j, lay in enumerate(group):
                         if not finite[j * n_groups : (j + 1) * n_groups].all():
                             self._nonfinite_layers.add(self.layout.layers[lay.index])
-            spectra, errors = sketched_spectra(stacked)
+            spectra, errors = self._spectra(stacked)
             for j, lay in enumerate(group):
                 h_in, h_out = self._widths[lay.index]
                 for c, n in enumerate(counts):
@@ -348,6 +379,24 @@ class HostPipeline:
                         error[lay.index, kind, c] = (
                             _bounded(errors[kind][i], bounds[kind], k) / scale[kind]
                         )
+
+    def _spectra(self, stacked: dict[str, np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """:func:`sketched_spectra` of a batch, split over the worker pool when there is one
+        (LAPACK releases the GIL: the chunks run in parallel on spare cores)."""
+        n = next(iter(stacked.values())).shape[0]
+        if self._pool is None or n < 2 * _MIN_CHUNK:
+            return sketched_spectra(stacked)
+        parts = min(self._workers, n // _MIN_CHUNK)
+        edges = np.linspace(0, n, parts + 1).astype(int)
+        chunks = [
+            {name: v[lo:hi] for name, v in stacked.items()}
+            for lo, hi in zip(edges[:-1], edges[1:], strict=True)
+        ]
+        results = list(self._pool.map(sketched_spectra, chunks))
+        return (
+            [np.concatenate([r[0][kind] for r in results]) for kind in range(3)],
+            [np.concatenate([r[1][kind] for r in results]) for kind in range(3)],
+        )
 
     def _layer_tied(self, layer: LayerStep, counts: np.ndarray) -> np.ndarray:
         """``[C, k]`` tying spectrum of one layer in one step (normalised like the gradient)."""

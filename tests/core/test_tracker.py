@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from streamspec.sketch.operators import transposed_product
 from streamspec.sketch.tracker import LayerTracker
 
 
@@ -30,3 +31,42 @@ def test_blocks_stay_orthonormal_across_steps_absent_groups_and_epochs() -> None
         tracker.end_epoch()
         for b in blocks(tracker):
             assert (b.mT @ b - torch.eye(b.shape[-1])).abs().max().item() < 1e-5
+
+
+def test_split_transposed_product_equals_the_plain_product() -> None:
+    """The GPU's split-K form of ``xᵀy`` (forced here on the CPU) is the same product."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 2048, 48, generator=g, dtype=torch.float64)
+    y = torch.randn(2, 2048, 9, generator=g, dtype=torch.float64)
+    for slices in (None, 1, 4, 3):  # 3 does not divide 2048: falls back to one product
+        got = transposed_product(x, y, slices)
+        torch.testing.assert_close(got, x.mT @ y, rtol=1e-12, atol=1e-10)
+    assert transposed_product(x, y, 4).shape == (2, 48, 9)
+
+
+def test_host_workers_split_the_factorisations_without_changing_them(monkeypatch) -> None:
+    """With a worker pool the host factorises chunks of a step's sketches in parallel; every
+    recorded number is the same as with one thread."""
+    import numpy as np
+    from torch import nn
+
+    import streamspec
+    from streamspec.pipeline import host_workers
+
+    assert host_workers(2) == 1 and host_workers(16) == 4 and host_workers(64) == 4
+    out = {}
+    for workers in ("1", "3"):
+        monkeypatch.setenv("STREAMSPEC_HOST_WORKERS", workers)
+        torch.manual_seed(0)
+        model = nn.Sequential(*[nn.Linear(24, 24) for _ in range(5)])
+        x = torch.randn(32, 24, generator=torch.Generator().manual_seed(1))
+        labels = torch.arange(32) % 4
+        with streamspec.watch(model, list("abcd"), rank=4, live=False, exact_rows=0) as mon:
+            for _ in range(3):
+                mon.label(labels)
+                model(x).pow(2).mean().backward()
+            ds = mon.to_xarray()
+        out[workers] = (ds["sigma"].values, ds["sigma_err"].values)
+    for a, b in zip(out["1"], out["3"], strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert np.isfinite(out["1"][0][:, :, :, :, 0]).all()
