@@ -9,7 +9,6 @@ for an embedding ``A`` is one-hot rows, so the products are a gather and a scatt
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -41,28 +40,6 @@ class RowOperator(Protocol):
         ...
 
 
-SPLIT_ROWS = 512  # rows per slice of a split transposed product on a GPU
-
-
-def transposed_product(x: torch.Tensor, y: torch.Tensor, slices: int | None = None) -> torch.Tensor:
-    """``xᵀy`` for ``x [C, m, h]``, ``y [C, m, w]``: a long reduction (``m`` rows) into a small
-    ``h × w`` result. On a GPU a plain batched GEMM of that shape occupies few multiprocessors,
-    so the rows are split into slices (a manual split-K: ``C·S`` products of ``m/S`` rows, then
-    a sum over the slices); on a CPU it is one batched product."""
-    c, m, h = x.shape
-    if slices is None:
-        slices = m // SPLIT_ROWS if x.is_cuda and _SPLIT_K else 1
-    if slices < 2 or m % slices:
-        return x.mT @ y
-    rows = m // slices
-    xs = x.reshape(c * slices, rows, h)
-    ys = y.reshape(c * slices, rows, y.shape[-1])
-    return (xs.mT @ ys).view(c, slices, h, y.shape[-1]).sum(dim=1)
-
-
-_SPLIT_K = os.environ.get("STREAMSPEC_SPLIT_K", "1") != "0"
-
-
 class DenseRows:
     """An explicit ``[C, m, h]`` matrix (Linear layers)."""
 
@@ -78,7 +55,7 @@ class DenseRows:
         return self.rows @ x
 
     def tmm(self, y: torch.Tensor) -> torch.Tensor:
-        return transposed_product(self.rows, y)
+        return self.rows.mT @ y
 
     def dense(self) -> torch.Tensor:
         return self.rows

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from streamspec.sketch.host import generalized_nystrom_values
 from streamspec.sketch.linalg import nystrom, orthonormalize
-from streamspec.sketch.operators import DenseRows, RowOperator, transposed_product
+from streamspec.sketch.operators import DenseRows, RowOperator
 
 WARMUP_ITERATIONS = 4  # power iterations of the warm blocks on the run's first step
 TIED_EXACT_ROWS = 4096  # per-group rows up to which the tying spectrum is computed exactly
@@ -451,7 +451,7 @@ class LayerTracker:
         pr64 = pr.to(torch.float64)
         products = StepProducts(
             s_in=a.tmm(pr),  # [AᵀA·B_in | G·B_out]
-            s_out=transposed_product(d, pr),  # [Gᵀ·B_in | ΔᵀΔ·B_out]
+            s_out=d.mT @ pr,  # [Gᵀ·B_in | ΔᵀΔ·B_out]
             gram=pr64.mT @ pr64,
             norms=torch.stack(
                 [a.sq_norm(), d.square().sum(dim=(1, 2), dtype=torch.float64)], dim=1

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from streamspec.sketch.operators import transposed_product
 from streamspec.sketch.tracker import LayerTracker
 
 
@@ -31,17 +30,6 @@ def test_blocks_stay_orthonormal_across_steps_absent_groups_and_epochs() -> None
         tracker.end_epoch()
         for b in blocks(tracker):
             assert (b.mT @ b - torch.eye(b.shape[-1])).abs().max().item() < 1e-5
-
-
-def test_split_transposed_product_equals_the_plain_product() -> None:
-    """The GPU's split-K form of ``xᵀy`` (forced here on the CPU) is the same product."""
-    g = torch.Generator().manual_seed(2)
-    x = torch.randn(2, 2048, 48, generator=g, dtype=torch.float64)
-    y = torch.randn(2, 2048, 9, generator=g, dtype=torch.float64)
-    for slices in (None, 1, 4, 3):  # 3 does not divide 2048: falls back to one product
-        got = transposed_product(x, y, slices)
-        torch.testing.assert_close(got, x.mT @ y, rtol=1e-12, atol=1e-10)
-    assert transposed_product(x, y, 4).shape == (2, 48, 9)
 
 
 def test_host_workers_split_the_factorisations_without_changing_them(monkeypatch) -> None:

@@ -112,7 +112,9 @@ def test_every_family_runs_without_sync_and_matches_cpu(exact_rows: int | None) 
     assert (np.isfinite(out["cpu"]) == np.isfinite(out["cuda"])).all()
     # Self-attention fills the fused in_proj entry; its :q/:k/:v entries stay NaN (documented).
     assert both[:, :, :, :, 0].all(axis=(0, 2, 3)).sum() >= 11
-    # Values near float32 rounding of the largest (σ_j ≲ 1e-5·σ₁) differ between devices.
+    # Values far below σ₁ are ill-determined in float32 (attn.out_proj's σ₄ ≈ 5e-4·σ₁ differs by
+    # 0.02% of σ₁ between the CPUs of two machines, and between CPU and CUDA): compare each
+    # value to 0.5% of itself plus 0.1% of its spectrum's σ₁.
     top = np.broadcast_to(np.nan_to_num(out["cpu"][..., :1]), out["cpu"].shape)
     gap = np.abs(out["cuda"] - out["cpu"])[both]
-    assert (gap <= 5e-3 * np.abs(out["cpu"][both]) + 1e-4 * top[both]).all(), gap.max()
+    assert (gap <= 5e-3 * np.abs(out["cpu"][both]) + 1e-3 * top[both]).all(), gap.max()
