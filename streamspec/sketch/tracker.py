@@ -26,6 +26,7 @@ the first step's data.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +38,7 @@ from streamspec.sketch.host import generalized_nystrom_values
 from streamspec.sketch.linalg import nystrom, orthonormalize
 from streamspec.sketch.operators import DenseRows, RowOperator
 
+_SETUP_LOCK = threading.Lock()
 WARMUP_ITERATIONS = 4  # power iterations of the warm blocks on the run's first step
 TIED_EXACT_ROWS = 4096  # per-group rows up to which the tying spectrum is computed exactly
 _EPOCH_SKETCHES = ("y_a", "y_d", "y_g", "x_g", "z_g")
@@ -390,14 +392,8 @@ class LayerTracker:
         return self._block(side)[..., e:]
 
     def _setup(self, device: torch.device) -> None:
-        if self.bank.device is None:
-            self.bank.allocate(device)
-        elif self.bank.device != device:
-            # A model spread over devices: layers of one shape on another device get a bank of
-            # their own there.
-            self.bank = SketchBank(self.h_in, self.h_out, self.n_groups, self.widths, capacity=1)
-            self.slot = self.bank.add()
-            self.bank.allocate(device)
+        with _SETUP_LOCK:  # a multi-device backward runs hooks on several threads
+            self._claim_bank(device)
         w, g, c = self.widths, self._generator, self.n_groups
 
         def put(a: np.ndarray) -> torch.Tensor:
@@ -409,6 +405,16 @@ class LayerTracker:
             self.warm(side).copy_(_against(self.omega(side), put(_orthonormal(g, c, dim, v))))
         self._device = device
         self._reset_sketches()
+
+    def _claim_bank(self, device: torch.device) -> None:
+        if self.bank.device is None:
+            self.bank.allocate(device)
+        elif self.bank.device != device:
+            # A model spread over devices: layers of one shape on another device get a bank of
+            # their own there.
+            self.bank = SketchBank(self.h_in, self.h_out, self.n_groups, self.widths, capacity=1)
+            self.slot = self.bank.add()
+            self.bank.allocate(device)
 
     def _reset_sketches(self) -> None:
         bank = self.bank

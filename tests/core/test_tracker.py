@@ -58,3 +58,24 @@ def test_host_workers_split_the_factorisations_without_changing_them(monkeypatch
     for a, b in zip(out["1"], out["3"], strict=True):
         np.testing.assert_array_equal(a, b)
     assert np.isfinite(out["1"][0][:, :, :, :, 0]).all()
+
+
+def test_same_shape_layers_share_a_bank_unless_on_another_device() -> None:
+    from streamspec.sketch.tracker import SketchBank, SketchWidths
+
+    g = torch.Generator().manual_seed(0)
+    widths = SketchWidths.for_layer(40, 30, 4, 4)
+    bank = SketchBank(40, 30, 2, widths, capacity=2)
+    first = LayerTracker(40, 30, 2, 4, 4, g, bank=bank)
+    second = LayerTracker(40, 30, 2, 4, 4, g, bank=bank)
+    assert (first.slot, second.slot) == (0, 1)
+    first.step(torch.randn(2, 20, 40), torch.randn(2, 20, 30), exact=False)
+    assert bank.device == torch.device("cpu") and first.bank is bank
+    second._claim_bank(torch.device("meta"))  # a layer of the same shape on another device
+    assert second.bank is not bank and second.bank.device == torch.device("meta")
+    assert second.slot == 0 and second.bank.capacity == 1
+    # The first layer's slot kept its own orthonormal blocks; the untouched slot stayed zero.
+    b = torch.cat([first.omega("in"), first.warm("in")], dim=2)
+    eye = torch.eye(b.shape[-1]).expand(2, -1, -1)
+    torch.testing.assert_close(b.mT @ b, eye, atol=1e-5, rtol=0)
+    assert bank.block_in[1].abs().sum() == 0
