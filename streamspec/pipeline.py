@@ -50,7 +50,7 @@ class LayerStep:
 
     Attributes:
         index: the layer's position in ``layout.layers``.
-        route: ``"exact"`` (rows) or ``"ritz"`` (projected Gram matrices); see ``StepSketch``.
+        route: ``"exact"`` (rows) or ``"sketch"`` (small Gram matrices); see ``StepSketch``.
         tensors: host tensors (possibly still being filled by an async copy; see ``event``).
         positions: rows per sample summed over the module's calls in the step.
     """

@@ -10,8 +10,11 @@ an epoch (so that the epoch sketches stay linear in the data).
 Per step, four products with the rows give everything:
 
 * ``P = A·B_in``, ``R = Δ·B_out``;
-* ``Aᵀ[P | R] = [AᵀA·B_in | G·B_out]`` and ``Δᵀ[R | P] = [ΔᵀΔ·B_out | Gᵀ·B_in]`` (``G = AᵀΔ``);
+* ``Aᵀ[P | R] = [AᵀA·B_in | G·B_out]`` and ``Δᵀ[P | R] = [Gᵀ·B_in | ΔᵀΔ·B_out]`` (``G = AᵀΔ``);
 * small Gram matrices of these, and the core ``C = PᵀR = B_inᵀ·G·B_out``.
+
+Only those products need the layer's rows; they run in its backward hook. Everything after them
+runs once per :class:`SketchBank` (all layers of one weight shape) at the step's end.
 
 The step's activation/adjoint spectra are Nyström eigenvalues of ``AᵀA``/``ΔᵀΔ`` on ``B``; the
 gradient's are those of the generalized Nyström approximation ``Ĝ = (GB_out)C⁺(B_inᵀG)``
@@ -113,12 +116,8 @@ def _orthonormal(generator: torch.Generator, n_groups: int, dim: int, width: int
 
 
 def _gram(x: torch.Tensor) -> torch.Tensor:
-    return x.mT @ x
-
-
-def _gram64(x: torch.Tensor) -> torch.Tensor:
-    """``XᵀX`` in float64 (the Gram of a float32 sketch keeps its small eigenvalues)."""
-    x = x.to(torch.float64)
+    """``XᵀX`` (called on float64 copies: the Gram of a float32 sketch keeps its small
+    eigenvalues only in float64)."""
     return x.mT @ x
 
 
