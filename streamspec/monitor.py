@@ -15,6 +15,7 @@ import os
 import sys
 import threading
 import warnings
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -623,16 +624,11 @@ class Monitor:
         for index in present:
             tracker, state = self._trackers[index], self._state[index]
             assert state.products is not None
-            tensors: dict[str, torch.Tensor | np.ndarray]
-            if state.products.route == "exact":
-                tensors = dict(rows.get(index, {}))
-            else:
-                tensors = {
-                    **tracker.bank.unpack(host_packed[id(tracker.bank)], tracker.slot),
-                    **rows.get(index, {}),
-                }
+            sketch = tracker.sketch_of(
+                state.products.route, rows.get(index, {}), host_packed[id(tracker.bank)]
+            )
             layers.append(
-                LayerStep(index, state.products.route, tensors, state.positions, state.n_positions)
+                LayerStep(index, sketch.route, sketch.tensors, state.positions, state.n_positions)
             )
         return layers, ready
 
@@ -742,18 +738,17 @@ def _to_host(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], Any]:
 
 
 def _trackers(
-    sites: Sequence[Site], n_groups: int, config: Any, generator: torch.Generator
+    sites: Sequence[Site], n_groups: int, config: WatchConfig, generator: torch.Generator
 ) -> list[LayerTracker]:
     """One tracker per weight matrix; matrices of one shape share a :class:`SketchBank`."""
-    widths = {
-        (s.h_in, s.h_out): SketchWidths.for_layer(s.h_in, s.h_out, config.rank, config.oversample)
-        for s in sites
-    }
-    counts: dict[tuple[int, int], int] = {}
-    for s in sites:
-        counts[(s.h_in, s.h_out)] = counts.get((s.h_in, s.h_out), 0) + 1
+    counts = Counter((s.h_in, s.h_out) for s in sites)
     banks = {
-        shape: SketchBank(*shape, n_groups, widths[shape], capacity=n)
+        shape: SketchBank(
+            *shape,
+            n_groups,
+            SketchWidths.for_layer(*shape, config.rank, config.oversample),
+            capacity=n,
+        )
         for shape, n in counts.items()
     }
     return [

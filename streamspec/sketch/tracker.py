@@ -305,10 +305,6 @@ def finish_banks(work: list[tuple[SketchBank, dict[int, StepProducts]]]) -> list
     for u in updates:
         by_width.setdefault(u.y.shape[-1], []).append(u)
     for group in by_width.values():
-        if len(group) == 1:
-            u = group[0]
-            u.block.copy_(_keep_valid(u.block, u.y, u.omega))
-            continue
         height = max(u.y.shape[-2] for u in group)
         width = max(u.omega.shape[-1] for u in group)
 
@@ -365,9 +361,10 @@ class LayerTracker:
         self.h_out = h_out
         self.n_groups = n_groups
         self.rank = rank
-        self.widths = SketchWidths.for_layer(h_in, h_out, rank, oversample)
         if bank is None:
-            bank = SketchBank(h_in, h_out, n_groups, self.widths, capacity=1)
+            widths = SketchWidths.for_layer(h_in, h_out, rank, oversample)
+            bank = SketchBank(h_in, h_out, n_groups, widths, capacity=1)
+        self.widths = bank.widths
         self.bank = bank
         self.slot = bank.add()
         self._generator = generator
@@ -487,13 +484,20 @@ class LayerTracker:
         """:meth:`products` and the bank's :meth:`SketchBank.finish` for this layer alone."""
         products = self.products(activation, adjoint, exact, tie)
         packed = self.bank.finish({self.slot: products})
-        return self.sketch_of(products, packed)
+        return self.sketch_of(products.route, products.rows, packed)
 
-    def sketch_of(self, products: StepProducts, packed: torch.Tensor) -> StepSketch:
-        """What this layer sends to the host, from its products and its bank's packed output."""
-        if products.route == "exact":
-            return StepSketch("exact", dict(products.rows))
-        return StepSketch("sketch", {**self.bank.unpack(packed, self.slot), **products.rows})
+    def sketch_of(
+        self,
+        route: str,
+        rows: dict[str, torch.Tensor],
+        packed: torch.Tensor | np.ndarray,
+    ) -> StepSketch:
+        """What this layer sends to the host: its rows (exact route; the tied Gram on the
+        sketched route) and its slot of the bank's packed output (sketched route), on the device
+        or already on the host."""
+        if route == "exact":
+            return StepSketch("exact", dict(rows))
+        return StepSketch("sketch", {**self.bank.unpack(packed, self.slot), **rows})
 
     def _seed(self, a: RowOperator, d: torch.Tensor) -> None:
         """The run's first step: power-iterate the warm blocks on its data, then take the first
