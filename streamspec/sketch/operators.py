@@ -61,7 +61,7 @@ class DenseRows:
         return self.rows
 
     def sq_norm(self) -> torch.Tensor:
-        return self.rows.square().sum(dim=(1, 2), dtype=torch.float64)
+        return sq_norms(self.rows)
 
 
 class StackedRows:
@@ -91,6 +91,13 @@ class StackedRows:
 
     def sq_norm(self) -> torch.Tensor:
         return torch.stack([p.sq_norm() for p in self.parts]).sum(dim=0)
+
+
+def sq_norms(rows: torch.Tensor) -> torch.Tensor:
+    """``[C]`` float64 ``‖X_c‖²_F`` of ``[C, m, h]`` rows: float32 row norms summed in float64
+    (no squared copy of the rows; relative error ≈ ε₃₂, where one float32 reduction over all
+    ``m·h`` entries drifts to ≈ 5e-5 on this project's CPUs)."""
+    return torch.linalg.vector_norm(rows, dim=-1).to(torch.float64).square().sum(dim=-1)
 
 
 def stack_rows(parts: Sequence[RowOperator]) -> RowOperator:

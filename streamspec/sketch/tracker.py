@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from streamspec.sketch.host import generalized_nystrom_values
 from streamspec.sketch.linalg import nystrom, orthonormalize
-from streamspec.sketch.operators import DenseRows, RowOperator
+from streamspec.sketch.operators import DenseRows, RowOperator, sq_norms
 
 _SETUP_LOCK = threading.Lock()
 WARMUP_ITERATIONS = 4  # power iterations of the warm blocks on the run's first step
@@ -71,7 +71,37 @@ class SketchWidths:
         # core is unstable (Nakatsukasa 2020 recommends 1.5×).
         e_in, e_out = min(width + width // 2, h_in), min(width, h_out)
         warm = max(rank // 2, 1)  # the step-to-step block: accuracy on flat spectra vs cost
-        return cls(e_in, e_out, min(warm, h_in - e_in), min(warm, h_out - e_out))
+        v_in, v_out = _aligned_warm(e_in, warm, h_in), _aligned_warm(e_out, warm, h_out)
+        # The warm blocks are columns of the gradient's sketches too: alignment must not shrink
+        # the co-range side's excess over the range side.
+        while e_in + v_in - e_out - v_out < e_in - e_out and e_in + v_in + ALIGN <= h_in:
+            v_in += ALIGN
+        return cls(e_in, e_out, v_in, v_out)
+
+
+ALIGN = 8  # block widths are multiples of this where the layer allows
+
+
+def _aligned_warm(epoch: int, warm: int, dim: int) -> int:
+    """The warm width that makes ``epoch + warm`` a multiple of :data:`ALIGN`: the nearest one
+    keeping at least half the requested warm columns, else the next one up (capped at ``dim``).
+
+    Skinny fp32 products cost by tiles of columns: on this project's CPUs a 47-column product
+    takes 1.7× the time of a 48-column one (bench/README.md), and on GPUs unaligned row strides
+    rule out the vectorised kernels. The columns that alignment adds are not wasted: they widen
+    the warm block.
+    """
+    if epoch >= dim:
+        return 0  # Ω is the identity: the sketch is exact, no warm block
+    floor = max(warm // 2, 1)
+    total = epoch + warm
+    down = total // ALIGN * ALIGN
+    up = down if down == total else down + ALIGN
+    nearest = down if total - down <= up - total else up
+    for candidate in (nearest, up, up + ALIGN):
+        if candidate - epoch >= floor:
+            return min(candidate, dim) - epoch
+    return min(up + 2 * ALIGN, dim) - epoch
 
 
 @dataclass
@@ -206,11 +236,6 @@ class SketchBank:
         self.epoch_core = torch.zeros(
             n, c, w.epoch_in, w.epoch_out, dtype=torch.float64, device=device
         )
-        bi = w.block_in
-        # Columns of a step's products that the epoch sketches take: the Ω part of each block.
-        self._epoch_columns = torch.cat(
-            [torch.arange(w.epoch_in), bi + torch.arange(w.epoch_out)]
-        ).to(device)
         width = self.step_width
         self._zeros = StepProducts(
             torch.zeros(c, self.h_in, width, **f32),
@@ -234,8 +259,9 @@ class SketchBank:
         gram = torch.stack([p.gram for p in parts])  # [L, C, b, b] float64
         norms = torch.stack([p.norms for p in parts])  # [L, C, 2]
         # Epoch sketches: the Ω columns only (Ω is fixed within an epoch: linear sketches).
-        self.epoch_in += s_in.index_select(3, self._epoch_columns)
-        self.epoch_out += s_out.index_select(3, self._epoch_columns)
+        for epoch, s in ((self.epoch_in, s_in), (self.epoch_out, s_out)):
+            epoch[..., :ei] += s[..., :ei]
+            epoch[..., ei:] += s[..., bi : bi + eo]
         self.epoch_core += gram[..., :ei, bi : bi + eo]
         # Warm blocks: one subspace-iteration step each, kept orthogonal to Ω.
         warm = []
@@ -455,9 +481,7 @@ class LayerTracker:
             s_in=a.tmm(pr),  # [AᵀA·B_in | G·B_out]
             s_out=d.mT @ pr,  # [Gᵀ·B_in | ΔᵀΔ·B_out]
             gram=pr64.mT @ pr64,
-            norms=torch.stack(
-                [a.sq_norm(), d.square().sum(dim=(1, 2), dtype=torch.float64)], dim=1
-            ),
+            norms=torch.stack([a.sq_norm(), sq_norms(d)], dim=1),
             route="exact" if exact else "sketch",
         )
         self._steps += 1
