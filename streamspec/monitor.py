@@ -37,6 +37,7 @@ from streamspec.layout import KINDS, NORMALIZE_CHOICES, RunLayout
 from streamspec.live.snapshot import Snapshot
 from streamspec.live.view import LiveView
 from streamspec.pipeline import EpochRecord, HostPipeline, LayerStep, StepRecord
+from streamspec.sketch.linalg import ieee_float32
 from streamspec.sketch.operators import RowOperator, stack_rows
 from streamspec.sketch.tracker import (
     LayerTracker,
@@ -543,6 +544,7 @@ class Monitor:
         # state reaches tensor hooks).
         with (
             torch.autocast(device_type=adjoint.device.type, enabled=False),
+            ieee_float32(adjoint.device),
             record_function("streamspec.fold"),
         ):
             state.products = self._trackers[index].products(activation, adjoint, exact, tie)
@@ -604,7 +606,12 @@ class Monitor:
             tracker, products = self._trackers[index], self._state[index].products
             assert products is not None
             by_bank.setdefault(id(tracker.bank), (tracker.bank, {}))[1][tracker.slot] = products
-        packed = dict(zip(by_bank, finish_banks(list(by_bank.values())), strict=True))
+        device = next(iter(by_bank.values()))[0].device
+        assert device is not None
+        # Device work in float32/float64 as written: no autocast (a backward called inside the
+        # user's autocast region runs this callback under it), no TF32.
+        with torch.autocast(device_type=device.type, enabled=False), ieee_float32(device):
+            packed = dict(zip(by_bank, finish_banks(list(by_bank.values())), strict=True))
         if not send:
             return [], None
         device_tensors = list(packed.values())
@@ -647,7 +654,8 @@ class Monitor:
         sigma = np.full((len(self.sites), len(KINDS), len(layout.groups), layout.rank), np.nan)
         k = layout.rank
         for index, tracker in enumerate(self._trackers):
-            spectra = tracker.end_epoch()
+            with ieee_float32(torch.device("cpu")):  # the device-side Ω updates: no TF32
+                spectra = tracker.end_epoch()
             n = self._epoch_counts[index].astype(np.float64)
             for kind_index, values in enumerate(
                 (spectra.activation, spectra.adjoint, spectra.gradient)

@@ -7,11 +7,61 @@ host in float64 on small matrices, off the training thread.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import numpy as np
 import scipy.linalg
 import torch
 
 _EPS64 = float(np.finfo(np.float64).eps)
+
+
+@contextlib.contextmanager
+def ieee_float32(device: torch.device) -> Iterator[None]:
+    """streamspec's own float32 products in full IEEE precision, whatever the process allows the
+    model (``torch.set_float32_matmul_precision("high")``, Lightning's and the HF Trainer's TF32
+    switches, cuDNN's TF32 convolutions, on by default): TF32 keeps 10 mantissa bits, which
+    would cost the small recorded singular values ~1e-3·σ₁ and break ``sigma_err``.
+
+    The switches are process-wide, so they are flipped only around streamspec's own products
+    (inside its hooks, between the model's autograd nodes) and restored through the API they
+    were set with: PyTorch ≥ 2.9 refuses some reads once its legacy and per-backend TF32
+    settings are mixed, and the user's code must keep reading what it set. Anything unexpected
+    leaves the settings alone (numbers stay correct on every CPU without TF32/AMX units).
+    """
+    undo: list[tuple[object, str, object]] = []
+
+    def flip(owner: object, name: str, value: object) -> None:
+        undo.append((owner, name, getattr(owner, name)))
+        setattr(owner, name, value)
+
+    try:
+        try:
+            if torch.get_float32_matmul_precision() != "highest":
+                undo.append((None, "matmul", torch.get_float32_matmul_precision()))
+                torch.set_float32_matmul_precision("highest")
+        except RuntimeError:  # per-backend settings in use: use them too
+            if torch.backends.cuda.matmul.fp32_precision == "tf32":
+                flip(torch.backends.cuda.matmul, "fp32_precision", "ieee")
+        if device.type == "cuda":
+            try:
+                if torch.backends.cudnn.allow_tf32:
+                    flip(torch.backends.cudnn, "allow_tf32", False)
+            except RuntimeError:
+                conv = torch.backends.cudnn.conv  # type: ignore[attr-defined]  # ≥ 2.9
+                if conv.fp32_precision == "tf32":
+                    flip(conv, "fp32_precision", "ieee")
+    except Exception:  # an unknown PyTorch: never break the user's training over a setting
+        pass
+    try:
+        yield
+    finally:
+        for owner, name, value in reversed(undo):
+            if owner is None:
+                torch.set_float32_matmul_precision(str(value))
+            else:
+                setattr(owner, name, value)
 
 
 def _cholesky_qr(y: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:

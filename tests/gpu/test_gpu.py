@@ -118,3 +118,37 @@ def test_every_family_runs_without_sync_and_matches_cpu(exact_rows: int | None) 
     top = np.broadcast_to(np.nan_to_num(out["cpu"][..., :1]), out["cpu"].shape)
     gap = np.abs(out["cuda"] - out["cpu"])[both]
     assert (gap <= 5e-3 * np.abs(out["cpu"][both]) + 1e-3 * top[both]).all(), gap.max()
+
+
+def test_products_are_ieee_float32_under_tf32_settings() -> None:
+    """With TF32 allowed process-wide (Lightning/HF users), streamspec's own matmuls and
+    convolutions still run in IEEE float32 (tests/core/test_precision.py checks the monitor
+    applies the same context around every product)."""
+    from streamspec.sketch.linalg import ieee_float32
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(512, 512, generator=gen, dtype=torch.float64)
+    b = torch.randn(512, 512, generator=gen, dtype=torch.float64)
+    image = torch.randn(4, 16, 32, 32, generator=gen, dtype=torch.float64)
+    kernel = torch.randn(16, 16, 3, 3, generator=gen, dtype=torch.float64)
+    mm_ref, conv_ref = a @ b, torch.nn.functional.conv2d(image, kernel)
+
+    def errors() -> tuple[float, float]:
+        mm = a.float().cuda() @ b.float().cuda()
+        conv = torch.nn.functional.conv2d(image.float().cuda(), kernel.float().cuda())
+        return (
+            float((mm.double().cpu() - mm_ref).abs().max() / mm_ref.abs().max()),
+            float((conv.double().cpu() - conv_ref).abs().max() / conv_ref.abs().max()),
+        )
+
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        tf32 = errors()
+        with ieee_float32(torch.device("cuda")):
+            ieee = errors()
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(saved)
+    assert max(tf32) > 1e-4, tf32  # TF32 really is on for the model (Ampere and later)
+    assert max(ieee) < 1e-5, ieee
