@@ -528,12 +528,20 @@ def test_sketches_stay_float32_under_autocast() -> None:
     out = {}
     for autocast in (False, True):
         with streamspec.watch(model, ["a", "b"], rank=4, live=False, exact_rows=0) as mon:
-            mon.label(labels)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                # backward inside the context, as training loops commonly do: the autocast state
-                # then reaches the monitor's tensor hooks
-                model(x).float().pow(2).mean().backward()
-            out[autocast] = mon.to_xarray()["sigma"].values[0, 0, 0]  # first layer, activation
+            for _ in range(3):  # later steps use the warm blocks the step's end updated
+                mon.label(labels)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                    # backward inside the context, as training loops commonly do: the autocast
+                    # state then reaches the monitor's hooks and its end-of-backward callback
+                    model(x).float().pow(2).mean().backward()
+            out[autocast] = mon.to_xarray()["sigma"].values[:, 0, 0]  # first layer, activation
+            # The step's end (warm blocks, in the same autocast state) keeps the blocks
+            # orthonormal, as the host's spectra assume (bf16 there: off by ≈ 1.5e-3).
+            for tracker in mon._trackers:
+                for side in ("in", "out"):
+                    block = torch.cat([tracker.omega(side), tracker.warm(side)], dim=-1).double()
+                    eye = torch.eye(block.shape[-1], dtype=torch.float64)
+                    assert (block.mT @ block - eye).abs().max() < 1e-5
         model.zero_grad()
     # The activations are the same float32 inputs either way: the sketch must not drop to bf16.
     np.testing.assert_allclose(out[True], out[False], rtol=1e-4)
