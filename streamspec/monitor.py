@@ -634,9 +634,13 @@ class Monitor:
             sketch = tracker.sketch_of(
                 state.products.route, rows.get(index, {}), host_packed[id(tracker.bank)]
             )
-            layers.append(
-                LayerStep(index, sketch.route, sketch.tensors, state.positions, state.n_positions)
+            step = LayerStep(
+                index, sketch.route, sketch.tensors, state.positions, state.n_positions
             )
+            if sketch.route == "sketch":
+                step.packed = host_packed[id(tracker.bank)][tracker.slot]
+                step.fields = tracker.bank.fields
+            layers.append(step)
         return layers, ready
 
     def _reset_step(self) -> None:

@@ -60,6 +60,10 @@ class LayerStep:
     tensors: dict[str, torch.Tensor | np.ndarray]
     positions: int
     n_positions: int = 0  # distinct positions for the tying spectrum (0: not tied)
+    # Sketched route: the layer's packed row ``[C, F]`` of its bank's host copy and the bank's
+    # ``(name, offset, shape)`` fields (the same matrices as ``tensors``, unsplit).
+    packed: np.ndarray | None = None
+    fields: tuple[tuple[str, int, tuple[int, ...]], ...] = ()
 
 
 @dataclass
@@ -338,47 +342,50 @@ class HostPipeline:
         self, layers: list[LayerStep], counts: np.ndarray, sigma: np.ndarray, error: np.ndarray
     ) -> None:
         """Fill ``sigma``/``error`` ``[L, 3, C, k]`` for the sketched layers, one batched host
-        factorisation per sketch shape (all layers and groups at once)."""
+        factorisation per sketch shape (all layers and groups at once): the layers' packed rows
+        are stacked once, and each matrix is a view of that stack."""
         k, n_groups = self.layout.rank, counts.size
-        by_shape: dict[tuple[tuple[str, tuple[int, ...]], ...], list[LayerStep]] = {}
+        by_fields: dict[tuple[tuple[str, int, tuple[int, ...]], ...], list[LayerStep]] = {}
         for layer in layers:
-            key = tuple(
-                sorted((n, tuple(v.shape)) for n, v in layer.tensors.items() if n in _SKETCH)
-            )
-            by_shape.setdefault(key, []).append(layer)
-        for group in by_shape.values():
-            stacked = {n: np.concatenate([_host(lay.tensors[n]) for lay in group]) for n in _SKETCH}
-            finite = np.ones(len(group) * n_groups, dtype=bool)
-            for v in stacked.values():
-                finite &= np.isfinite(v.reshape(v.shape[0], -1)).all(axis=1)
+            by_fields.setdefault(layer.fields, []).append(layer)
+        for fields, group in by_fields.items():
+            rows = np.stack([_packed(layer) for layer in group]).reshape(len(group) * n_groups, -1)
+            finite = np.isfinite(rows).all(axis=1)  # [(layer, group)]
             if not finite.all():
-                for v in stacked.values():
-                    v[~finite] = 0.0
+                rows[~finite] = 0.0  # a copy: the stack
                 with self._lock:
                     for j, lay in enumerate(group):
                         if not finite[j * n_groups : (j + 1) * n_groups].all():
                             self._nonfinite_layers.add(self.layout.layers[lay.index])
+            stacked = {
+                name: rows[:, offset : offset + int(np.prod(shape))].reshape(-1, *shape)
+                for name, offset, shape in fields
+            }
             spectra, errors = self._spectra(stacked)
-            for j, lay in enumerate(group):
-                h_in, h_out = self._widths[lay.index]
-                for c, n in enumerate(counts):
-                    i = j * n_groups + c
-                    if n == 0 or not finite[i]:
-                        continue
-                    rows = int(n) * lay.positions
-                    bounds = (min(rows, h_in), min(rows, h_out), min(rows, h_in, h_out))
-                    scale = (
-                        (np.sqrt(n), np.sqrt(n), n)
-                        if self.layout.normalize == "mean"
-                        else (1, 1, 1)
-                    )
-                    for kind in range(3):
-                        sigma[lay.index, kind, c] = (
-                            _bounded(spectra[kind][i], bounds[kind], k) / scale[kind]
-                        )
-                        error[lay.index, kind, c] = (
-                            _bounded(errors[kind][i], bounds[kind], k) / scale[kind]
-                        )
+            # Vectorised over (layer, group): NaN beyond each matrix's rank and for absent or
+            # non-finite groups; normalised by the group's sample count.
+            index = np.array([lay.index for lay in group])
+            positions = np.array([lay.positions for lay in group])
+            widths = np.array([self._widths[lay.index] for lay in group])  # [n, 2]
+            n_rows = counts[None, :] * positions[:, None]  # [n, C]
+            bounds = (
+                np.minimum(n_rows, widths[:, :1]),
+                np.minimum(n_rows, widths[:, 1:]),
+                np.minimum(n_rows, widths.min(axis=1, keepdims=True)),
+            )
+            present = (counts[None, :] > 0) & finite.reshape(len(group), n_groups)
+            root = np.sqrt(counts.astype(np.float64))
+            mean = self.layout.normalize == "mean"
+            scales = (root, root, counts.astype(np.float64)) if mean else (1.0, 1.0, 1.0)
+            ranks = np.arange(k)
+            for kind in range(3):
+                keep = present[..., None] & (ranks < bounds[kind][..., None])  # [n, C, k]
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    for out, values in ((sigma, spectra[kind]), (error, errors[kind])):
+                        top = _top(values, k).reshape(len(group), n_groups, k)
+                        scale = np.asarray(scales[kind], dtype=np.float64)
+                        scaled = top / (scale[None, :, None] if scale.ndim else scale)
+                        out[index, kind] = np.where(keep, scaled, np.nan)
 
     def _spectra(self, stacked: dict[str, np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """:func:`sketched_spectra` of a batch, split over the worker pool when there is one
@@ -445,6 +452,21 @@ class HostPipeline:
             snap = self.snapshot()
             if snap is not None:
                 print(epoch_line(snap), file=sys.stderr, flush=True)
+
+
+def _top(values: np.ndarray, rank: int) -> np.ndarray:
+    """``[N, r]`` → ``[N, rank]``: the first ``rank`` columns, NaN-padded."""
+    out = np.full((values.shape[0], rank), np.nan)
+    width = min(rank, values.shape[1])
+    out[:, :width] = values[:, :width]
+    return out
+
+
+def _packed(layer: LayerStep) -> np.ndarray:
+    """A sketched layer's packed ``[C, F]`` row (the monitor always sends one)."""
+    if layer.packed is None:
+        raise RuntimeError(f"layer {layer.index}: sketched step without its packed row")
+    return layer.packed
 
 
 def _host(value: torch.Tensor | np.ndarray) -> np.ndarray:

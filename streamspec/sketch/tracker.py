@@ -219,6 +219,12 @@ class SketchBank:
             offset += int(np.prod(shape))
         self.packed_width = offset
 
+    @property
+    def fields(self) -> tuple[tuple[str, int, tuple[int, ...]], ...]:
+        """``(name, offset, shape)`` of each matrix in a slot's packed row (see :meth:`unpack`):
+        banks with equal fields can be factorised as one batch on the host."""
+        return tuple((name, offset, shape) for name, (offset, shape) in self._layout.items())
+
     def add(self) -> int:
         """A slot for one more layer."""
         if self.slots >= self.capacity:
