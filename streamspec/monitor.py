@@ -631,13 +631,11 @@ class Monitor:
         for index in present:
             tracker, state = self._trackers[index], self._state[index]
             assert state.products is not None
-            sketch = tracker.sketch_of(
-                state.products.route, rows.get(index, {}), host_packed[id(tracker.bank)]
-            )
+            route = state.products.route
             step = LayerStep(
-                index, sketch.route, sketch.tensors, state.positions, state.n_positions
+                index, route, dict(rows.get(index, {})), state.positions, state.n_positions
             )
-            if sketch.route == "sketch":
+            if route == "sketch":  # its slot of the bank's packed copy, read on the host
                 step.packed = host_packed[id(tracker.bank)][tracker.slot]
                 step.fields = tracker.bank.fields
             layers.append(step)

@@ -51,7 +51,9 @@ class LayerStep:
     Attributes:
         index: the layer's position in ``layout.layers``.
         route: ``"exact"`` (rows) or ``"sketch"`` (small Gram matrices); see ``StepSketch``.
-        tensors: host tensors (possibly still being filled by an async copy; see ``event``).
+        tensors: host tensors (possibly still being filled by an async copy; see
+            ``StepRecord.ready``): the rows on the exact route; the tying Gram, if any, on the
+            sketched route (whose matrices are in ``packed``).
         positions: rows per sample summed over the module's calls in the step.
     """
 

@@ -218,6 +218,7 @@ class SketchBank:
             self._layout[name] = (offset, shape)
             offset += int(np.prod(shape))
         self.packed_width = offset
+        self._sizes = [(n, o, shape, int(np.prod(shape))) for n, (o, shape) in self._layout.items()]
 
     @property
     def fields(self) -> tuple[tuple[str, int, tuple[int, ...]], ...]:
@@ -303,8 +304,8 @@ class SketchBank:
         row = packed[slot]
         c = self.n_groups
         out: dict[str, torch.Tensor | np.ndarray] = {}
-        for name, (offset, shape) in self._layout.items():
-            part = row[:, offset : offset + int(np.prod(shape))]
+        for name, offset, shape, size in self._sizes:
+            part = row[:, offset : offset + size]
             if isinstance(part, np.ndarray):
                 out[name] = np.reshape(part, (c, *shape), copy=False)
             else:
