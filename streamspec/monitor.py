@@ -544,7 +544,7 @@ class Monitor:
         # state reaches tensor hooks).
         with (
             torch.autocast(device_type=adjoint.device.type, enabled=False),
-            ieee_float32(adjoint.device),
+            ieee_float32(),
             record_function("streamspec.fold"),
         ):
             state.products = self._trackers[index].products(activation, adjoint, exact, tie)
@@ -606,11 +606,9 @@ class Monitor:
             tracker, products = self._trackers[index], self._state[index].products
             assert products is not None
             by_bank.setdefault(id(tracker.bank), (tracker.bank, {}))[1][tracker.slot] = products
-        device = next(iter(by_bank.values()))[0].device
-        assert device is not None
         # Device work in float32/float64 as written: no autocast (a backward called inside the
         # user's autocast region runs this callback under it), no TF32.
-        with torch.autocast(device_type=device.type, enabled=False), ieee_float32(device):
+        with _no_autocast({bank.device for bank, _ in by_bank.values()}), ieee_float32():
             packed = dict(zip(by_bank, finish_banks(list(by_bank.values())), strict=True))
         if not send:
             return [], None
@@ -656,7 +654,9 @@ class Monitor:
         sigma = np.full((len(self.sites), len(KINDS), len(layout.groups), layout.rank), np.nan)
         k = layout.rank
         for index, tracker in enumerate(self._trackers):
-            with ieee_float32(torch.device("cpu")):  # the device-side Ω updates: no TF32
+            # The device-side Ω updates, as written: no autocast (end_epoch() may be called
+            # inside the user's autocast region), no TF32.
+            with _no_autocast({tracker.bank.device}), ieee_float32():
                 spectra = tracker.end_epoch()
             n = self._epoch_counts[index].astype(np.float64)
             for kind_index, values in enumerate(
@@ -719,6 +719,14 @@ class Monitor:
                 "a closed one",
                 "call streamspec.watch() again (resume=True appends)",
             )
+
+
+def _no_autocast(devices: set[torch.device | None]) -> contextlib.ExitStack:
+    """Autocast off for every device type in ``devices``."""
+    stack = contextlib.ExitStack()
+    for kind in sorted({d.type for d in devices if d is not None}):
+        stack.enter_context(torch.autocast(device_type=kind, enabled=False))
+    return stack
 
 
 def _to_host(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], Any]:

@@ -63,7 +63,7 @@ class LayerStep:
     positions: int
     n_positions: int = 0  # distinct positions for the tying spectrum (0: not tied)
     # Sketched route: the layer's packed row ``[C, F]`` of its bank's host copy and the bank's
-    # ``(name, offset, shape)`` fields (the same matrices as ``tensors``, unsplit).
+    # ``(name, offset, shape)`` fields (read with views of a stack of such rows).
     packed: np.ndarray | None = None
     fields: tuple[tuple[str, int, tuple[int, ...]], ...] = ()
 

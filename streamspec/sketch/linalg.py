@@ -8,7 +8,10 @@ host in float64 on small matrices, off the training thread.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import functools
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import scipy.linalg
@@ -17,51 +20,89 @@ import torch
 _EPS64 = float(np.finfo(np.float64).eps)
 
 
+_PRECISION_LOCK = threading.Lock()
+_precision_depth = 0  # threads inside ieee_float32 (a multi-device backward runs several)
+_precision_undo: list[Callable[[], None]] = []
+
+
+def _per_op_precisions() -> list[Any]:
+    """PyTorch ≥ 2.9's per-backend, per-op float32 precision settings that streamspec's products
+    use (cuBLAS matmul, cuDNN conv, oneDNN matmul and conv); empty on older PyTorch."""
+    backends = torch.backends
+    found = []
+    for owner in ("cuda.matmul", "cudnn.conv", "mkldnn.matmul", "mkldnn.conv"):
+        obj: Any = backends
+        for part in owner.split("."):
+            obj = getattr(obj, part, None)
+        if obj is not None and hasattr(obj, "fp32_precision"):
+            found.append(obj)
+    return found
+
+
+def _to_ieee() -> list[Callable[[], None]]:
+    """Switch every float32 product to IEEE; returns the undo steps, in the order to run them.
+
+    Legacy switches first, through the legacy API (the per-op settings follow them, and PyTorch
+    checks that the two agree); then any per-op setting still reduced (set by the user through
+    the per-op or a parent setting) is pinned to ``"ieee"``. The undo restores the legacy values,
+    then every per-op value exactly as it was: the process reads back what the user set.
+    """
+    undo: list[Callable[[], None]] = []
+    per_op = [(obj, obj.fp32_precision) for obj in _per_op_precisions()]
+    try:
+        matmul = torch.get_float32_matmul_precision()
+    except RuntimeError:  # PyTorch refuses the legacy read once the APIs are mixed
+        matmul = None
+    if matmul not in (None, "highest"):
+        torch.set_float32_matmul_precision("highest")
+        undo.append(functools.partial(torch.set_float32_matmul_precision, str(matmul)))
+    try:
+        cudnn = bool(torch.backends.cudnn.allow_tf32)
+    except RuntimeError:
+        cudnn = False
+    if cudnn:
+        torch.backends.cudnn.allow_tf32 = False
+        undo.append(functools.partial(setattr, torch.backends.cudnn, "allow_tf32", True))
+    for obj, _ in per_op:
+        obj.fp32_precision = "ieee"
+    # Legacy values first (they also set per-op values), then every per-op value as it was.
+    return undo + [
+        functools.partial(setattr, obj, "fp32_precision", value) for obj, value in per_op
+    ]
+
+
 @contextlib.contextmanager
-def ieee_float32(device: torch.device) -> Iterator[None]:
+def ieee_float32() -> Iterator[None]:
     """streamspec's own float32 products in full IEEE precision, whatever the process allows the
     model (``torch.set_float32_matmul_precision("high")``, Lightning's and the HF Trainer's TF32
-    switches, cuDNN's TF32 convolutions, on by default): TF32 keeps 10 mantissa bits, which
-    would cost the small recorded singular values ~1e-3·σ₁ and break ``sigma_err``.
+    switches, cuDNN's TF32 convolutions, on by default; oneDNN's bf16/TF32 on CPUs that have
+    them): TF32 keeps 10 mantissa bits, which would cost the small recorded singular values
+    ~1e-3·σ₁ and break ``sigma_err``.
 
     The switches are process-wide, so they are flipped only around streamspec's own products
-    (inside its hooks, between the model's autograd nodes) and restored through the API they
-    were set with: PyTorch ≥ 2.9 refuses some reads once its legacy and per-backend TF32
-    settings are mixed, and the user's code must keep reading what it set. Anything unexpected
-    leaves the settings alone (numbers stay correct on every CPU without TF32/AMX units).
+    (inside its hooks, between the model's autograd nodes) and restored exactly as the user set
+    them (:func:`_to_ieee`). Threads of a multi-device backward share one switch: the first to
+    enter flips it, the last to leave restores it (in between, other threads' ops run in IEEE
+    float32 too: slower, never less precise). Anything unexpected leaves the settings alone.
     """
-    undo: list[tuple[object, str, object]] = []
-
-    def flip(owner: object, name: str, value: object) -> None:
-        undo.append((owner, name, getattr(owner, name)))
-        setattr(owner, name, value)
-
-    try:
-        try:
-            if torch.get_float32_matmul_precision() != "highest":
-                undo.append((None, "matmul", torch.get_float32_matmul_precision()))
-                torch.set_float32_matmul_precision("highest")
-        except RuntimeError:  # per-backend settings in use: use them too
-            if torch.backends.cuda.matmul.fp32_precision == "tf32":
-                flip(torch.backends.cuda.matmul, "fp32_precision", "ieee")
-        if device.type == "cuda":
+    global _precision_depth
+    with _PRECISION_LOCK:
+        if _precision_depth == 0:
             try:
-                if torch.backends.cudnn.allow_tf32:
-                    flip(torch.backends.cudnn, "allow_tf32", False)
-            except RuntimeError:
-                conv = torch.backends.cudnn.conv  # type: ignore[attr-defined]  # ≥ 2.9
-                if conv.fp32_precision == "tf32":
-                    flip(conv, "fp32_precision", "ieee")
-    except Exception:  # an unknown PyTorch: never break the user's training over a setting
-        pass
+                _precision_undo[:] = _to_ieee()
+            except Exception:  # an unknown PyTorch: never break training over a setting
+                _precision_undo.clear()
+        _precision_depth += 1
     try:
         yield
     finally:
-        for owner, name, value in reversed(undo):
-            if owner is None:
-                torch.set_float32_matmul_precision(str(value))
-            else:
-                setattr(owner, name, value)
+        with _PRECISION_LOCK:
+            _precision_depth -= 1
+            if _precision_depth == 0:
+                undo, _precision_undo[:] = list(_precision_undo), []
+                for step in undo:
+                    with contextlib.suppress(Exception):  # keep restoring the others
+                        step()
 
 
 def _cholesky_qr(y: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:

@@ -74,8 +74,12 @@ class SketchWidths:
         v_in, v_out = _aligned_warm(e_in, warm, h_in), _aligned_warm(e_out, warm, h_out)
         # The warm blocks are columns of the gradient's sketches too: alignment must not shrink
         # the co-range side's excess over the range side.
-        while e_in + v_in - e_out - v_out < e_in - e_out and e_in + v_in + ALIGN <= h_in:
+        while v_in < v_out and e_in + v_in + ALIGN <= h_in:
             v_in += ALIGN
+        while v_in < v_out and v_out - ALIGN >= max(warm // 2, 1):
+            v_out -= ALIGN
+        if v_in < v_out:  # no room on a narrow input side: the unaligned widths
+            v_in, v_out = min(warm, h_in - e_in), min(warm, h_out - e_out)
         return cls(e_in, e_out, v_in, v_out)
 
 

@@ -535,7 +535,9 @@ def test_sketches_stay_float32_under_autocast() -> None:
                     # state then reaches the monitor's hooks and its end-of-backward callback
                     model(x).float().pow(2).mean().backward()
             out[autocast] = mon.to_xarray()["sigma"].values[:, 0, 0]  # first layer, activation
-            # The step's end (warm blocks, in the same autocast state) keeps the blocks
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                mon.end_epoch()  # the next epoch's Ω: also device work
+            # The step's and the epoch's ends (in the same autocast state) keep the blocks
             # orthonormal, as the host's spectra assume (bf16 there: off by ≈ 1.5e-3).
             for tracker in mon._trackers:
                 for side in ("in", "out"):

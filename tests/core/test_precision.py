@@ -52,28 +52,86 @@ SCRIPT = textwrap.dedent(
     assert (high == reference)[~torch.isnan(torch.as_tensor(high)).numpy()].all()
     torch.set_float32_matmul_precision("highest")
 
-    # cuDNN's TF32 convolutions (on by default) off around the products on CUDA.
+    # cuDNN's TF32 convolutions (on by default) off around the products.
     assert torch.backends.cudnn.allow_tf32 is True
-    with ieee_float32(torch.device("cuda")):
+    with ieee_float32():
         assert torch.backends.cudnn.allow_tf32 is False
+        assert torch.backends.cudnn.conv.fp32_precision in ("ieee", "none")
     assert torch.backends.cudnn.allow_tf32 is True
-    with ieee_float32(torch.device("cpu")):
-        assert torch.backends.cudnn.allow_tf32 is True  # nothing to do off CUDA
+
+    def state():
+        out = []
+        for read in (
+            torch.get_float32_matmul_precision,
+            lambda: torch.backends.cuda.matmul.allow_tf32,
+            lambda: torch.backends.cudnn.allow_tf32,
+            lambda: torch.backends.cuda.matmul.fp32_precision,
+            lambda: torch.backends.cudnn.conv.fp32_precision,
+            lambda: torch.backends.mkldnn.matmul.fp32_precision,
+            lambda: torch.backends.mkldnn.conv.fp32_precision,
+        ):
+            try:
+                out.append(read())
+            except RuntimeError:
+                out.append("refused")  # PyTorch refuses some reads once the APIs are mixed
+        return out
+
+    leaves = (
+        torch.backends.cuda.matmul,
+        torch.backends.cudnn.conv,
+        torch.backends.mkldnn.matmul,
+        torch.backends.mkldnn.conv,
+    )
+
+    def check_round_trip(label):
+        before = state()
+        with ieee_float32():
+            assert all(leaf.fp32_precision == "ieee" for leaf in leaves), label
+            torch.randn(4, 4) @ torch.randn(4, 4)
+            torch.nn.functional.conv2d(torch.randn(1, 2, 5, 5), torch.randn(3, 2, 3, 3))
+        assert state() == before, (label, before, state())
+
+    # A legacy switch plus a separate oneDNN setting: both read back as set.
+    torch.set_float32_matmul_precision("high")
+    torch.backends.mkldnn.matmul.fp32_precision = "ieee"
+    check_round_trip("high + oneDNN ieee")
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cuda.matmul.allow_tf32 = True  # the HF Trainer's tf32=True
+    check_round_trip("allow_tf32")
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+    # Threads of a multi-device backward: the first in flips, the last out restores.
+    import threading
+    torch.set_float32_matmul_precision("high")
+    inside, leave = threading.Event(), threading.Event()
+
+    def other():
+        with ieee_float32():
+            inside.set()
+            leave.wait(10)
+
+    with ieee_float32():
+        worker = threading.Thread(target=other)
+        worker.start()
+        inside.wait(10)
+    assert torch.get_float32_matmul_precision() == "highest"  # the other thread is still in
+    leave.set()
+    worker.join()
+    assert torch.get_float32_matmul_precision() == "high"
+    torch.set_float32_matmul_precision("highest")
 
     # The per-backend API (PyTorch >= 2.9), which makes some legacy reads raise.
     mode = "backend"
+    torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+    check_round_trip("oneDNN bf16")
     torch.backends.cuda.matmul.fp32_precision = "tf32"
-    torch.backends.cudnn.conv.fp32_precision = "ieee"
-    torch.backends.cudnn.conv.fp32_precision = "tf32"
     seen.clear()
     train()
     assert seen and all(s[1] == "ieee" for s in seen), seen
     assert torch.backends.cuda.matmul.fp32_precision == "tf32"
-    with ieee_float32(torch.device("cuda")):
-        assert torch.backends.cudnn.conv.fp32_precision in ("ieee", "none")
-        assert torch.backends.cuda.matmul.fp32_precision == "ieee"
-    assert torch.backends.cudnn.conv.fp32_precision == "tf32"
-    assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+    check_round_trip("cuBLAS tf32")
+    torch.backends.fp32_precision = "tf32"  # every backend, every op
+    check_round_trip("global tf32")
     print("ok")
     """
 )

@@ -79,3 +79,25 @@ def test_same_shape_layers_share_a_bank_unless_on_another_device() -> None:
     eye = torch.eye(b.shape[-1]).expand(2, -1, -1)
     torch.testing.assert_close(b.mT @ b, eye, atol=1e-5, rtol=0)
     assert bank.block_in[1].abs().sum() == 0
+
+
+def test_sketch_widths_aligned_and_corange_wider() -> None:
+    """Blocks are multiples of 8 columns where the layer allows (48/32 at the defaults), never
+    wider than the layer, and the co-range block keeps its excess over the range block (a square
+    generalized-Nyström core is unstable)."""
+    from streamspec.sketch.tracker import ALIGN, SketchWidths
+
+    w = SketchWidths.for_layer(768, 3072, 16, 10)
+    assert (w.block_in, w.block_out) == (48, 32)
+    for rank in range(1, 25):
+        for oversample in (0, 3, 10):
+            for h_in in (3, 17, 20, 23, 31, 40, 64, 100, 256):
+                for h_out in (2, 17, 40, 96, 512):
+                    w = SketchWidths.for_layer(h_in, h_out, rank, oversample)
+                    assert 0 < w.block_in <= h_in and 0 < w.block_out <= h_out
+                    assert w.warm_in >= 0 and w.warm_out >= 0
+                    assert w.block_in - w.block_out >= w.epoch_in - w.epoch_out or (
+                        w.warm_in == min(max(rank // 2, 1), h_in - w.epoch_in)
+                    )
+                    if h_in >= 64 and h_out >= 64 and w.epoch_in < h_in:
+                        assert w.block_in % ALIGN == 0 and w.block_out % ALIGN == 0
