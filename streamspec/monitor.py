@@ -542,11 +542,7 @@ class Monitor:
         exact = rows_per_group <= self.config.exact_threshold
         # Sketches accumulate in float32 even when the step runs under autocast (the autocast
         # state reaches tensor hooks).
-        with (
-            torch.autocast(device_type=adjoint.device.type, enabled=False),
-            ieee_float32(),
-            record_function("streamspec.fold"),
-        ):
+        with _as_written({adjoint.device}), record_function("streamspec.fold"):
             state.products = self._trackers[index].products(activation, adjoint, exact, tie)
         state.positions += positions
         if tie is not None:
@@ -606,9 +602,8 @@ class Monitor:
             tracker, products = self._trackers[index], self._state[index].products
             assert products is not None
             by_bank.setdefault(id(tracker.bank), (tracker.bank, {}))[1][tracker.slot] = products
-        # Device work in float32/float64 as written: no autocast (a backward called inside the
-        # user's autocast region runs this callback under it), no TF32.
-        with _no_autocast({bank.device for bank, _ in by_bank.values()}), ieee_float32():
+        # A backward called inside the user's autocast region runs this callback under it.
+        with _as_written({bank.device for bank, _ in by_bank.values()}):
             packed = dict(zip(by_bank, finish_banks(list(by_bank.values())), strict=True))
         if not send:
             return [], None
@@ -654,9 +649,8 @@ class Monitor:
         sigma = np.full((len(self.sites), len(KINDS), len(layout.groups), layout.rank), np.nan)
         k = layout.rank
         for index, tracker in enumerate(self._trackers):
-            # The device-side Ω updates, as written: no autocast (end_epoch() may be called
-            # inside the user's autocast region), no TF32.
-            with _no_autocast({tracker.bank.device}), ieee_float32():
+            # The device-side Ω updates (end_epoch() may be called inside an autocast region).
+            with _as_written({tracker.bank.device}):
                 spectra = tracker.end_epoch()
             n = self._epoch_counts[index].astype(np.float64)
             for kind_index, values in enumerate(
@@ -721,11 +715,13 @@ class Monitor:
             )
 
 
-def _no_autocast(devices: set[torch.device | None]) -> contextlib.ExitStack:
-    """Autocast off for every device type in ``devices``."""
+def _as_written(devices: set[torch.device | None]) -> contextlib.ExitStack:
+    """streamspec's device work in the dtypes it is written in: autocast off for every device
+    type in ``devices``, IEEE float32 products (no TF32/bf16, :func:`ieee_float32`)."""
     stack = contextlib.ExitStack()
     for kind in sorted({d.type for d in devices if d is not None}):
         stack.enter_context(torch.autocast(device_type=kind, enabled=False))
+    stack.enter_context(ieee_float32())
     return stack
 
 

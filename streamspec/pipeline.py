@@ -26,22 +26,12 @@ from streamspec.live.snapshot import Snapshot
 from streamspec.live.view import epoch_line
 from streamspec.sketch.host import sketched_spectra
 from streamspec.sketch.linalg import exact_spectra, ritz_values
+from streamspec.sketch.tracker import Fields, unpack_fields
 from streamspec.stats.welch import GroupWelch
 from streamspec.store.writer import ArchiveWriter
 
 _STOP = object()
 FLUSH_SECONDS = 60.0  # hand buffered rows to the writer at least this often
-_SKETCH = (
-    "core_a",
-    "gram_a",
-    "core_d",
-    "gram_d",
-    "gram_y",
-    "gram_x",
-    "core_g",
-    "norm_a",
-    "norm_d",
-)
 
 
 @dataclass
@@ -65,7 +55,7 @@ class LayerStep:
     # Sketched route: the layer's packed row ``[C, F]`` of its bank's host copy and the bank's
     # ``(name, offset, shape)`` fields (read with views of a stack of such rows).
     packed: np.ndarray | None = None
-    fields: tuple[tuple[str, int, tuple[int, ...]], ...] = ()
+    fields: Fields = ()
 
 
 @dataclass
@@ -123,12 +113,13 @@ def host_workers(cores: int | None = None) -> int:
     return int(min(4, max(1, cores // 4)))
 
 
-def _bounded(values: np.ndarray, bound: int, rank: int) -> np.ndarray:
-    """Top-``rank`` of descending ``values``, NaN beyond the matrix's rank ``bound``."""
-    out = np.full(rank, np.nan)
-    n = min(bound, rank, values.size)
-    out[:n] = values[:n]
-    return out
+def _bounded(values: np.ndarray, bound: int | np.ndarray, rank: int) -> np.ndarray:
+    """Top-``rank`` of descending ``values`` ``[..., r]`` → ``[..., rank]``, NaN beyond the
+    matrix's rank ``bound`` (an int, or one per leading index)."""
+    top = np.full((*values.shape[:-1], rank), np.nan)
+    width = min(rank, values.shape[-1])
+    top[..., :width] = values[..., :width]
+    return np.where(np.arange(rank) < np.asarray(bound)[..., None], top, np.nan)
 
 
 class HostPipeline:
@@ -347,11 +338,12 @@ class HostPipeline:
         factorisation per sketch shape (all layers and groups at once): the layers' packed rows
         are stacked once, and each matrix is a view of that stack."""
         k, n_groups = self.layout.rank, counts.size
-        by_fields: dict[tuple[tuple[str, int, tuple[int, ...]], ...], list[LayerStep]] = {}
+        by_fields: dict[Fields, list[LayerStep]] = {}
         for layer in layers:
             by_fields.setdefault(layer.fields, []).append(layer)
         for fields, group in by_fields.items():
-            rows = np.stack([_packed(layer) for layer in group]).reshape(len(group) * n_groups, -1)
+            n = len(group)
+            rows = np.stack([_packed(layer) for layer in group]).reshape(n * n_groups, -1)
             finite = np.isfinite(rows).all(axis=1)  # [(layer, group)]
             if not finite.all():
                 rows[~finite] = 0.0  # a copy: the stack
@@ -359,35 +351,27 @@ class HostPipeline:
                     for j, lay in enumerate(group):
                         if not finite[j * n_groups : (j + 1) * n_groups].all():
                             self._nonfinite_layers.add(self.layout.layers[lay.index])
-            stacked = {
-                name: rows[:, offset : offset + int(np.prod(shape))].reshape(-1, *shape)
-                for name, offset, shape in fields
-            }
-            spectra, errors = self._spectra(stacked)
+            spectra, errors = self._spectra(unpack_fields(rows, fields))
             # Vectorised over (layer, group): NaN beyond each matrix's rank and for absent or
             # non-finite groups; normalised by the group's sample count.
             index = np.array([lay.index for lay in group])
-            positions = np.array([lay.positions for lay in group])
             widths = np.array([self._widths[lay.index] for lay in group])  # [n, 2]
-            n_rows = counts[None, :] * positions[:, None]  # [n, C]
+            n_rows = counts[None, :] * np.array([lay.positions for lay in group])[:, None]
             bounds = (
                 np.minimum(n_rows, widths[:, :1]),
                 np.minimum(n_rows, widths[:, 1:]),
                 np.minimum(n_rows, widths.min(axis=1, keepdims=True)),
             )
-            present = (counts[None, :] > 0) & finite.reshape(len(group), n_groups)
-            root = np.sqrt(counts.astype(np.float64))
-            mean = self.layout.normalize == "mean"
-            scales = (root, root, counts.astype(np.float64)) if mean else (1.0, 1.0, 1.0)
-            ranks = np.arange(k)
+            present = (counts > 0) & finite.reshape(n, n_groups)  # [n, C]
+            scales = np.ones((3, n_groups))
+            if self.layout.normalize == "mean":
+                scales[:] = np.sqrt(counts), np.sqrt(counts), counts
             for kind in range(3):
-                keep = present[..., None] & (ranks < bounds[kind][..., None])  # [n, C, k]
-                with np.errstate(divide="ignore", invalid="ignore"):
-                    for out, values in ((sigma, spectra[kind]), (error, errors[kind])):
-                        top = _top(values, k).reshape(len(group), n_groups, k)
-                        scale = np.asarray(scales[kind], dtype=np.float64)
-                        scaled = top / (scale[None, :, None] if scale.ndim else scale)
-                        out[index, kind] = np.where(keep, scaled, np.nan)
+                for out, values in ((sigma, spectra[kind]), (error, errors[kind])):
+                    bounded = _bounded(values.reshape(n, n_groups, -1), bounds[kind], k)
+                    with np.errstate(divide="ignore", invalid="ignore"):
+                        scaled = bounded / scales[kind][:, None]
+                    out[index, kind] = np.where(present[..., None], scaled, np.nan)
 
     def _spectra(self, stacked: dict[str, np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """:func:`sketched_spectra` of a batch, split over the worker pool when there is one
@@ -456,14 +440,6 @@ class HostPipeline:
                 print(epoch_line(snap), file=sys.stderr, flush=True)
 
 
-def _top(values: np.ndarray, rank: int) -> np.ndarray:
-    """``[N, r]`` → ``[N, rank]``: the first ``rank`` columns, NaN-padded."""
-    out = np.full((values.shape[0], rank), np.nan)
-    width = min(rank, values.shape[1])
-    out[:, :width] = values[:, :width]
-    return out
-
-
 def _packed(layer: LayerStep) -> np.ndarray:
     """A sketched layer's packed ``[C, F]`` row (the monitor always sends one)."""
     if layer.packed is None:
@@ -472,5 +448,5 @@ def _packed(layer: LayerStep) -> np.ndarray:
 
 
 def _host(value: torch.Tensor | np.ndarray) -> np.ndarray:
-    """A host tensor's numpy view (sketched layers arrive as numpy views of a packed buffer)."""
+    """A host tensor's numpy view (rows may arrive as tensors or numpy arrays)."""
     return value if isinstance(value, np.ndarray) else value.numpy()

@@ -28,15 +28,17 @@ _precision_undo: list[Callable[[], None]] = []
 def _per_op_precisions() -> list[Any]:
     """PyTorch ≥ 2.9's per-backend, per-op float32 precision settings that streamspec's products
     use (cuBLAS matmul, cuDNN conv, oneDNN matmul and conv); empty on older PyTorch."""
-    backends = torch.backends
     found = []
     for owner in ("cuda.matmul", "cudnn.conv", "mkldnn.matmul", "mkldnn.conv"):
-        obj: Any = backends
+        obj: Any = torch.backends
         for part in owner.split("."):
             obj = getattr(obj, part, None)
         if obj is not None and hasattr(obj, "fp32_precision"):
             found.append(obj)
     return found
+
+
+_PER_OP = _per_op_precisions()  # module objects: looked up once, not on every hook call
 
 
 def _to_ieee() -> list[Callable[[], None]]:
@@ -48,7 +50,7 @@ def _to_ieee() -> list[Callable[[], None]]:
     then every per-op value exactly as it was: the process reads back what the user set.
     """
     undo: list[Callable[[], None]] = []
-    per_op = [(obj, obj.fp32_precision) for obj in _per_op_precisions()]
+    per_op = [(obj, obj.fp32_precision) for obj in _PER_OP]
     try:
         matmul = torch.get_float32_matmul_precision()
     except RuntimeError:  # PyTorch refuses the legacy read once the APIs are mixed

@@ -76,7 +76,7 @@ class SketchWidths:
         # the co-range side's excess over the range side.
         while v_in < v_out and e_in + v_in + ALIGN <= h_in:
             v_in += ALIGN
-        while v_in < v_out and v_out - ALIGN >= max(warm // 2, 1):
+        while v_in < v_out and v_out - ALIGN >= _warm_floor(warm):
             v_out -= ALIGN
         if v_in < v_out:  # no room on a narrow input side: the unaligned widths
             v_in, v_out = min(warm, h_in - e_in), min(warm, h_out - e_out)
@@ -88,7 +88,7 @@ ALIGN = 8  # block widths are multiples of this where the layer allows
 
 def _aligned_warm(epoch: int, warm: int, dim: int) -> int:
     """The warm width that makes ``epoch + warm`` a multiple of :data:`ALIGN`: the nearest one
-    keeping at least half the requested warm columns, else the next one up (capped at ``dim``).
+    keeping at least :func:`_warm_floor` columns, else the next one up (capped at ``dim``).
 
     Skinny fp32 products cost by tiles of columns: on this project's CPUs a 47-column product
     takes 1.7× the time of a 48-column one (bench/README.md), and on GPUs unaligned row strides
@@ -97,15 +97,16 @@ def _aligned_warm(epoch: int, warm: int, dim: int) -> int:
     """
     if epoch >= dim:
         return 0  # Ω is the identity: the sketch is exact, no warm block
-    floor = max(warm // 2, 1)
     total = epoch + warm
     down = total // ALIGN * ALIGN
-    up = down if down == total else down + ALIGN
-    nearest = down if total - down <= up - total else up
-    for candidate in (nearest, up, up + ALIGN):
-        if candidate - epoch >= floor:
-            return min(candidate, dim) - epoch
-    return min(up + 2 * ALIGN, dim) - epoch
+    up = down if down == total else down + ALIGN  # up - epoch >= warm: always enough
+    keep_down = total - down <= up - total and down - epoch >= _warm_floor(warm)
+    return min(down if keep_down else up, dim) - epoch
+
+
+def _warm_floor(warm: int) -> int:
+    """The fewest warm columns alignment may leave of ``warm`` requested."""
+    return max(warm // 2, 1)
 
 
 @dataclass
@@ -205,7 +206,7 @@ class SketchBank:
         self.device: torch.device | None = None
         w = widths
         self.step_width = w.block_in + w.block_out
-        self._layout: dict[str, tuple[int, tuple[int, ...]]] = {}
+        fields = []
         offset = 0
         bi, bo = w.block_in, w.block_out
         for name, shape in (
@@ -219,16 +220,12 @@ class SketchBank:
             ("norm_a", ()),
             ("norm_d", ()),
         ):
-            self._layout[name] = (offset, shape)
+            fields.append((name, offset, shape))
             offset += int(np.prod(shape))
         self.packed_width = offset
-        self._sizes = [(n, o, shape, int(np.prod(shape))) for n, (o, shape) in self._layout.items()]
-
-    @property
-    def fields(self) -> tuple[tuple[str, int, tuple[int, ...]], ...]:
-        """``(name, offset, shape)`` of each matrix in a slot's packed row (see :meth:`unpack`):
-        banks with equal fields can be factorised as one batch on the host."""
-        return tuple((name, offset, shape) for name, (offset, shape) in self._layout.items())
+        # ``(name, offset, shape)`` of each matrix in a slot's packed row (see unpack_fields):
+        # banks with equal fields are factorised as one batch on the host.
+        self.fields: Fields = tuple(fields)
 
     def add(self) -> int:
         """A slot for one more layer."""
@@ -303,18 +300,25 @@ class SketchBank:
     def unpack(
         self, packed: torch.Tensor | np.ndarray, slot: int
     ) -> dict[str, torch.Tensor | np.ndarray]:
-        """One layer's matrices from :func:`finish_banks`' packed output: views, never copies
-        (on the host the data may still be arriving through an async copy)."""
-        row = packed[slot]
-        c = self.n_groups
-        out: dict[str, torch.Tensor | np.ndarray] = {}
-        for name, offset, shape, size in self._sizes:
-            part = row[:, offset : offset + size]
-            if isinstance(part, np.ndarray):
-                out[name] = np.reshape(part, (c, *shape), copy=False)
-            else:
-                out[name] = part.view(c, *shape)
-        return out
+        """One layer's matrices from :func:`finish_banks`' packed output (views)."""
+        return unpack_fields(packed[slot], self.fields)
+
+
+Fields = tuple[tuple[str, int, tuple[int, ...]], ...]
+
+
+def unpack_fields(rows: torch.Tensor | np.ndarray, fields: Fields) -> dict[str, Any]:
+    """The matrices of packed rows ``[..., F]`` → ``{name: [..., *shape]}``: views, never copies
+    (on the host the data may still be arriving through an async copy)."""
+    lead = tuple(rows.shape[:-1])
+    out: dict[str, Any] = {}
+    for name, offset, shape in fields:
+        part = rows[..., offset : offset + int(np.prod(shape))]
+        if isinstance(part, np.ndarray):
+            out[name] = np.reshape(part, (*lead, *shape), copy=False)
+        else:
+            out[name] = part.view(*lead, *shape)
+    return out
 
 
 @dataclass

@@ -374,25 +374,18 @@ def test_count_and_normalisation() -> None:
 
 
 def test_step_sketches_never_use_the_global_rng_and_are_seeded() -> None:
-    a = run_digits(
-        None,
-        epochs=1,
-        n_samples=128,
-        batch_size=128,
-        record=False,
-        groups=("x", "y"),
-        label_fn=lambda y: y % 2,
-        exact_rows=0,
-    )
-    b = run_digits(
-        None,
-        epochs=1,
-        n_samples=128,
-        batch_size=128,
-        record=False,
-        groups=("x", "y"),
-        label_fn=lambda y: y % 2,
-        exact_rows=0,
+    a, b = (
+        run_digits(
+            None,
+            epochs=1,
+            n_samples=128,
+            batch_size=128,
+            record=False,
+            groups=("x", "y"),
+            label_fn=lambda y: y % 2,
+            exact_rows=0,
+        )
+        for _ in range(2)
     )
     np.testing.assert_array_equal(a.ds["sigma_epoch"].values, b.ds["sigma_epoch"].values)
 
