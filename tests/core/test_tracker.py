@@ -101,3 +101,73 @@ def test_sketch_widths_aligned_and_corange_wider() -> None:
                     )
                     if h_in >= 64 and h_out >= 64 and w.epoch_in < h_in:
                         assert w.block_in % ALIGN == 0 and w.block_out % ALIGN == 0
+
+
+def _banks_with_a_step(seed: int) -> list:
+    """Three banks of different heights (256/1024-row warm blocks, like the CPU bench model),
+    each with one step's products."""
+    from streamspec.sketch.tracker import SketchBank, SketchWidths
+
+    g, data = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
+    work = []
+    for h_in, h_out, layers in ((256, 256, 3), (256, 1024, 2), (1024, 256, 2)):
+        widths = SketchWidths.for_layer(h_in, h_out, 16, 10)
+        bank = SketchBank(h_in, h_out, 2, widths, capacity=layers)
+        present = {}
+        for _ in range(layers):
+            tracker = LayerTracker(h_in, h_out, 2, 16, 10, g, bank=bank)
+            a = torch.randn(2, 300, h_in, generator=data)
+            d = torch.randn(2, 300, h_out, generator=data)
+            tracker.products(a, d, exact=False)  # the first call seeds the blocks
+            present[tracker.slot] = tracker.products(a, d, exact=False)
+        work.append((bank, present))
+    return work
+
+
+def test_warm_blocks_batch_by_height_on_cpu_and_pad_freely_on_gpu() -> None:
+    """On a CPU a shorter block height joins a taller batch only while the zero padding is cheaper
+    than a call of its own; on a GPU every height of one width goes in one batch."""
+    from streamspec.sketch.tracker import CPU_PAD_BUDGET, _warm_batches, _WarmUpdate
+
+    def update(blocks: int, height: int, width: int) -> _WarmUpdate:
+        return _WarmUpdate(
+            torch.zeros(blocks, height, width),
+            torch.zeros(blocks, height, width),
+            torch.zeros(blocks, height, 4),
+        )
+
+    big = [update(4, 1024, 9), update(14, 256, 9)]  # the CPU bench model's warm blocks
+    big += [update(4, 1024, 6), update(4, 768, 6), update(10, 256, 6)]
+    shapes = [
+        sorted((u.y.shape[-2], u.y.shape[-1]) for u in batch)
+        for batch in _warm_batches(big, pad_freely=False)
+    ]
+    # 768 rows join 1024 (4·256·6 padded elements), 256 rows do not (14·768·9, 10·768·6).
+    assert 4 * 256 * 6 <= CPU_PAD_BUDGET < 10 * 768 * 6
+    assert sorted(shapes) == [[(256, 6)], [(256, 9)], [(768, 6), (1024, 6)], [(1024, 9)]]
+    assert len(_warm_batches(big, pad_freely=True)) == 2  # one per width
+    small = [update(12, 192, 6), update(12, 128, 6), update(2, 64, 6)]  # a d = 64 model
+    assert len(_warm_batches(small, pad_freely=False)) == 1
+    assert [len(b) for b in _warm_batches(small[:1] + [update(40, 32, 6)], False)] == [1, 1]
+
+
+def test_warm_blocks_are_the_same_padded_or_batched_by_height(monkeypatch) -> None:
+    """Zero padding changes neither the Grams nor the projections: the warm blocks that come out
+    of one padded batch equal those of separate per-height batches (float32 rounding)."""
+    import streamspec.sketch.tracker as tracker_module
+    from streamspec.sketch.tracker import finish_banks
+
+    out = {}
+    for budget in (0, 10**12):  # every height alone; every height padded into one batch
+        monkeypatch.setattr(tracker_module, "CPU_PAD_BUDGET", budget)
+        work = _banks_with_a_step(seed=3)
+        packed = finish_banks(work)
+        out[budget] = (
+            [torch.cat([b.block_in.flatten(), b.block_out.flatten()]) for b, _ in work],
+            packed,
+        )
+    for alone, padded in zip(out[0][0], out[10**12][0], strict=True):
+        assert alone.abs().sum() > 0
+        torch.testing.assert_close(alone, padded, atol=2e-6, rtol=0)
+    for alone, padded in zip(out[0][1], out[10**12][1], strict=True):
+        torch.testing.assert_close(alone, padded, atol=0, rtol=0)
