@@ -335,8 +335,8 @@ def finish_banks(work: list[tuple[SketchBank, dict[int, StepProducts]]]) -> list
     its epoch sketches and packs the small float64 matrices for the host (``[L, C, F]``, read
     with :meth:`SketchBank.unpack`); then the warm blocks of every bank advance in a few batched
     orthonormalisations (see :func:`_warm_batches`; blocks zero-padded to a common height: zero
-    rows change neither Grams nor projections). Device work only, no host sync. Slots absent from the step contribute
-    zeros: their sketches and blocks are kept."""
+    rows change neither Grams nor projections). Device work only, no host sync. Slots absent
+    from the step contribute zeros: their sketches and blocks are kept."""
     packed, updates = [], []
     for bank, present in work:
         p, warm = bank._fold(present)
