@@ -534,7 +534,8 @@ class Monitor:
         """Fold a layer's captured calls of this step into its tracker (device products only)."""
         state = self._state[index]
         activation = stack_rows([p[0] for p in state.pending])
-        adjoint = torch.cat([p[1] for p in state.pending], dim=1)
+        adjoints = [p[1] for p in state.pending]  # gathered copies: no aliasing of grad
+        adjoint = adjoints[0] if len(adjoints) == 1 else torch.cat(adjoints, dim=1)
         positions = sum(p[2] for p in state.pending)
         tie = self._positions(state) if self._tied[index] else None
         state.pending.clear()
