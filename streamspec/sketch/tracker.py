@@ -342,7 +342,7 @@ def finish_banks(work: list[tuple[SketchBank, dict[int, StepProducts]]]) -> list
         p, warm = bank._fold(present)
         packed.append(p)
         updates += warm
-    for group in _warm_batches(updates, pad_freely=bool(updates) and updates[0].y.is_cuda):
+    for group in _warm_batches(updates):
         height = max(u.y.shape[-2] for u in group)
         width = max(u.omega.shape[-1] for u in group)
 
@@ -370,27 +370,30 @@ def finish_banks(work: list[tuple[SketchBank, dict[int, StepProducts]]]) -> list
 CPU_PAD_BUDGET = 10_000
 
 
-def _warm_batches(updates: list[_WarmUpdate], pad_freely: bool) -> list[list[_WarmUpdate]]:
+def _warm_batches(updates: list[_WarmUpdate]) -> list[list[_WarmUpdate]]:
     """The warm blocks that advance in one batched orthonormalisation (zero-padded to the
-    batch's tallest block): the same width always; any height when ``pad_freely`` (a GPU:
-    launches cost more than padded flops); otherwise (a CPU) a shorter height joins a taller
-    batch only while its padding costs less than a call of its own (padding the CPU bench
-    model's 256-row blocks to 1024 rows cost ≈ 5 ms of its 14.5 ms step end)."""
-    by_shape: dict[tuple[int, int], list[_WarmUpdate]] = {}
+    batch's tallest block): one device and one width per batch; on an accelerator any height
+    (launches cost more than padded flops); on a CPU a shorter height joins a taller batch only
+    while its padding costs less than a call of its own (padding the CPU bench model's 256-row
+    blocks to 1024 rows cost ≈ 5 of its 14.5 ms step end)."""
+    by_shape: dict[tuple[torch.device, int, int], list[_WarmUpdate]] = {}
     for u in updates:
-        by_shape.setdefault((u.y.shape[-1], u.y.shape[-2]), []).append(u)
+        by_shape.setdefault((u.y.device, u.y.shape[-1], u.y.shape[-2]), []).append(u)
     batches: list[list[_WarmUpdate]] = []
-    tallest: dict[int, int] = {}  # width → height of the open batch of that width
-    open_batch: dict[int, list[_WarmUpdate]] = {}
-    for (width, height), group in sorted(by_shape.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
+    tallest: dict[tuple[torch.device, int], int] = {}  # (device, width) → open batch's height
+    open_batch: dict[tuple[torch.device, int], list[_WarmUpdate]] = {}
+    for (device, width, height), group in sorted(
+        by_shape.items(), key=lambda kv: (str(kv[0][0]), kv[0][1], -kv[0][2])
+    ):
+        key = (device, width)
         blocks = sum(int(np.prod(u.y.shape[:-2])) for u in group)
-        padding = (tallest.get(width, height) - height) * blocks * width
-        if width in open_batch and (pad_freely or padding <= CPU_PAD_BUDGET):
-            open_batch[width] += group
+        padding = (tallest.get(key, height) - height) * blocks * width
+        if key in open_batch and (device.type != "cpu" or padding <= CPU_PAD_BUDGET):
+            open_batch[key] += group  # extends the list already in ``batches``
         else:
-            open_batch[width] = list(group)
-            tallest[width] = height
-            batches.append(open_batch[width])
+            open_batch[key] = list(group)
+            tallest[key] = height
+            batches.append(open_batch[key])
     return batches
 
 

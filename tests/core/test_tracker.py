@@ -104,70 +104,99 @@ def test_sketch_widths_aligned_and_corange_wider() -> None:
 
 
 def _banks_with_a_step(seed: int) -> list:
-    """Three banks of different heights (256/1024-row warm blocks, like the CPU bench model),
-    each with one step's products."""
+    """Banks of different heights (256/1024-row warm blocks, like the CPU bench model, and two
+    small ones), each with one step's products; one slot absent from the step."""
     from streamspec.sketch.tracker import SketchBank, SketchWidths
 
     g, data = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
     work = []
-    for h_in, h_out, layers in ((256, 256, 3), (256, 1024, 2), (1024, 256, 2)):
+    for h_in, h_out, layers in ((256, 256, 3), (256, 1024, 2), (1024, 256, 2), (64, 96, 2)):
         widths = SketchWidths.for_layer(h_in, h_out, 16, 10)
         bank = SketchBank(h_in, h_out, 2, widths, capacity=layers)
         present = {}
-        for _ in range(layers):
+        for i in range(layers):
             tracker = LayerTracker(h_in, h_out, 2, 16, 10, g, bank=bank)
             a = torch.randn(2, 300, h_in, generator=data)
             d = torch.randn(2, 300, h_out, generator=data)
             tracker.products(a, d, exact=False)  # the first call seeds the blocks
-            present[tracker.slot] = tracker.products(a, d, exact=False)
+            products = tracker.products(a, d, exact=False)
+            if (h_in, h_out, i) != (256, 1024, 1):  # this slot sits the step out
+                present[tracker.slot] = products
         work.append((bank, present))
     return work
 
 
-def test_warm_blocks_batch_by_height_on_cpu_and_pad_freely_on_gpu() -> None:
+def _update(blocks: int, height: int, width: int, device: str = "cpu") -> object:
+    from streamspec.sketch.tracker import _WarmUpdate
+
+    shape = (blocks, height, width)
+    return _WarmUpdate(
+        torch.zeros(shape, device=device),
+        torch.zeros(shape, device=device),
+        torch.zeros(blocks, height, 4, device=device),
+    )
+
+
+def test_warm_blocks_batch_by_height_on_cpu_and_pad_freely_elsewhere() -> None:
     """On a CPU a shorter block height joins a taller batch only while the zero padding is cheaper
-    than a call of its own; on a GPU every height of one width goes in one batch."""
-    from streamspec.sketch.tracker import CPU_PAD_BUDGET, _warm_batches, _WarmUpdate
+    than a call of its own; on another device every height of one width goes in one batch; a
+    batch never mixes devices or widths."""
+    from streamspec.sketch.tracker import CPU_PAD_BUDGET, _warm_batches
 
-    def update(blocks: int, height: int, width: int) -> _WarmUpdate:
-        return _WarmUpdate(
-            torch.zeros(blocks, height, width),
-            torch.zeros(blocks, height, width),
-            torch.zeros(blocks, height, 4),
-        )
+    def shapes(batches: list) -> list:
+        return sorted(sorted((u.y.shape[-2], u.y.shape[-1]) for u in b) for b in batches)
 
-    big = [update(4, 1024, 9), update(14, 256, 9)]  # the CPU bench model's warm blocks
-    big += [update(4, 1024, 6), update(4, 768, 6), update(10, 256, 6)]
-    shapes = [
-        sorted((u.y.shape[-2], u.y.shape[-1]) for u in batch)
-        for batch in _warm_batches(big, pad_freely=False)
-    ]
+    big = [_update(4, 1024, 9), _update(14, 256, 9)]  # the CPU bench model's warm blocks
+    big += [_update(4, 1024, 6), _update(4, 768, 6), _update(10, 256, 6)]
     # 768 rows join 1024 (4·256·6 padded elements), 256 rows do not (14·768·9, 10·768·6).
     assert 4 * 256 * 6 <= CPU_PAD_BUDGET < 10 * 768 * 6
-    assert sorted(shapes) == [[(256, 6)], [(256, 9)], [(768, 6), (1024, 6)], [(1024, 9)]]
-    assert len(_warm_batches(big, pad_freely=True)) == 2  # one per width
-    small = [update(12, 192, 6), update(12, 128, 6), update(2, 64, 6)]  # a d = 64 model
-    assert len(_warm_batches(small, pad_freely=False)) == 1
-    assert [len(b) for b in _warm_batches(small[:1] + [update(40, 32, 6)], False)] == [1, 1]
+    assert shapes(_warm_batches(big)) == [
+        [(256, 6)],
+        [(256, 9)],
+        [(768, 6), (1024, 6)],
+        [(1024, 9)],
+    ]
+    small = [_update(12, 192, 6), _update(12, 128, 6), _update(2, 64, 6)]  # a d = 64 model
+    assert len(_warm_batches(small)) == 1
+    assert len(_warm_batches(small[:1] + [_update(40, 32, 6)])) == 2
+    assert _warm_batches([]) == []
+    # Another device (meta: shapes only) pads freely and never shares a batch with the CPU.
+    meta = [_update(4, 1024, 9, "meta"), _update(14, 256, 9, "meta"), _update(3, 64, 6, "meta")]
+    batches = _warm_batches(big + meta)
+    assert all(len({u.y.device for u in b}) == 1 for b in batches)
+    assert shapes([b for b in batches if b[0].y.is_meta]) == [[(64, 6)], [(256, 9), (1024, 9)]]
+    # A partition: every update exactly once, one width per batch, tallest first.
+    for updates in (big, small, big + meta):
+        batches = _warm_batches(updates)
+        assert sorted(id(u) for b in batches for u in b) == sorted(map(id, updates))
+        for b in batches:
+            assert len({u.y.shape[-1] for u in b}) == 1
+            assert b[0].y.shape[-2] == max(u.y.shape[-2] for u in b)
 
 
-def test_warm_blocks_are_the_same_padded_or_batched_by_height(monkeypatch) -> None:
-    """Zero padding changes neither the Grams nor the projections: the warm blocks that come out
-    of one padded batch equal those of separate per-height batches (float32 rounding)."""
+def test_warm_blocks_batched_equal_each_block_advanced_alone(monkeypatch) -> None:
+    """However the warm blocks are batched (zero-padded or per height), each comes out as
+    ``_keep_valid`` of its own block alone: zero rows change neither Grams nor projections."""
     import streamspec.sketch.tracker as tracker_module
-    from streamspec.sketch.tracker import finish_banks
+    from streamspec.sketch.tracker import _keep_valid, finish_banks
 
-    out = {}
-    for budget in (0, 10**12):  # every height alone; every height padded into one batch
+    batching = tracker_module._warm_batches
+    seen: dict = {}
+
+    def spy(updates: list) -> list:
+        seen["batches"] = batching(updates)
+        seen["expected"] = [
+            (u.block, u.block.clone(), _keep_valid(u.block.clone(), u.y.clone(), u.omega))
+            for u in updates
+        ]
+        return seen["batches"]
+
+    monkeypatch.setattr(tracker_module, "_warm_batches", spy)
+    for budget in (0, tracker_module.CPU_PAD_BUDGET, 10**12):
         monkeypatch.setattr(tracker_module, "CPU_PAD_BUDGET", budget)
-        work = _banks_with_a_step(seed=3)
-        packed = finish_banks(work)
-        out[budget] = (
-            [torch.cat([b.block_in.flatten(), b.block_out.flatten()]) for b, _ in work],
-            packed,
-        )
-    for alone, padded in zip(out[0][0], out[10**12][0], strict=True):
-        assert alone.abs().sum() > 0
-        torch.testing.assert_close(alone, padded, atol=2e-6, rtol=0)
-    for alone, padded in zip(out[0][1], out[10**12][1], strict=True):
-        torch.testing.assert_close(alone, padded, atol=0, rtol=0)
+        finish_banks(_banks_with_a_step(seed=3))
+        counts = {0: 6, 10**12: 2}  # per height on each side / one batch per width
+        assert len(seen["batches"]) == counts.get(budget, len(seen["batches"]))
+        for block, before, expected in seen["expected"]:
+            assert (block - before).abs().max() > 1e-3  # the step moved the block
+            torch.testing.assert_close(block, expected, atol=1e-6, rtol=0)
