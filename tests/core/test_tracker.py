@@ -200,3 +200,24 @@ def test_warm_blocks_batched_equal_each_block_advanced_alone(monkeypatch) -> Non
         for block, before, expected in seen["expected"]:
             assert (block - before).abs().max() > 1e-3  # the step moved the block
             torch.testing.assert_close(block, expected, atol=1e-6, rtol=0)
+
+
+def test_step_end_of_banks_on_different_devices() -> None:
+    """A model split over devices: banks of one width on two devices finish in one call (their
+    warm blocks were concatenated across devices before). The meta device stands in for a second
+    accelerator: shapes only."""
+    from streamspec.sketch.tracker import SketchBank, SketchWidths, finish_banks
+
+    g = torch.Generator().manual_seed(0)
+    work = []
+    for h_in, h_out, device in ((256, 256, "cpu"), (256, 1024, "meta"), (1024, 256, "cpu")):
+        bank = SketchBank(h_in, h_out, 2, SketchWidths.for_layer(h_in, h_out, 16, 10), 1)
+        tracker = LayerTracker(h_in, h_out, 2, 16, 10, g, bank=bank)
+        a = torch.randn(2, 300, h_in, device=device)
+        d = torch.randn(2, 300, h_out, device=device)
+        tracker.products(a, d, exact=False)
+        work.append((bank, {tracker.slot: tracker.products(a, d, exact=False)}))
+    packed = finish_banks(work)
+    assert [p.device.type for p in packed] == ["cpu", "meta", "cpu"]
+    for bank, _ in work:
+        assert bank.block_in.device == bank.device
