@@ -719,9 +719,11 @@ def _keep_valid(
     host sync.
     """
     new = orthonormalize(y).to(torch.float32) if omega is None else _against(omega, y)
-    finite = torch.isfinite(new).all(dim=-2, keepdim=True).all(dim=-1, keepdim=True)
-    nonzero = (new.abs().sum(dim=-2, keepdim=True) > 0).all(dim=-1, keepdim=True)
-    return torch.where(finite & nonzero, new, old)
+    # Usable: every column finite and nonzero, read off the column norms (NaN fails ``> 0``;
+    # orthonormal entries are bounded, so only a non-finite entry makes a norm infinite).
+    norms = new.square().sum(dim=-2, keepdim=True)
+    usable = ((norms > 0) & torch.isfinite(norms)).all(dim=-1, keepdim=True)
+    return torch.where(usable, new, old)
 
 
 def _n_positive(values: np.ndarray, rank: int) -> int:

@@ -221,3 +221,22 @@ def test_step_end_of_banks_on_different_devices() -> None:
     assert [p.device.type for p in packed] == ["cpu", "meta", "cpu"]
     for bank, _ in work:
         assert bank.block_in.device == bank.device
+
+
+def test_keep_valid_keeps_the_old_block_of_a_zero_nan_or_inf_group() -> None:
+    from streamspec.sketch.linalg import orthonormalize
+    from streamspec.sketch.tracker import _keep_valid
+
+    g = torch.Generator().manual_seed(0)
+    old = orthonormalize(torch.randn(5, 40, 6, generator=g)).float()
+    y = torch.randn(5, 40, 6, generator=g)
+    y[1] = 0  # a group absent from the step
+    y[2, 3, 4] = float("nan")
+    y[3, 0, 0] = float("inf")
+    y[4, :, 2] = 0  # one dead column: the block would lose a direction
+    new = _keep_valid(old, y)
+    torch.testing.assert_close(new[0].mT @ new[0], torch.eye(6), atol=1e-5, rtol=0)
+    assert (new[0] - old[0]).abs().max() > 0.1
+    for kept in (1, 2, 3, 4):
+        assert torch.equal(new[kept], old[kept])
+    assert torch.isfinite(new).all()
