@@ -17,6 +17,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv
 python3 -m pytest -q -m gpu tests/gpu -p no:cacheprovider 2>&1 | tee "$OUT/gpu-tests.log"
 python3 -m bench --config gpu-base --device cuda --modes "$BASE_MODES" --profile 3 --out "$OUT" 2>&1
 if [ "$MID_MODES" != "none" ]; then
-  python3 -m bench --config gpu-mid --device cuda --modes "$MID_MODES" --no-accuracy --out "$OUT" \
-    2>&1
+  # --profile: is gpu-mid bound by the host's Python and launches (then CUDA graphs are the lever)?
+  python3 -m bench --config gpu-mid --device cuda --modes "$MID_MODES" --no-accuracy --profile 3 \
+    --out "$OUT" 2>&1
 fi
