@@ -705,7 +705,7 @@ def _against(omega: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``orth((I − ΩΩᵀ)W)``: an orthonormal block orthogonal to ``Ω`` (empty stays empty)."""
     if not w.shape[-1]:
         return w
-    return orthonormalize(w - omega @ (omega.mT @ w)).to(torch.float32)
+    return orthonormalize(w, against=omega).to(torch.float32)
 
 
 def _keep_valid(

@@ -240,3 +240,53 @@ def test_keep_valid_keeps_the_old_block_of_a_zero_nan_or_inf_group() -> None:
     for kept in (1, 2, 3, 4):
         assert torch.equal(new[kept], old[kept])
     assert torch.isfinite(new).all()
+
+
+def test_blocks_stay_orthonormal_when_the_rows_have_low_rank() -> None:
+    """Rows of rank 10 < the 39 columns of Ω: the warm block's new directions are mostly rounding
+    noise, which orthonormalising blew up to an overlap of ≈ 0.5 with Ω before it was projected
+    off a second time; the host's spectra assume ``[Ω | W]`` orthonormal."""
+    g = torch.Generator().manual_seed(0)
+    tracker = LayerTracker(256, 64, 2, 16, 10, g)
+    basis = torch.randn(10, 256, generator=g)
+    for _ in range(4):
+        a = (torch.randn(2, 300, 10, generator=g) @ basis).contiguous()
+        d = torch.randn(2, 300, 64, generator=g)
+        tracker.step(a, d, exact=False)
+        for b in blocks(tracker):
+            eye = torch.eye(b.shape[-1]).expand(2, -1, -1)
+            assert (b.mT @ b - eye).abs().max().item() < 1e-5
+
+
+def test_warm_blocks_of_one_width_with_different_omega_widths(monkeypatch) -> None:
+    """A 45-wide layer and a 256-wide one share warm width 6 but not Ω's width (39 vs 26): one
+    batch pads Ω to the wider; each block still equals its block advanced alone, whichever bank
+    comes first."""
+    import streamspec.sketch.tracker as tracker_module
+    from streamspec.sketch.tracker import SketchBank, SketchWidths, _keep_valid, finish_banks
+
+    batching = tracker_module._warm_batches
+    seen: dict = {}
+
+    def spy(updates: list) -> list:
+        seen["batches"] = batching(updates)
+        seen["expected"] = [
+            (u.block, _keep_valid(u.block.clone(), u.y.clone(), u.omega)) for u in updates
+        ]
+        return seen["batches"]
+
+    monkeypatch.setattr(tracker_module, "_warm_batches", spy)
+    monkeypatch.setattr(tracker_module, "CPU_PAD_BUDGET", 10**12)
+    for order in ((45, 256), (256, 45)):
+        g, data = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
+        work = []
+        for h in order:
+            bank = SketchBank(h, h, 2, SketchWidths.for_layer(h, h, 16, 10), capacity=1)
+            tracker = LayerTracker(h, h, 2, 16, 10, g, bank=bank)
+            a, d = torch.randn(2, 300, h, generator=data), torch.randn(2, 300, h, generator=data)
+            tracker.products(a, d, exact=False)
+            work.append((bank, {tracker.slot: tracker.products(a, d, exact=False)}))
+        finish_banks(work)
+        assert any(len({u.omega.shape[-1] for u in b}) > 1 for b in seen["batches"])
+        for block, expected in seen["expected"]:
+            torch.testing.assert_close(block, expected, atol=1e-6, rtol=0)
