@@ -152,14 +152,13 @@ def orthonormalize(y: torch.Tensor, against: torch.Tensor | None = None) -> torc
     """
     if against is not None:
         y = y - against @ (against.mT @ y)
-    dtype = y.dtype
     y = y.to(torch.float64)
     n, width = y.shape[-2], y.shape[-1]
     norm2 = (y * y).sum(dim=(-2, -1), keepdim=True)  # ‖Y‖_F² ≥ ‖Y‖₂²
     tiny = torch.finfo(torch.float64).tiny
     q = _cholesky_qr(y, 11.0 * (n * width + width * (width + 1)) * _EPS64 * norm2 + tiny)
     if against is not None:
-        q = q.to(dtype)
+        q = q.to(against.dtype)
         q = (q - against @ (against.mT @ q)).to(torch.float64)
     for _ in range(2):
         norm2 = (q * q).sum(dim=(-2, -1), keepdim=True)

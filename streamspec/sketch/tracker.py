@@ -380,20 +380,19 @@ def _warm_batches(updates: list[_WarmUpdate]) -> list[list[_WarmUpdate]]:
     for u in updates:
         by_shape.setdefault((u.y.device, u.y.shape[-1], u.y.shape[-2]), []).append(u)
     batches: list[list[_WarmUpdate]] = []
-    tallest: dict[tuple[torch.device, int], int] = {}  # (device, width) → open batch's height
-    open_batch: dict[tuple[torch.device, int], list[_WarmUpdate]] = {}
+    open_batch: dict[tuple[torch.device, int], list[_WarmUpdate]] = {}  # tallest block first
     for (device, width, height), group in sorted(
         by_shape.items(), key=lambda kv: (str(kv[0][0]), kv[0][1], -kv[0][2])
     ):
-        key = (device, width)
-        blocks = sum(int(np.prod(u.y.shape[:-2])) for u in group)
-        padding = (tallest.get(key, height) - height) * blocks * width
-        if key in open_batch and (device.type != "cpu" or padding <= CPU_PAD_BUDGET):
-            open_batch[key] += group  # extends the list already in ``batches``
-        else:
-            open_batch[key] = list(group)
-            tallest[key] = height
-            batches.append(open_batch[key])
+        batch = open_batch.get((device, width))
+        if batch is not None:
+            blocks = sum(int(np.prod(u.y.shape[:-2])) for u in group)
+            padding = (batch[0].y.shape[-2] - height) * blocks * width
+            if device.type != "cpu" or padding <= CPU_PAD_BUDGET:
+                batch += group  # extends the list already in ``batches``
+                continue
+        open_batch[(device, width)] = list(group)
+        batches.append(open_batch[(device, width)])
     return batches
 
 
@@ -718,7 +717,7 @@ def _keep_valid(
     poison its warm block for the rest of the run. Decided on the device (``torch.where``): no
     host sync.
     """
-    new = orthonormalize(y).to(torch.float32) if omega is None else _against(omega, y)
+    new = orthonormalize(y, against=omega).to(torch.float32)
     # Usable: every column finite and nonzero, read off the column norms (NaN fails ``> 0``;
     # orthonormal entries are bounded, so only a non-finite entry makes a norm infinite).
     norms = new.square().sum(dim=-2, keepdim=True)
