@@ -227,7 +227,7 @@ class OneHotRows:
 
     def dense(self) -> torch.Tensor:
         c, m = self.indices.shape
-        out = torch.zeros((c, m, self.vocabulary), device=self.indices.device)
+        out = torch.zeros((c, m, self.vocabulary), dtype=torch.float32, device=self.indices.device)
         return out.scatter_(2, self.indices.unsqueeze(-1), self._mask)
 
     def sq_norm(self) -> torch.Tensor:

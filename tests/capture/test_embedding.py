@@ -64,3 +64,27 @@ def test_embedding_spectra(exact_rows) -> None:
         assert relative_errors(sigma[:, c], expected).max() < 1e-2, (sigma[:, c], expected)
         sg = torch.linalg.svdvals(ref[c]["embed.weight"].double()).numpy()[:4]
         np.testing.assert_allclose(sigma[2, c], sg, rtol=1e-2)
+
+
+def test_embedding_under_a_float64_default_dtype() -> None:
+    """``torch.set_default_dtype(torch.float64)`` (a whole float64 model): the exact route's
+    one-hot rows are built in float32 like every other row (they were built in the default dtype,
+    the scatter failed and the monitor stopped recording)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        torch.manual_seed(0)
+        model = Tagger()
+        tokens = torch.randint(1, 30, (4, 5))
+        with streamspec.watch(model, ["a", "b"], rank=2, live=False) as mon:
+            for _ in range(2):
+                mon.label(torch.tensor([0, 1, 0, 1]))
+                model(tokens).pow(2).sum().backward()
+            ds = mon.to_xarray()
+    finally:
+        torch.set_default_dtype(previous)
+    assert mon._failed is None
+    assert np.isfinite(ds["sigma"].values[..., 0]).all()
+    onehot = nn.functional.one_hot(tokens[::2].reshape(-1), 30).double()
+    expected = torch.linalg.svdvals(onehot).numpy()[:2] / np.sqrt(2)  # "mean": σ/√n_c
+    np.testing.assert_allclose(ds["sigma"].values[-1, 0, 0, 0], expected, rtol=1e-5)
