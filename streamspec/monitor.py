@@ -543,8 +543,10 @@ class Monitor:
         exact = rows_per_group <= self.config.exact_threshold
         # Sketches accumulate in float32 even when the step runs under autocast (the autocast
         # state reaches tensor hooks).
+        plan = self._step_plan  # the step's labels: what its epoch counts are made of
+        counts = plan.counts_on(adjoint.device) if plan is not None else None
         with _as_written({adjoint.device}), record_function("streamspec.fold"):
-            state.products = self._trackers[index].products(activation, adjoint, exact, tie)
+            state.products = self._trackers[index].products(activation, adjoint, exact, tie, counts)
         state.positions += positions
         if tie is not None:
             state.n_positions += tie[1]
@@ -653,7 +655,8 @@ class Monitor:
             # The device-side Ω updates (end_epoch() may be called inside an autocast region).
             with _as_written({tracker.bank.device}):
                 spectra = tracker.end_epoch()
-            n = self._epoch_counts[index].astype(np.float64)
+            # Samples of steps whose products were not finite never reached the sketches.
+            n = self._epoch_counts[index] - spectra.excluded
             for kind_index, values in enumerate(
                 (spectra.activation, spectra.adjoint, spectra.gradient)
             ):

@@ -76,20 +76,25 @@ class GroupPlan:
         within = torch.arange(sorted_groups.numel()) - starts[sorted_groups]
         self._dst = sorted_groups * self.n_max + within  # slot in the padded [C * n_max] layout
         self._dense = bool(self.n_max) and int(self.counts.sum()) == self.n_groups * self.n_max
-        self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
-    def _indices(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _indices(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if device not in self._on:
-            # Labels live on the host; one small non-blocking copy per label() call and device.
+            # Labels live on the host; small non-blocking copies per label() call and device.
             self._on[device] = (
                 self._src.to(device, non_blocking=True),
                 self._dst.to(device, non_blocking=True),
+                torch.as_tensor(self.counts, dtype=torch.float64).to(device, non_blocking=True),
             )
         return self._on[device]
 
+    def counts_on(self, device: torch.device) -> torch.Tensor:
+        """``[C]`` float64 :attr:`counts` on ``device`` (copied once per device)."""
+        return self._indices(device)[2]
+
     def gather_samples(self, x: torch.Tensor, fill: float = 0) -> torch.Tensor:
         """``[B, …]`` → ``[C, n_max, …]``: each group's samples in a block, ``fill`` for padding."""
-        src, dst = self._indices(x.device)
+        src, dst, _ = self._indices(x.device)
         if self._dense:  # every group has n_max samples: no padding, one copy
             return x.index_select(0, src).view(self.n_groups, self.n_max, *x.shape[1:])
         out = x.new_full((self.n_groups * self.n_max, *x.shape[1:]), fill)

@@ -44,7 +44,8 @@ from streamspec.sketch.operators import DenseRows, RowOperator, sq_norms
 _SETUP_LOCK = threading.Lock()
 WARMUP_ITERATIONS = 4  # power iterations of the warm blocks on the run's first step
 TIED_EXACT_ROWS = 4096  # per-group rows up to which the tying spectrum is computed exactly
-_EPOCH_SKETCHES = ("y_a", "y_d", "y_g", "x_g", "z_g")
+# The epoch sketches each kind's spectrum is reconstructed from.
+_KIND_SKETCHES = {"activation": ("y_a",), "adjoint": ("y_d",), "gradient": ("y_g", "x_g", "z_g")}
 
 
 @dataclass(frozen=True)
@@ -115,11 +116,15 @@ class EpochSpectra:
 
     Attributes:
         activation, adjoint, gradient: ``[C, r]`` descending, float64.
+        excluded: ``[C]`` samples of the epoch's steps left out of its sketches because their
+            products were not finite (an overflowing fp16 step, a NaN in the model), as counted by
+            the ``counts`` passed to :meth:`LayerTracker.products`.
     """
 
     activation: np.ndarray
     adjoint: np.ndarray
     gradient: np.ndarray
+    excluded: np.ndarray
 
 
 @dataclass
@@ -167,6 +172,7 @@ class StepProducts:
         gram: ``[P | R]ᵀ[P | R]`` ``[C, b_in + b_out, b_in + b_out]`` float64 (holds the cores
             ``B_inᵀAᵀAB_in``, ``B_outᵀΔᵀΔB_out`` and ``B_inᵀGB_out``).
         norms: ``[C, 2]`` float64 ``‖A_c‖²_F``, ``‖Δ_c‖²_F``.
+        counts: ``[C]`` float64 samples per group in the step (on the device), or None.
         rows: for the exact route, the padded group rows (``activation``, ``adjoint``; and
             ``position`` when tied); for a tied sketched layer, ``tied``.
         route: ``"exact"`` or ``"sketch"``.
@@ -177,6 +183,7 @@ class StepProducts:
     gram: torch.Tensor
     norms: torch.Tensor
     route: str
+    counts: torch.Tensor | None = None
     rows: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
@@ -190,7 +197,8 @@ class SketchBank:
     State (leading ``[L, C]``): the blocks ``B_in = [Ω_in | W_in]`` ``[h_in, b_in]`` and
     ``B_out = [Ω_out | W_out]``; the epoch sketches ``E_in = Σ[AᵀAΩ_in | GΩ_out]``
     ``[h_in, e_in + e_out]``, ``E_out = Σ[GᵀΩ_in | ΔᵀΔΩ_out]`` and the core ``Z = ΣΩ_inᵀGΩ_out``
-    (float64).
+    (float64), summed over the epoch's steps whose products are finite; the samples of the
+    others (float64, ``[L, C]``).
 
     Args:
         h_in, h_out, n_groups, widths: the common shape.
@@ -244,6 +252,7 @@ class SketchBank:
         self.epoch_core = torch.zeros(
             n, c, w.epoch_in, w.epoch_out, dtype=torch.float64, device=device
         )
+        self.epoch_excluded = torch.zeros(n, c, dtype=torch.float64, device=device)
         width = self.step_width
         self._zeros = StepProducts(
             torch.zeros(c, self.h_in, width, **f32),
@@ -266,11 +275,6 @@ class SketchBank:
         s_out = torch.stack([p.s_out for p in parts])  # [L, C, h_out, b_in + b_out]
         gram = torch.stack([p.gram for p in parts])  # [L, C, b, b] float64
         norms = torch.stack([p.norms for p in parts])  # [L, C, 2]
-        # Epoch sketches: the Ω columns only (Ω is fixed within an epoch: linear sketches).
-        for epoch, s in ((self.epoch_in, s_in), (self.epoch_out, s_out)):
-            epoch[..., :ei] += s[..., :ei]
-            epoch[..., ei:] += s[..., bi : bi + eo]
-        self.epoch_core += gram[..., :ei, bi : bi + eo]
         # Warm blocks: one subspace-iteration step each, kept orthogonal to Ω.
         warm = []
         if w.warm_in:
@@ -295,6 +299,24 @@ class SketchBank:
             ],
             dim=-1,
         )
+        # Epoch sketches: the Ω columns only (Ω is fixed within an epoch: linear sketches), of
+        # the groups whose products are all finite: one overflowing step (fp16 AMP, which the
+        # GradScaler then skips) would otherwise leave the whole epoch NaN. Every product enters
+        # a float64 Gram's diagonal as squares, so the packed row is finite exactly when they are.
+        finite = torch.isfinite(packed).all(dim=-1)  # [L, C]
+        keep = finite[..., None, None].to(s_in.dtype)
+        for epoch, s in ((self.epoch_in, s_in), (self.epoch_out, s_out)):
+            # In place on the whole stacked copy (the packed row already holds its Grams): ×0,
+            # then the NaN that 0·Inf leaves → 0 (≈ 6× faster than masked_fill_ on a CPU). A
+            # dropped group's warm-block columns become zero too, which keeps its block.
+            s.mul_(keep).nan_to_num_(0.0, 0.0, 0.0)
+            epoch[..., :ei] += s[..., :ei]
+            epoch[..., ei:] += s[..., bi : bi + eo]
+        core = gram[..., :ei, bi : bi + eo]
+        self.epoch_core += core.mul(keep.to(core.dtype)).nan_to_num_(0.0, 0.0, 0.0)
+        counts = next((p.counts for p in present.values() if p.counts is not None), None)
+        if counts is not None:  # one step, one labelling: every layer's counts are the same
+            self.epoch_excluded += torch.where(finite, 0.0, counts)
         return packed, warm
 
     def unpack(
@@ -484,7 +506,7 @@ class LayerTracker:
 
     def _reset_sketches(self) -> None:
         bank = self.bank
-        for t in (bank.epoch_in, bank.epoch_out, bank.epoch_core):
+        for t in (bank.epoch_in, bank.epoch_out, bank.epoch_core, bank.epoch_excluded):
             t[self.slot].zero_()
 
     # -- the step (hot path: products only, no host sync) -----------------------------------------
@@ -495,6 +517,7 @@ class LayerTracker:
         adjoint: torch.Tensor,
         exact: bool,
         tie: tuple[torch.Tensor, int] | None = None,
+        counts: torch.Tensor | None = None,
     ) -> StepProducts:
         """The step's products with this layer's rows (the only per-layer work of a step).
 
@@ -507,6 +530,8 @@ class LayerTracker:
             tie: ``(position [m], P)``: the position (time step, output pixel) of every row, for
                 the tying spectrum: σ of the ``P × (h_in·h_out)`` matrix whose rows are the
                 per-position contributions ``Σ_r∈p a_rᵀδ_r`` to the group's gradient.
+            counts: ``[C]`` float64 samples per group in the step, on the rows' device: what the
+                epoch leaves out (:attr:`EpochSpectra.excluded`) if the products are not finite.
         """
         if self._device != adjoint.device:
             self._setup(adjoint.device)
@@ -527,6 +552,7 @@ class LayerTracker:
             gram=pr64.mT @ pr64,
             norms=torch.stack([a.sq_norm(), sq_norms(d)], dim=1),
             route="exact" if exact else "sketch",
+            counts=counts,
         )
         self._steps += 1
         if exact:
@@ -629,44 +655,53 @@ class LayerTracker:
         """Reconstruct the epoch's spectra from its sketches, then reset for the next epoch.
 
         Returns:
-            Unnormalised singular values per group (``[C, r]``; NaN where the sketch holds
-            non-finite values; empty when the layer saw no step this epoch).
+            Unnormalised singular values per group (``[C, r]``; NaN for a kind whose sketches
+            hold non-finite values, which steps with non-finite products never reach; empty when
+            the layer saw no step this epoch), and the samples left out.
         """
         c = self.n_groups
         if self._device is None or self._steps == 0:  # no step this epoch: keep Ω as it is
             empty = np.full((c, 0), np.nan)
-            return EpochSpectra(empty, empty, empty)
+            return EpochSpectra(empty, empty, empty, np.zeros(c))
         self._steps = 0
-        host = {
-            name: v.detach().to("cpu", torch.float64).numpy()
+        host = {  # copies: a float64 CPU tensor would otherwise come back as a view of the state
+            name: v.detach().to("cpu", torch.float64, copy=True).numpy()
             for name, v in self.state_dict().items()
         }
         host["omega_in"] = self.omega("in").to("cpu", torch.float64).numpy()
         host["omega_out"] = self.omega("out").to("cpu", torch.float64).numpy()
-        out: dict[str, list[np.ndarray]] = {"activation": [], "adjoint": [], "gradient": []}
+        out: dict[str, list[np.ndarray]] = {kind: [] for kind in _KIND_SKETCHES}
         directions: dict[str, list[np.ndarray | None]] = {"in": [], "out": []}
+        nan = np.full(1, np.nan)
         for i in range(c):
-            if not all(np.isfinite(host[n][i]).all() for n in _EPOCH_SKETCHES):
-                for values in out.values():
-                    values.append(np.full(1, np.nan))
-                directions["in"].append(None)
-                directions["out"].append(None)
-                continue
-            lam_a, u_a = nystrom(host["omega_in"][i], host["y_a"][i])
-            lam_d, u_d = nystrom(host["omega_out"][i], host["y_d"][i])
-            y, x = host["y_g"][i], host["x_g"][i]
-            s_g = generalized_nystrom_values(
-                (y.T @ y)[None], (x @ x.T)[None], host["z_g"][i][None]
-            )[0]
-            out["activation"].append(np.sqrt(lam_a))
-            out["adjoint"].append(np.sqrt(lam_d))
-            out["gradient"].append(s_g)
-            directions["in"].append(u_a[:, : _n_positive(lam_a, self.rank)])
-            directions["out"].append(u_d[:, : _n_positive(lam_d, self.rank)])
+            finite = {
+                kind: all(np.isfinite(host[name][i]).all() for name in names)
+                for kind, names in _KIND_SKETCHES.items()
+            }
+            for kind, side, omega, sketch in (
+                ("activation", "in", "omega_in", "y_a"),
+                ("adjoint", "out", "omega_out", "y_d"),
+            ):
+                if not finite[kind]:
+                    out[kind].append(nan)
+                    directions[side].append(None)
+                    continue
+                lam, u = nystrom(host[omega][i], host[sketch][i])
+                out[kind].append(np.sqrt(lam))
+                directions[side].append(u[:, : _n_positive(lam, self.rank)])
+            if finite["gradient"]:
+                y, x = host["y_g"][i], host["x_g"][i]
+                s_g = generalized_nystrom_values(
+                    (y.T @ y)[None], (x @ x.T)[None], host["z_g"][i][None]
+                )[0]
+            out["gradient"].append(s_g if finite["gradient"] else nan)
         self._warm_start(host, directions)
         self._reset_sketches()
         return EpochSpectra(
-            *(_pad_rows(out[kind]) for kind in ("activation", "adjoint", "gradient"))
+            _pad_rows(out["activation"]),
+            _pad_rows(out["adjoint"]),
+            _pad_rows(out["gradient"]),
+            host["excluded"],
         )
 
     def _warm_start(
@@ -688,7 +723,9 @@ class LayerTracker:
             self.warm(side).copy_(_against(omega, self.warm(side)))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The epoch sketches (views; sum them across data-parallel ranks to merge)."""
+        """The epoch sketches and the samples they left out (views). Sketches taken with the
+        same test matrices add: data-parallel ranks would merge by summing, once they share
+        ``Ω`` (each rank now seeds its own from its first step's data)."""
         w, bank, i = self.widths, self.bank, self.slot
         ei = w.epoch_in
         return {
@@ -697,6 +734,7 @@ class LayerTracker:
             "y_g": bank.epoch_in[i][..., ei:],
             "x_g": bank.epoch_out[i][..., :ei].mT,
             "z_g": bank.epoch_core[i],
+            "excluded": bank.epoch_excluded[i],
         }
 
 

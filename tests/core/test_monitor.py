@@ -472,6 +472,44 @@ def test_a_nan_step_does_not_poison_later_steps() -> None:
     assert np.isnan(sigma[2, 0]) and np.isfinite(sigma[3:]).all()
 
 
+@pytest.mark.parametrize("batch", [64, 16], ids=["sketched", "exact"])
+def test_an_overflowing_step_is_left_out_of_the_epoch(batch) -> None:
+    """An fp16-AMP-style overflow (a huge loss scale: finite rows, overflowing float32 products)
+    leaves the epoch's spectra as if the step had not happened (it made all of them NaN)."""
+
+    def run(overflow: bool) -> xr.Dataset:
+        model = mlp_wide()
+        gen = torch.Generator().manual_seed(1)
+        with streamspec.watch(model, ["a", "b"], rank=3, live=False) as mon:
+            for step in range(7):
+                x = torch.randn(batch, 40, generator=gen)
+                mon.label(torch.arange(batch) % 2)
+                if step != 4:
+                    model(x).pow(2).mean().backward()
+                elif overflow:  # the reference run skips step 4
+                    (model(x).pow(2).mean() * 3e38).backward()
+                model.zero_grad()
+            mon.end_epoch()
+            return mon.to_xarray()
+
+    if batch == 64:  # sketched: the step's own spectra come from the overflowed products
+        with pytest.warns(streamspec.StreamspecWarning, match="NaN/Inf"):
+            overflowed = run(overflow=True)
+        assert not np.isfinite(overflowed["sigma"].values[4, 1, 1]).all()
+    else:  # exact: from the (finite) rows in float64 on the host; the float32 sketches overflow
+        overflowed = run(overflow=True)
+        assert np.isfinite(overflowed["sigma"].values[4, 1, 1, :, :2]).all()  # rank ≤ 2 there
+    reference = run(overflow=False)
+    got, expected = overflowed["sigma_epoch"].values, reference["sigma_epoch"].values
+    assert np.isfinite(expected[..., 0]).all()
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=0)
+
+
+def mlp_wide() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(40, 40), nn.Tanh(), nn.Linear(40, 2))
+
+
 def test_an_exception_caught_during_backward_does_not_stall_recording() -> None:
     model = mlp()
     with streamspec.watch(model, ["a", "b"], rank=2, live=False) as mon:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from streamspec.sketch.tracker import LayerTracker
@@ -35,7 +36,6 @@ def test_blocks_stay_orthonormal_across_steps_absent_groups_and_epochs() -> None
 def test_host_workers_split_the_factorisations_without_changing_them(monkeypatch) -> None:
     """With a worker pool the host factorises chunks of a step's sketches in parallel; every
     recorded number is the same as with one thread."""
-    import numpy as np
     from torch import nn
 
     import streamspec
@@ -290,3 +290,75 @@ def test_warm_blocks_of_one_width_with_different_omega_widths(monkeypatch) -> No
         assert any(len({u.omega.shape[-1] for u in b}) > 1 for b in seen["batches"])
         for block, expected in seen["expected"]:
             torch.testing.assert_close(block, expected, atol=1e-6, rtol=0)
+
+
+def test_absent_slots_absent_groups_and_non_finite_groups_leave_the_state_unchanged() -> None:
+    """Bitwise: a slot absent from a step, a group without rows and a group whose products are
+    not finite leave their blocks and epoch sketches as they were (the non-finite group's samples
+    are counted as left out); the epoch sketches of the others are Σ_t H_tΩ (linear in the
+    data, float64 reference)."""
+    from streamspec.sketch.tracker import SketchBank, SketchWidths, finish_banks
+
+    h_in, h_out, c = 96, 64, 3
+    g, data = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
+    bank = SketchBank(h_in, h_out, c, SketchWidths.for_layer(h_in, h_out, 8, 6), capacity=2)
+    first, second = (LayerTracker(h_in, h_out, c, 8, 6, g, bank=bank) for _ in range(2))
+    counts = torch.tensor([80.0, 70.0, 60.0], dtype=torch.float64)
+
+    def rows() -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(c, 80, h_in, generator=data), torch.randn(c, 80, h_out, generator=data)
+
+    def state(slot: int, group: slice | int = slice(None)) -> list[torch.Tensor]:
+        return [
+            t[slot][group].clone()
+            for t in (bank.block_in, bank.block_out, bank.epoch_in, bank.epoch_out)
+        ] + [bank.epoch_core[slot][group].clone(), bank.epoch_excluded[slot][group].clone()]
+
+    def step(tracker: LayerTracker, a: torch.Tensor, d: torch.Tensor) -> None:
+        finish_banks([(bank, {tracker.slot: tracker.products(a, d, False, counts=counts)})])
+
+    step(first, *rows())  # seeds the blocks of each
+    step(second, *rows())
+    first.end_epoch()  # a fresh epoch: Ω fixed from here on, sketches zero
+    omega_in = first.omega("in").double().clone()
+    omega_out = first.omega("out").double().clone()
+    reference = {
+        "y_a": torch.zeros(c, h_in, omega_in.shape[-1], dtype=torch.float64),
+        "y_d": torch.zeros(c, h_out, omega_out.shape[-1], dtype=torch.float64),
+        "z_g": torch.zeros(c, omega_in.shape[-1], omega_out.shape[-1], dtype=torch.float64),
+    }
+    for t in range(4):
+        before_second = state(second.slot)
+        a, d = rows()
+        before_group = state(first.slot, 2)
+        if t == 1:
+            a[1], d[1] = 0, 0  # group 1 without rows
+        if t == 2:
+            d[2, 5, 3] = float("inf")  # group 2 not finite
+        if t == 3:
+            d[2] *= 1e30  # group 2 finite, its float32 products overflow
+        step(first, a, d)
+        assert all(map(torch.equal, before_second, state(second.slot)))  # the absent slot
+        a64, d64 = a.double(), d.double()
+        if t >= 2:
+            after = state(first.slot, 2)
+            assert all(map(torch.equal, before_group[:-1], after[:-1]))
+            assert after[-1] == before_group[-1] + counts[2]
+            a64[2], d64[2] = 0, 0  # the reference leaves group 2's step out too
+        reference["y_a"] += a64.mT @ (a64 @ omega_in)
+        reference["y_d"] += d64.mT @ (d64 @ omega_out)
+        reference["z_g"] += omega_in.mT @ a64.mT @ d64 @ omega_out
+    assert torch.equal(first.omega("in").double(), omega_in)
+    sketches = first.state_dict()
+    for name, expected in reference.items():
+        for group in range(c):
+            got = sketches[name][group].double()
+            err = ((got - expected[group]).norm() / expected[group].norm()).item()
+            assert err < 1e-5, (name, group, err)
+    assert sketches["excluded"].tolist() == [0.0, 0.0, 2 * counts[2].item()]
+    # The epoch's reconstruction reports them, and Ω of the next epoch stays orthonormal.
+    spectra = first.end_epoch()
+    assert spectra.excluded.tolist() == [0.0, 0.0, 120.0]
+    assert np.isfinite(spectra.activation[:, 0]).all()
+    for b in blocks(first):
+        assert (b.mT @ b - torch.eye(b.shape[-1])).abs().max().item() < 1e-5
