@@ -174,12 +174,14 @@ class Monitor:
         store: str | os.PathLike[str] | Any | None,
         live: bool | None,
         resume: bool,
+        grad_scaler: torch.amp.GradScaler | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise StreamspecError.build(
                 "a torch.nn.Module", f"{type(model).__name__}", "pass the model itself"
             )
         self.config = config
+        self._grad_scaler = grad_scaler
         problems = unsupported_matrices(model)
         if problems and config.on_unsupported == "error":
             raise StreamspecError.build(
@@ -543,6 +545,7 @@ class Monitor:
         exact = rows_per_group <= self.config.exact_threshold
         # Sketches accumulate in float32 even when the step runs under autocast (the autocast
         # state reaches tensor hooks).
+        adjoint = self._unscaled(adjoint)
         plan = self._step_plan  # the step's labels: what its epoch counts are made of
         counts = plan.counts_on(adjoint.device) if plan is not None else None
         with _as_written({adjoint.device}), record_function("streamspec.fold"):
@@ -550,6 +553,17 @@ class Monitor:
         state.positions += positions
         if tie is not None:
             state.n_positions += tie[1]
+
+    def _unscaled(self, adjoint: torch.Tensor) -> torch.Tensor:
+        """The adjoint of the loss itself: ``scaler.scale(loss).backward()`` multiplies every
+        adjoint by the GradScaler's current scale, which changes during training. Divided on the
+        device by the scaler's scale tensor (no sync), in float32 (fp16 adjoints divided in fp16
+        would underflow, which is what the scale is there to prevent)."""
+        scaler = self._grad_scaler
+        scale = getattr(scaler, "_scale", None) if scaler is not None else None
+        if scale is None or not scaler.is_enabled():  # type: ignore[union-attr]
+            return adjoint
+        return adjoint.to(torch.float32) / scale.to(adjoint.device, torch.float32)
 
     @staticmethod
     def _positions(state: _LayerStepState) -> tuple[torch.Tensor, int]:
@@ -807,6 +821,7 @@ def watch(
     exact_rows: int | None = None,
     on_unsupported: str = "warn",
     tied: bool = False,
+    grad_scaler: torch.amp.GradScaler | None = None,
 ) -> Monitor:
     """Watch the singular values of every supported layer of ``model``, split by groups.
 
@@ -842,6 +857,9 @@ def watch(
         tied: also record ``sigma_tied`` (step, layer, group, rank) for convolution and recurrent
             weights: σ of the matrix whose rows are the per-position (per-time-step)
             contributions to the group's gradient (the paper's "dimension of tying").
+        grad_scaler: the ``torch.amp.GradScaler`` whose ``scale(loss)`` the training calls
+            ``backward()`` on (fp16 mixed precision): adjoints and gradients are then recorded
+            for the loss itself, not multiplied by the scale of the moment.
 
     Returns:
         A :class:`Monitor` (also a context manager).
@@ -855,6 +873,12 @@ def watch(
         )
     if not isinstance(tied, bool):
         raise StreamspecError.build("tied as True or False", repr(tied), "pass tied=True")
+    if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
+        raise StreamspecError.build(
+            "grad_scaler as a torch.amp.GradScaler (or None)",
+            type(grad_scaler).__name__,
+            "pass the scaler whose scale(loss) you call backward() on",
+        )
     if on_unsupported not in ("warn", "error", "skip"):
         raise StreamspecError.build(
             "on_unsupported in ('warn', 'error', 'skip')", repr(on_unsupported), "use 'warn'"
@@ -871,7 +895,7 @@ def watch(
         on_unsupported=on_unsupported,
         tied=tied,
     )
-    return Monitor(model, config, store=store, live=live, resume=resume)
+    return Monitor(model, config, store=store, live=live, resume=resume, grad_scaler=grad_scaler)
 
 
 def validate(model: nn.Module) -> list[str]:

@@ -510,6 +510,48 @@ def mlp_wide() -> nn.Module:
     return nn.Sequential(nn.Linear(40, 40), nn.Tanh(), nn.Linear(40, 2))
 
 
+@pytest.mark.parametrize("exact_rows", [0, None], ids=["sketched", "exact"])
+def test_grad_scaler_adjoints_are_those_of_the_loss_itself(exact_rows) -> None:
+    """``scaler.scale(loss).backward()`` multiplies Δ and G by a scale that doubles as training
+    goes; with ``grad_scaler=`` the records equal an unscaled run's (powers of two: exact)."""
+
+    def run(scaler: torch.amp.GradScaler | None, tell: bool) -> np.ndarray:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(40, 40), nn.Tanh(), nn.Linear(40, 2))
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+        gen = torch.Generator().manual_seed(0)
+        kwargs = {"grad_scaler": scaler} if tell else {}
+        with streamspec.watch(
+            model, ["a", "b"], rank=2, live=False, exact_rows=exact_rows, **kwargs
+        ) as mon:
+            for _ in range(6):
+                mon.label(torch.arange(16) % 2)
+                loss = model(torch.randn(16, 40, generator=gen)).pow(2).mean()
+                if scaler is None:
+                    loss.backward()
+                    opt.step()
+                else:
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
+                opt.zero_grad()
+            return mon.to_xarray()["sigma"].values
+
+    def scaler() -> torch.amp.GradScaler:
+        return torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=2)
+
+    plain = run(None, tell=False)
+    np.testing.assert_allclose(run(scaler(), tell=True), plain, rtol=1e-5)
+    ratio = run(scaler(), tell=False)[:, 0, :, 0, 0] / plain[:, 0, :, 0, 0]  # [step, kind]
+    np.testing.assert_allclose(ratio[:, 0], 1, rtol=1e-5)  # activations: unaffected
+    np.testing.assert_allclose(ratio[:, 1], 2.0 ** (16 + np.arange(6) // 2), rtol=1e-5)
+
+
+def test_grad_scaler_must_be_a_grad_scaler() -> None:
+    with pytest.raises(streamspec.StreamspecError, match="GradScaler"):
+        streamspec.watch(mlp(), ["a"], rank=2, live=False, grad_scaler=2.0**16)
+
+
 def test_an_exception_caught_during_backward_does_not_stall_recording() -> None:
     model = mlp()
     with streamspec.watch(model, ["a", "b"], rank=2, live=False) as mon:
