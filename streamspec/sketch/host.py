@@ -2,7 +2,8 @@
 
 One batched ``eigh``/``svd`` call per sketch shape for a whole step, not one small LAPACK call per
 layer and group: on a few cores the host thread competes with training, so its Python and LAPACK
-call count matter more than its flops.
+call count matter more than its flops. Only numpy's gufuncs and ``matmul`` are used: they release
+the GIL (scipy's per-matrix LAPACK wrappers hold it, stalling the training thread's Python).
 """
 
 from __future__ import annotations
@@ -11,15 +12,28 @@ import numpy as np
 
 _TINY = np.finfo(np.float64).tiny
 _ROUNDING = 16 * float(np.finfo(np.float32).eps)  # relative rounding of float32 sketches
+# A core whose ``CᵀC`` has ``λ_min > _WELL_POSED·λ_max`` (``σ_min > 1e-4·σ₁``: far from the
+# pseudo-inverse's ``rtol`` cut-off) takes the Cholesky pseudo-inverse; the others the
+# eigendecomposition, which truncates.
+_WELL_POSED = 1e-8
+_DEFINITE = 1e-12  # relative shift that keeps a computed Gram's Cholesky factorisation defined
+_TRI_BLOCK = 8  # diagonal block of :func:`_tril_inverse`
+
+
+def _shifted(gram: np.ndarray, rtol: float) -> np.ndarray:
+    """``sym(gram) + ν·I``, ``ν = rtol·tr(gram)/b + tiny`` (a new array)."""
+    b = gram.shape[-1]
+    out = gram + np.swapaxes(gram, -1, -2)
+    out *= 0.5
+    diagonal = np.einsum("...ii->...i", out)  # a writeable view
+    diagonal += (rtol * np.trace(out, axis1=-2, axis2=-1) / b + _TINY)[..., None]
+    return out
 
 
 def _cholesky(gram: np.ndarray, rtol: float) -> np.ndarray:
     """Batched lower Cholesky factor of ``gram + ν·I``, ``ν = rtol·tr(gram)/b``: defined for
     singular (e.g. zero-padded group) Grams, and several times cheaper than ``eigh``."""
-    b = gram.shape[-1]
-    sym = 0.5 * (gram + np.swapaxes(gram, -1, -2))
-    shift = rtol * np.trace(sym, axis1=-2, axis2=-1) / b + _TINY
-    return np.linalg.cholesky(sym + shift[..., None, None] * np.eye(b))
+    return np.linalg.cholesky(_shifted(gram, rtol))
 
 
 def _root(gram: np.ndarray, rtol: float) -> np.ndarray:
@@ -31,6 +45,42 @@ def _descending(values: np.ndarray) -> np.ndarray:
     return -np.sort(-values, axis=-1)
 
 
+def _tril_inverse(lower: np.ndarray) -> np.ndarray:
+    """Inverse of a batch of nonsingular lower-triangular matrices.
+
+    Blocked forward substitution: one batched ``inv`` of the ``8 × 8`` diagonal blocks (and one
+    of a smaller last block), then one block row at a time by ``matmul`` (numpy offers no batched
+    triangular inverse; ``np.linalg.inv`` is an LU solve blind to the triangle, ≈ 4× slower at
+    ``n = 48``).
+
+    Args:
+        lower: ``[..., n, n]`` lower-triangular factors (e.g. Cholesky's).
+
+    Returns:
+        ``[..., n, n]`` their inverses (lower-triangular).
+    """
+    n = lower.shape[-1]
+    bs = _TRI_BLOCK
+    if n <= bs:
+        return np.linalg.inv(lower)
+    nb, rest = divmod(n, bs)
+    whole = nb * bs
+    idx = np.arange(nb)
+    square = lower[..., :whole, :whole].reshape(*lower.shape[:-2], nb, bs, nb, bs)
+    diag = list(np.linalg.inv(square[..., idx, :, idx, :]))  # nb × [..., bs, bs]
+    if rest:
+        diag.append(np.linalg.inv(lower[..., whole:, whole:]))
+    out = np.zeros_like(lower)
+    out[..., :bs, :bs] = diag[0]
+    for i in range(1, len(diag)):
+        start, stop = i * bs, min((i + 1) * bs, n)
+        block = out[..., start:stop, :start]
+        np.matmul(diag[i], lower[..., start:stop, :start] @ out[..., :start, :start], out=block)
+        np.negative(block, out=block)
+        out[..., start:stop, start:stop] = diag[i]
+    return out
+
+
 def nystrom_values(core: np.ndarray, gram: np.ndarray, rtol: float = 1e-7) -> np.ndarray:
     """Batched Nyström eigenvalues of PSD ``H`` from ``core = BᵀHB``, ``gram = (HB)ᵀ(HB)``.
 
@@ -39,12 +89,12 @@ def nystrom_values(core: np.ndarray, gram: np.ndarray, rtol: float = 1e-7) -> np
     defined when ``M`` is singular and only lowers the values). The approximation is ⪯ ``H``, so
     every value is a lower bound of the true one.
     """
-    # numpy's gufuncs release the GIL; scipy's per-matrix ``trtri`` is ≈ 2× faster here but
-    # holds it (≈ 5 ms per BERT-base step, stalling the training thread's Python).
-    inv = np.linalg.inv(_cholesky(core, rtol))
-    inner = inv @ gram @ np.swapaxes(inv, -1, -2)
-    values = np.linalg.eigvalsh(0.5 * (inner + np.swapaxes(inner, -1, -2)))
-    return _descending(np.clip(values, 0.0, None))
+    inv = _tril_inverse(_cholesky(core, rtol))
+    inner = (inv @ gram) @ np.ascontiguousarray(np.swapaxes(inv, -1, -2))
+    inner += np.swapaxes(inner, -1, -2)
+    inner *= 0.5
+    values = np.linalg.eigvalsh(inner)  # ascending
+    return np.clip(values[..., ::-1], 0.0, None)
 
 
 def core_factors(core: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -79,6 +129,86 @@ def generalized_nystrom_values(
     return _descending(np.sqrt(np.clip(values, 0.0, None)))
 
 
+def _gradient_spectra(
+    gram_range: np.ndarray, gram_corange: np.ndarray, core: np.ndarray, rtol: float = 1e-6
+) -> tuple[np.ndarray, np.ndarray]:
+    """Projection lower bound ``σ(C)`` and generalized Nyström estimate ``σ(Y C⁺ X)``: what
+    :func:`core_factors` and :func:`generalized_nystrom_values` give, without eigenvectors where
+    the pseudo-inverse truncates nothing.
+
+    A core far from the cut-off (``σ_min² > 1e-8·σ₁²``, ``σ_min > 1e-4·σ₁`` against the cut-off's
+    ``rtol·σ₁``) gets ``σ(C)`` from ``eigvalsh(CᵀC)`` and ``C⁺ = K⁻ᵀK⁻¹Cᵀ`` from the Cholesky
+    factor ``KKᵀ = CᵀC`` (the same matrix, within ``ε·cond(C)²``: ≲ 1e-10 relative); the others
+    (rank-deficient, zero, ill-conditioned) take the truncating eigendecomposition as before, and
+    so does a call with non-finite input (its LAPACK errors unchanged). A shifted Cholesky
+    factor's smallest squared pivot, ≥ ``λ_min(CᵀC)``, sends the cores surely near the cut-off
+    there without their ``eigvalsh``.
+
+    Args:
+        gram_range: ``[N, b_out, b_out]`` ``YᵀY``.
+        gram_corange: ``[N, b_in, b_in]`` ``XXᵀ``.
+        core: ``[N, b_in, b_out]`` ``C`` (``b_out ≤ b_in``).
+        rtol: the pseudo-inverse's relative cut-off.
+
+    Returns:
+        ``(σ(C), σ(Y C⁺ X))``, each ``[N, b_out]`` descending.
+    """
+    core_t = np.ascontiguousarray(np.swapaxes(core, -1, -2))  # [N, b_out, b_in]
+    cross = core_t @ core  # [N, b_out, b_out]
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = cross.sum() + gram_range.sum() + gram_corange.sum()
+    if not np.isfinite(total):  # non-finite input (or overflow): the general route, its errors
+        factors = core_factors(core)
+        return factors[0], generalized_nystrom_values(
+            gram_range, gram_corange, core, rtol, factors=factors
+        )
+    b = cross.shape[-1]
+    diagonal = np.einsum("...ii->...i", cross)
+    shift = _DEFINITE * diagonal.sum(axis=-1) + _TINY
+    shifted = cross.copy()
+    np.einsum("...ii->...i", shifted)[...] += shift[..., None]
+    pivots = np.einsum("...ii->...i", np.linalg.cholesky(shifted)) ** 2
+    # λ_min(CᵀC) ≤ min pivot − shift, λ_max ≥ max diagonal
+    fast = pivots.min(axis=-1) - shift > _WELL_POSED * diagonal.max(axis=-1)
+    lam = None
+    if fast.any():
+        lam = np.linalg.eigvalsh(cross[fast])  # ascending
+        ok = lam[..., 0] > _WELL_POSED * lam[..., -1]
+        fast[np.flatnonzero(fast)[~ok]] = False
+        lam = lam[ok]
+    if lam is None or not fast.any():
+        factors = core_factors(core)
+        return factors[0], generalized_nystrom_values(
+            gram_range, gram_corange, core, rtol, factors=factors
+        )
+    part = fast if not fast.all() else slice(None)
+    lower = np.empty(core.shape[:-2] + (b,))
+    gn = np.empty_like(lower)
+    lower[part] = np.sqrt(np.clip(lam[..., ::-1], 0.0, None))
+    inv = _tril_inverse(np.linalg.cholesky(cross[part]))
+    # M = R_Y C⁺ R_Xᵀ with C⁺ = K⁻ᵀK⁻¹Cᵀ: M Mᵀ = T X̃ Tᵀ with T = R_Y C⁺ and X̃ = R_XᵀR_X the
+    # shifted XXᵀ itself (its asymmetric rounding drops out of the symmetrised product)
+    r_y = _root(gram_range[part], rtol**2)  # [n, b_out, b_out]: R_YᵀR_Y = YᵀY
+    t = (r_y @ np.swapaxes(inv, -1, -2)) @ (inv @ core_t[part])  # [n, b_out, b_in]
+    x = gram_corange[part].copy()
+    np.einsum("...ii->...i", x)[...] += (
+        rtol**2 * np.trace(x, axis1=-2, axis2=-1) / x.shape[-1] + _TINY
+    )[..., None]
+    small = (t @ x) @ np.ascontiguousarray(np.swapaxes(t, -1, -2))
+    small += np.swapaxes(small, -1, -2)
+    small *= 0.5
+    values = np.linalg.eigvalsh(small)  # ascending
+    gn[part] = np.sqrt(np.clip(values[..., ::-1], 0.0, None))
+    if not fast.all():
+        slow = ~fast
+        factors = core_factors(core[slow])
+        lower[slow] = factors[0]
+        gn[slow] = generalized_nystrom_values(
+            gram_range[slow], gram_corange[slow], core[slow], rtol, factors=factors
+        )
+    return lower, gn
+
+
 def sketched_spectra(t: dict[str, np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Spectra and error estimates of ``N`` (layer, group) sketches of one shape.
 
@@ -107,17 +237,12 @@ def sketched_spectra(t: dict[str, np.ndarray]) -> tuple[list[np.ndarray], list[n
             )
         )
     # The blocks are orthonormal, so the core's singular values are the projection lower bound
-    # σ(B_inᵀGB_out) ≤ σ(G); its SVD also gives the generalized Nyström pseudo-inverse.
+    # σ(B_inᵀGB_out) ≤ σ(G); its pseudo-inverse gives the generalized Nyström estimate.
     core = t["core_g"]
-    transposed = core.shape[-1] > core.shape[-2]  # factor the smaller side
-    factors = core_factors(np.swapaxes(core, -1, -2) if transposed else core)
-    lower = factors[0]
-    if transposed:  # σ(Y C⁺ X) = σ(Xᵀ (Cᵀ)⁺ Yᵀ)
-        gn = generalized_nystrom_values(
-            t["gram_x"], t["gram_y"], np.swapaxes(core, -1, -2), factors=factors
-        )
+    if core.shape[-1] > core.shape[-2]:  # factor the smaller side: σ(Y C⁺ X) = σ(Xᵀ (Cᵀ)⁺ Yᵀ)
+        lower, gn = _gradient_spectra(t["gram_x"], t["gram_y"], np.swapaxes(core, -1, -2))
     else:
-        gn = generalized_nystrom_values(t["gram_y"], t["gram_x"], core, factors=factors)
+        lower, gn = _gradient_spectra(t["gram_y"], t["gram_x"], core)
     width = min(gn.shape[-1], lower.shape[-1])
     gap = np.abs(gn[..., :width] - lower[..., :width])
     spectra.append(gn[..., :width])

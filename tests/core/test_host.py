@@ -26,3 +26,56 @@ def test_nystrom_values_are_the_eigenvalues_of_the_nystrom_approximation() -> No
         # A Nyström approximation is ⪯ H: every value is a lower bound.
         exact = np.sort(np.linalg.eigvalsh(hessian[i]))[::-1][:b]
         assert (values[i] <= exact * (1 + 1e-9) + 1e-9 * top).all()
+
+
+def test_triangular_inverse_equals_the_inverse() -> None:
+    """The blocked forward substitution, for sizes around and between its 8-wide blocks."""
+    from streamspec.sketch.host import _tril_inverse
+
+    rng = np.random.default_rng(2)
+    for n in (1, 5, 8, 9, 16, 31, 32, 33, 47, 48, 50):
+        x = rng.standard_normal((4, n + 20, n))
+        lower = np.linalg.cholesky(np.swapaxes(x, -1, -2) @ x)
+        expected = np.linalg.inv(lower)
+        got = _tril_inverse(lower)
+        scale = np.abs(expected).max()
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12 * scale, err_msg=str(n))
+        assert not np.triu(got, 1).any()
+
+
+def _gradient_problem(rng: np.random.Generator, rows: int) -> dict[str, np.ndarray]:
+    """One (layer, group) gradient sketch as the step packs it: orthonormal ``B``, ``G = AᵀΔ``."""
+    h_in, h_out, b_in, b_out = 90, 70, 48, 32
+    a = rng.standard_normal((rows, h_in)) * np.logspace(0, -2, h_in)
+    d = rng.standard_normal((rows, h_out)) * np.logspace(0, -1, h_out)
+    g = a.T @ d
+    b_i = np.linalg.qr(rng.standard_normal((h_in, b_in)))[0]
+    b_o = np.linalg.qr(rng.standard_normal((h_out, b_out)))[0]
+    y, x = g @ b_o, b_i.T @ g
+    return {"g": g, "gram_y": y.T @ y, "gram_x": x @ x.T, "core_g": b_i.T @ g @ b_o, "y": y, "x": x}
+
+
+def test_gradient_spectra_equal_their_definition_on_both_routes(monkeypatch) -> None:
+    """σ(Y C⁺ X) with ``C⁺`` truncated at ``rtol·σ₁`` (numpy's pinv) and the lower bound σ(C), for
+    a batch mixing full-rank cores (Cholesky pseudo-inverse, no eigenvectors) and rank-deficient
+    ones (a group with fewer rows than ``b_out``: the truncating eigendecomposition)."""
+    import streamspec.sketch.host as host
+
+    rng = np.random.default_rng(3)
+    problems = [_gradient_problem(rng, rows) for rows in (400, 12, 300, 400, 20)]
+    stacked = {k: np.stack([p[k] for p in problems]) for k in ("gram_y", "gram_x", "core_g")}
+    routed = []
+    general = host.core_factors
+    monkeypatch.setattr(
+        host, "core_factors", lambda core: routed.append(len(core)) or general(core)
+    )
+    lower, gn = host._gradient_spectra(stacked["gram_y"], stacked["gram_x"], stacked["core_g"])
+    assert routed == [2]  # the two rank-deficient cores took the general route
+    for i, p in enumerate(problems):
+        core = p["core_g"]
+        s = np.linalg.svd(core, compute_uv=False)
+        # From eigenvalues of CᵀC: exact above √ε·σ₁, the values that matter.
+        np.testing.assert_allclose(lower[i], s, rtol=1e-9, atol=1e-7 * s[0])
+        estimate = p["y"] @ np.linalg.pinv(core, rtol=1e-6) @ p["x"]
+        expected = np.linalg.svd(estimate, compute_uv=False)[:32]
+        np.testing.assert_allclose(gn[i, :16], expected[:16], rtol=1e-7, atol=1e-9 * expected[0])
