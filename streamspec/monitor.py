@@ -746,11 +746,15 @@ def _as_written(devices: set[torch.device | None]) -> contextlib.ExitStack:
 def _to_host(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], Any]:
     """Copy device tensors to the host without synchronising: pinned buffers, non-blocking
     copies, one CUDA event per device. Returns the host tensors and a ``ready()`` that waits for
-    the copies (None when nothing was on a GPU)."""
+    the copies (None when nothing was on a GPU). Other accelerators (MPS, XPU) get a blocking
+    copy: without an event to wait on, the host thread could read a buffer before it lands."""
     out: list[torch.Tensor] = []
     for t in tensors:
         if t.device.type == "cpu":
             out.append(t.detach())
+            continue
+        if t.device.type != "cuda":
+            out.append(t.detach().to("cpu"))
             continue
         buffer = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
         buffer.copy_(t.detach(), non_blocking=True)
