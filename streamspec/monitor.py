@@ -787,6 +787,10 @@ def _trackers(
         )
         for shape, n in counts.items()
     }
+    # A generator per layer, seeded in layer order from the monitor's: the hooks of a model
+    # spread over devices run on one thread per device, and draws from one shared generator
+    # would depend on how those threads interleave.
+    seeds = torch.randint(0, 2**62, (len(sites),), generator=generator).tolist()
     return [
         LayerTracker(
             s.h_in,
@@ -794,10 +798,10 @@ def _trackers(
             n_groups,
             config.rank,
             config.oversample,
-            generator,
+            torch.Generator().manual_seed(seed),
             bank=banks[(s.h_in, s.h_out)],
         )
-        for s in sites
+        for s, seed in zip(sites, seeds, strict=True)
     ]
 
 

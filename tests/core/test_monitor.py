@@ -390,6 +390,26 @@ def test_step_sketches_never_use_the_global_rng_and_are_seeded() -> None:
     np.testing.assert_array_equal(a.ds["sigma_epoch"].values, b.ds["sigma_epoch"].values)
 
 
+def test_the_order_in_which_layers_first_draw_does_not_change_their_test_matrices() -> None:
+    """A model spread over devices runs each device's hooks on a thread of its own: which layer
+    draws its random test matrices first must not matter (one shared generator made Ω depend on
+    the threads' interleaving)."""
+
+    def omegas(order: list[int]) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+        with streamspec.watch(model, ["a", "b"], rank=4, live=False, seed=3) as mon:
+            trackers = mon._trackers
+            for i in order:
+                trackers[i]._setup(torch.device("cpu"))
+            return [t.omega(side).clone() for t in trackers for side in ("in", "out")]
+
+    forward, backward = omegas([0, 1]), omegas([1, 0])
+    assert not torch.equal(forward[0], forward[2])  # random, and not the same for both layers
+    for x, y in zip(forward, backward, strict=True):
+        assert torch.equal(x, y)
+
+
 def test_deepcopy_of_a_watched_model_is_plain_and_not_recorded() -> None:
     import copy
 
