@@ -152,3 +152,31 @@ def test_products_are_ieee_float32_under_tf32_settings() -> None:
         torch.set_float32_matmul_precision(saved)
     assert max(tf32) > 1e-4, tf32  # TF32 really is on for the model (Ampere and later)
     assert max(ieee) < 1e-5, ieee
+
+
+def test_fp16_amp_with_grad_scaler_records_the_loss_itself_without_sync() -> None:
+    """The standard fp16 recipe (autocast + GradScaler): backward passes run without a host
+    sync, adjoints are recorded for the loss itself with ``grad_scaler=`` (≈ an unscaled fp16
+    run's; without it they carry the 2¹⁶ scale)."""
+    x = torch.randn(8, 16, 64, device="cuda")
+    labels = torch.arange(8) % 2
+    out = {}
+    for name in ("unscaled", "told", "untold"):
+        model = encoder("cuda")
+        scaler = torch.amp.GradScaler("cuda", init_scale=2.0**16, enabled=name != "unscaled")
+        kwargs = {"grad_scaler": scaler} if name == "told" else {}
+        with streamspec.watch(model, ["a", "b"], rank=4, live=False, **kwargs) as mon:
+            for step in range(3):
+                mon.label(labels)
+                with torch.autocast("cuda", dtype=torch.float16):
+                    loss = model(x).float().pow(2).mean()
+                if step >= 1:
+                    torch.cuda.set_sync_debug_mode("error")
+                try:
+                    scaler.scale(loss).backward()
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+                model.zero_grad()  # no optimizer step: the three runs see the same weights
+            out[name] = mon.to_xarray()["sigma"].values[:, :, 1, :, 0]  # adjoint σ₁
+    np.testing.assert_allclose(out["told"], out["unscaled"], rtol=2e-2)
+    np.testing.assert_allclose(out["untold"] / out["unscaled"], 2.0**16, rtol=2e-2)
