@@ -24,6 +24,8 @@ from streamspec.errors import StreamspecError
 def _size_on_disk(path: Path) -> int | None:
     if not path.exists():
         return None
+    if path.is_file():  # a zip archive
+        return path.stat().st_size
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 

@@ -50,6 +50,12 @@ class EmbeddingFamily:
 
     @staticmethod
     def problems(module: nn.Module) -> list[str]:
+        assert isinstance(module, nn.Embedding)
+        if module.scale_grad_by_freq:
+            return [
+                "scale_grad_by_freq=True is not supported yet: its gradient divides each token's "
+                "rows by the token's count in the batch, which the one-hot rows do not carry"
+            ]
         return []
 
     @staticmethod

@@ -88,3 +88,16 @@ def test_embedding_under_a_float64_default_dtype() -> None:
     onehot = nn.functional.one_hot(tokens[::2].reshape(-1), 30).double()
     expected = torch.linalg.svdvals(onehot).numpy()[:2] / np.sqrt(2)  # "mean": σ/√n_c
     np.testing.assert_allclose(ds["sigma"].values[-1, 0, 0, 0], expected, rtol=1e-5)
+
+
+def test_scale_grad_by_freq_is_reported_not_recorded_wrong() -> None:
+    """Its gradient is not A_cᵀΔ_c of one-hot rows (each row is divided by its token's count):
+    reported by validate() and left unwatched (it recorded σ(G) 8× too large)."""
+    model = nn.Sequential(nn.Embedding(30, 8, scale_grad_by_freq=True), nn.Linear(8, 3))
+    problems = streamspec.validate(model)
+    assert any("scale_grad_by_freq" in p for p in problems)
+    with (
+        pytest.warns(streamspec.StreamspecWarning, match="scale_grad_by_freq"),
+        streamspec.watch(model, ["a", "b"], rank=2, live=False) as mon,
+    ):
+        assert mon.layers == ("1.weight",)

@@ -36,3 +36,11 @@ def test_console_script_entry_point() -> None:
         [sys.executable, "-m", "streamspec.cli", "--version"], capture_output=True, text=True
     )
     assert result.returncode == 0 and "streamspec" in result.stdout
+
+
+def test_size_on_disk_of_a_zip_archive(tmp_path) -> None:
+    from streamspec.cli import _size_on_disk
+
+    archive = tmp_path / "run.zip"
+    archive.write_bytes(b"x" * 1234)
+    assert _size_on_disk(archive) == 1234

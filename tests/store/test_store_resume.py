@@ -102,3 +102,27 @@ def test_a_new_variable_is_one_table_line(tmp_path, layout, step_row, monkeypatc
     assert "step_epoch" in ds.sigma_bound.coords
     assert np.isnan(ds.sigma_bound[[0, 1, 3]]).all()  # rows before it existed, and left out
     np.testing.assert_array_equal(ds.sigma_bound[2], err)
+
+
+def test_resume_with_a_different_tied_setting_is_refused(tmp_path) -> None:
+    """``tied=True`` then a resume without it left ``sigma_tied`` short of ``sigma``: the archive
+    no longer opened. The layouts must match, as for layers and groups."""
+    import torch
+    from torch import nn
+
+    import streamspec
+
+    path = tmp_path / "run.zarr"
+    model = nn.Sequential(nn.Conv1d(2, 4, 3), nn.Flatten(), nn.Linear(24, 2))
+    for tied, resume in ((True, False), (False, True)):
+        try:
+            with streamspec.watch(
+                model, ["a", "b"], rank=2, live=False, store=path, tied=tied, resume=resume
+            ) as mon:
+                mon.label(torch.tensor([0, 1]))
+                model(torch.randn(2, 2, 8)).sum().backward()
+        except streamspec.StreamspecError as error:
+            assert resume and "extras" in str(error)
+        else:
+            assert not resume
+    assert streamspec.open(path).to_xarray().sizes["step"] == 1
