@@ -492,10 +492,9 @@ class ArchiveWriter:
         ]
         # The optional variables (``tied=True``'s sigma_tied) must match too: a resume without
         # them left theirs short of the other rows, and the archive unreadable.
-        if list(attrs.get("extras", [])) != list(wanted["extras"]):
-            differences.append(
-                f"extras: archive {attrs.get('extras', [])!r}, layout {wanted['extras']!r}"
-            )
+        extras = attrs.get("extras", [])  # archives older than the attribute have none
+        if extras != wanted["extras"]:
+            differences.append(f"extras: archive {extras!r}, layout {wanted['extras']!r}")
         if differences:
             raise StreamspecError.build(
                 expected=f"the archive at {self._label} to match the run's layout",
