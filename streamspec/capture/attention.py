@@ -126,7 +126,10 @@ class StepwiseMultiheadAttention(nn.MultiheadAttention):
         # for the model's other layers); an unbatched call gets a batch of one there.
         if self.batch_first:
             out = self.out_proj(attn.transpose(1, 2).reshape(n, length, self.embed_dim))
-            out = out if batched else out.squeeze(0)
+            # The fused module returns a transposed view of a [L, N, E] tensor: same strides
+            # here (one copy), so that an nn.Dropout after it, which draws its mask in memory
+            # order, draws the same mask as without the monitor.
+            out = out.transpose(0, 1).contiguous().transpose(0, 1) if batched else out.squeeze(0)
         else:
             out = self.out_proj(attn.permute(2, 0, 1, 3).reshape(length, n, self.embed_dim))
             out = out if batched else out.squeeze(1)

@@ -482,3 +482,28 @@ def test_frozen_in_projection_is_no_entry_and_out_proj_is_still_recorded() -> No
         F.cross_entropy(model(torch.randn(4, 3, E)), torch.tensor([0, 1, 2])).backward()
         ds = mon.to_xarray()
     assert np.isfinite(recorded(ds, "attn.out_proj.weight", "gradient")[0, :, 0]).all()
+
+
+def test_watched_encoder_layer_with_dropout_trains_as_unwatched() -> None:
+    """The twin's output has the fused module's strides: a following nn.Dropout draws its mask in
+    memory order, so other strides gave another mask (outputs 0.44 apart at the first step)."""
+    import streamspec
+
+    def outputs(watched: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.1, batch_first=True)
+        x = torch.randn(4, 6, 16)
+        got = []
+        mon = streamspec.watch(layer, ["a", "b"], rank=2, live=False) if watched else None
+        for _ in range(3):
+            if mon is not None:
+                mon.label(torch.arange(4) % 2)
+            out = layer(x)
+            out.pow(2).mean().backward()
+            got.append(out.detach())
+        if mon is not None:
+            mon.close()
+        return got
+
+    for plain, watched in zip(outputs(False), outputs(True), strict=True):
+        torch.testing.assert_close(watched, plain, rtol=1e-5, atol=1e-6)
