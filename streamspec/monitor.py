@@ -543,11 +543,11 @@ class Monitor:
         state.pending.clear()
         rows_per_group = activation.shape[1]
         exact = rows_per_group <= self.config.exact_threshold
-        # Sketches accumulate in float32 even when the step runs under autocast (the autocast
-        # state reaches tensor hooks).
         adjoint = self._unscaled(adjoint)
         plan = self._step_plan  # the step's labels: what its epoch counts are made of
         counts = plan.counts_on(adjoint.device) if plan is not None else None
+        # Sketches accumulate in float32 even when the step runs under autocast (the autocast
+        # state reaches tensor hooks).
         with _as_written({adjoint.device}), record_function("streamspec.fold"):
             state.products = self._trackers[index].products(activation, adjoint, exact, tie, counts)
         state.positions += positions

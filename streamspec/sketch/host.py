@@ -158,16 +158,11 @@ def _gradient_spectra(
     with np.errstate(over="ignore", invalid="ignore"):
         total = cross.sum() + gram_range.sum() + gram_corange.sum()
     if not np.isfinite(total):  # non-finite input (or overflow): the general route, its errors
-        factors = core_factors(core)
-        return factors[0], generalized_nystrom_values(
-            gram_range, gram_corange, core, rtol, factors=factors
-        )
+        return _truncating(gram_range, gram_corange, core, rtol)
     b = cross.shape[-1]
     diagonal = np.einsum("...ii->...i", cross)
     shift = _DEFINITE * diagonal.sum(axis=-1) + _TINY
-    shifted = cross.copy()
-    np.einsum("...ii->...i", shifted)[...] += shift[..., None]
-    pivots = np.einsum("...ii->...i", np.linalg.cholesky(shifted)) ** 2
+    pivots = np.einsum("...ii->...i", np.linalg.cholesky(_shifted(cross, _DEFINITE * b))) ** 2
     # λ_min(CᵀC) ≤ min pivot − shift, λ_max ≥ max diagonal
     fast = pivots.min(axis=-1) - shift > _WELL_POSED * diagonal.max(axis=-1)
     lam = None
@@ -177,10 +172,7 @@ def _gradient_spectra(
         fast[np.flatnonzero(fast)[~ok]] = False
         lam = lam[ok]
     if lam is None or not fast.any():
-        factors = core_factors(core)
-        return factors[0], generalized_nystrom_values(
-            gram_range, gram_corange, core, rtol, factors=factors
-        )
+        return _truncating(gram_range, gram_corange, core, rtol)
     part = fast if not fast.all() else slice(None)
     lower = np.empty(core.shape[:-2] + (b,))
     gn = np.empty_like(lower)
@@ -190,10 +182,7 @@ def _gradient_spectra(
     # shifted XXᵀ itself (its asymmetric rounding drops out of the symmetrised product)
     r_y = _root(gram_range[part], rtol**2)  # [n, b_out, b_out]: R_YᵀR_Y = YᵀY
     t = (r_y @ np.swapaxes(inv, -1, -2)) @ (inv @ core_t[part])  # [n, b_out, b_in]
-    x = gram_corange[part].copy()
-    np.einsum("...ii->...i", x)[...] += (
-        rtol**2 * np.trace(x, axis1=-2, axis2=-1) / x.shape[-1] + _TINY
-    )[..., None]
+    x = _shifted(gram_corange[part], rtol**2)
     small = (t @ x) @ np.ascontiguousarray(np.swapaxes(t, -1, -2))
     small += np.swapaxes(small, -1, -2)
     small *= 0.5
@@ -201,12 +190,18 @@ def _gradient_spectra(
     gn[part] = np.sqrt(np.clip(values[..., ::-1], 0.0, None))
     if not fast.all():
         slow = ~fast
-        factors = core_factors(core[slow])
-        lower[slow] = factors[0]
-        gn[slow] = generalized_nystrom_values(
-            gram_range[slow], gram_corange[slow], core[slow], rtol, factors=factors
-        )
+        lower[slow], gn[slow] = _truncating(gram_range[slow], gram_corange[slow], core[slow], rtol)
     return lower, gn
+
+
+def _truncating(
+    gram_range: np.ndarray, gram_corange: np.ndarray, core: np.ndarray, rtol: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_gradient_spectra` through the truncating eigendecomposition of the cores."""
+    factors = core_factors(core)
+    return factors[0], generalized_nystrom_values(
+        gram_range, gram_corange, core, rtol, factors=factors
+    )
 
 
 def sketched_spectra(t: dict[str, np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:

@@ -689,12 +689,15 @@ class LayerTracker:
                 lam, u = nystrom(host[omega][i], host[sketch][i])
                 out[kind].append(np.sqrt(lam))
                 directions[side].append(u[:, : _n_positive(lam, self.rank)])
-            if finite["gradient"]:
-                y, x = host["y_g"][i], host["x_g"][i]
-                s_g = generalized_nystrom_values(
-                    (y.T @ y)[None], (x @ x.T)[None], host["z_g"][i][None]
-                )[0]
-            out["gradient"].append(s_g if finite["gradient"] else nan)
+            if not finite["gradient"]:
+                out["gradient"].append(nan)
+                continue
+            y, x = host["y_g"][i], host["x_g"][i]
+            out["gradient"].append(
+                generalized_nystrom_values((y.T @ y)[None], (x @ x.T)[None], host["z_g"][i][None])[
+                    0
+                ]
+            )
         self._warm_start(host, directions)
         self._reset_sketches()
         return EpochSpectra(
