@@ -27,7 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--config", choices=sorted(CONFIGS), default="cpu")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {MODES}")
+    p.add_argument(
+        "--modes",
+        default="plain,watch,watch10,paper,lowrank",
+        help=f"comma-separated subset of {MODES}",
+    )
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (CPU configs)")
     p.add_argument("--no-accuracy", action="store_true")
     p.add_argument("--profile", type=int, default=0, help="profile N monitored steps too")

@@ -133,7 +133,15 @@ class ModeResult:
         }
 
 
-MODES = ("plain", "watch", "watch10", "paper", "lowrank")
+MODES = ("plain", "watch", "watch10", "paper", "lowrank", "hostless")
+"""``hostless`` is a diagnostic, not a usable mode: ``watch`` with the host thread's spectra,
+statistics and writes skipped (it only waits for the copies), so that ``watch − hostless`` is
+what the host thread costs the training thread (Python's GIL, CPU cores)."""
+
+
+def _wait_only(rec: Any) -> None:
+    if rec.ready is not None:
+        rec.ready()
 
 
 def run_mode(cfg: Config, mode: str, device: torch.device, result: ModeResult) -> None:
@@ -159,12 +167,14 @@ def run_mode(cfg: Config, mode: str, device: torch.device, result: ModeResult) -
     sync()
     start = time.perf_counter()
     monitor: Any = None
-    if mode in ("watch", "watch10"):
+    if mode in ("watch", "watch10", "hostless"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             monitor = streamspec.watch(
                 model, groups, rank=cfg.rank, live=False, every=10 if mode == "watch10" else 1
             )
+        if mode == "hostless":
+            monitor._pipeline._on_step = _wait_only
     elif mode in ("paper", "lowrank"):
         monitor = PaperBaseline(model, "full" if mode == "paper" else "lowrank", cfg.rank)
     steps, warmup = cfg.steps, cfg.warmup

@@ -37,7 +37,7 @@ from streamspec.layout import KINDS, NORMALIZE_CHOICES, RunLayout
 from streamspec.live.snapshot import Snapshot
 from streamspec.live.view import LiveView
 from streamspec.pipeline import EpochRecord, HostPipeline, LayerStep, StepRecord
-from streamspec.sketch.linalg import ieee_float32
+from streamspec.sketch.device import as_written
 from streamspec.sketch.operators import RowOperator, stack_rows
 from streamspec.sketch.tracker import (
     LayerTracker,
@@ -548,7 +548,7 @@ class Monitor:
         counts = plan.counts_on(adjoint.device) if plan is not None else None
         # Sketches accumulate in float32 even when the step runs under autocast (the autocast
         # state reaches tensor hooks).
-        with _as_written({adjoint.device}), record_function("streamspec.fold"):
+        with as_written({adjoint.device}), _profiled("streamspec.fold"):
             state.products = self._trackers[index].products(activation, adjoint, exact, tie, counts)
         state.positions += positions
         if tie is not None:
@@ -591,7 +591,7 @@ class Monitor:
                     self._epoch_counts[index] += plan.counts
             recorded = self._step % self.config.every == 0 and self._failed is None
             send = recorded and plan is not None
-            with record_function("streamspec.end_step"):
+            with _profiled("streamspec.end_step"):
                 layers, ready = self._finish_step(present, send) if present else ([], None)
             if send:
                 assert plan is not None
@@ -620,19 +620,19 @@ class Monitor:
             assert products is not None
             by_bank.setdefault(id(tracker.bank), (tracker.bank, {}))[1][tracker.slot] = products
         # A backward called inside the user's autocast region runs this callback under it.
-        with _as_written({bank.device for bank, _ in by_bank.values()}):
+        with as_written({bank.device for bank, _ in by_bank.values()}):
             packed = dict(zip(by_bank, finish_banks(list(by_bank.values())), strict=True))
-        if not send:
-            return [], None
-        device_tensors = list(packed.values())
-        extra: list[tuple[int, str]] = []
-        for index in present:
-            products = self._state[index].products
-            assert products is not None
-            for name, t in products.rows.items():
-                extra.append((index, name))
-                device_tensors.append(t)
-        host, ready = _to_host(device_tensors)
+            if not send:
+                return [], None
+            device_tensors = list(packed.values())
+            extra: list[tuple[int, str]] = []
+            for index in present:
+                products = self._state[index].products
+                assert products is not None
+                for name, t in products.rows.items():
+                    extra.append((index, name))
+                    device_tensors.append(t)
+            host, ready = _to_host(device_tensors)
         host_packed = {key: t.numpy() for key, t in zip(packed, host[: len(packed)], strict=True)}
         rows: dict[int, dict[str, torch.Tensor]] = {}
         for (index, name), t in zip(extra, host[len(packed) :], strict=True):
@@ -667,7 +667,7 @@ class Monitor:
         k = layout.rank
         for index, tracker in enumerate(self._trackers):
             # The device-side Ω updates (end_epoch() may be called inside an autocast region).
-            with _as_written({tracker.bank.device}):
+            with as_written({tracker.bank.device}):
                 spectra = tracker.end_epoch()
             # Samples of steps whose products were not finite never reached the sketches.
             n = self._epoch_counts[index] - spectra.excluded
@@ -733,14 +733,12 @@ class Monitor:
             )
 
 
-def _as_written(devices: set[torch.device | None]) -> contextlib.ExitStack:
-    """streamspec's device work in the dtypes it is written in: autocast off for every device
-    type in ``devices``, IEEE float32 products (no TF32/bf16, :func:`ieee_float32`)."""
-    stack = contextlib.ExitStack()
-    for kind in sorted({d.type for d in devices if d is not None}):
-        stack.enter_context(torch.autocast(device_type=kind, enabled=False))
-    stack.enter_context(ieee_float32())
-    return stack
+def _profiled(name: str) -> contextlib.AbstractContextManager[Any]:
+    """A profiler range around streamspec's work, only while a profiler records (entering a
+    ``record_function`` costs the hot path tens of microseconds otherwise)."""
+    if torch._C._autograd._profiler_enabled():
+        return record_function(name)
+    return contextlib.nullcontext()
 
 
 def _to_host(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], Any]:

@@ -65,6 +65,8 @@ def _to_ieee() -> list[Callable[[], None]]:
     if cudnn:
         torch.backends.cudnn.allow_tf32 = False
         undo.append(functools.partial(setattr, torch.backends.cudnn, "allow_tf32", True))
+    if not undo:  # no legacy switch flipped: only the reduced per-op settings change
+        per_op = [(obj, value) for obj, value in per_op if value != "ieee"]
     for obj, _ in per_op:
         obj.fp32_precision = "ieee"
     # Legacy values first (they also set per-op values), then every per-op value as it was.
@@ -107,6 +109,18 @@ def ieee_float32() -> Iterator[None]:
                         step()
 
 
+def bmm(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``x @ y`` for batches with the same leading dimensions, as one ``torch.bmm`` (``@`` of
+    batched tensors adds view/expand dispatches around its ``bmm``: on a GPU the step's end is
+    bound by such per-op host costs, not by its arithmetic)."""
+    if x.dim() == 3 and y.dim() == 3:
+        return torch.bmm(x, y)
+    if x.dim() < 3 or x.shape[:-2] != y.shape[:-2]:
+        return x @ y
+    out = torch.bmm(x.reshape(-1, *x.shape[-2:]), y.reshape(-1, *y.shape[-2:]))
+    return out.view(*x.shape[:-2], *out.shape[-2:])
+
+
 def _cholesky_qr(yt: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """One CholeskyQR pass on a transposed block: ``Qᵀ = L⁻¹Yᵀ`` with ``LLᵀ = YᵀY + shift·I``.
 
@@ -115,13 +129,13 @@ def _cholesky_qr(yt: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
         shift: ``[..., 1, 1]`` non-negative diagonal shift that keeps the Cholesky factorisation
             defined when ``Y`` is (numerically) rank deficient.
     """
-    gram = yt @ yt.mT
+    gram = bmm(yt, yt.mT)
     eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
     lower, _ = torch.linalg.cholesky_ex(gram + shift * eye, check_errors=False)
     # Invert the small l × l factor, then one batched product: far faster than a triangular
     # solve against the n-column right-hand side.
     inverse = torch.linalg.solve_triangular(lower, eye.expand_as(lower), upper=False)
-    return inverse @ yt
+    return bmm(inverse, yt)
 
 
 def orthonormalize(y: torch.Tensor, against: torch.Tensor | None = None) -> torch.Tensor:
@@ -157,7 +171,7 @@ def orthonormalize(y: torch.Tensor, against: torch.Tensor | None = None) -> torc
     """
     yt = y.mT
     if against is not None:
-        yt = yt - (yt @ against) @ against.mT
+        yt = yt - bmm(bmm(yt, against), against.mT)
     yt = yt.to(torch.float64).contiguous()
     n, width = yt.shape[-1], yt.shape[-2]
     norm2 = (yt * yt).sum(dim=(-2, -1), keepdim=True)  # ‖Y‖_F² ≥ ‖Y‖₂²
@@ -165,7 +179,7 @@ def orthonormalize(y: torch.Tensor, against: torch.Tensor | None = None) -> torc
     qt = _cholesky_qr(yt, 11.0 * (n * width + width * (width + 1)) * _EPS64 * norm2 + tiny)
     if against is not None:
         qt = qt.to(against.dtype)
-        qt = (qt - (qt @ against) @ against.mT).to(torch.float64)
+        qt = (qt - bmm(bmm(qt, against), against.mT)).to(torch.float64)
     for _ in range(2):
         norm2 = (qt * qt).sum(dim=(-2, -1), keepdim=True)
         qt = _cholesky_qr(qt, width * _EPS64 * norm2 + tiny)

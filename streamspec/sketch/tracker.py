@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 
 from streamspec.sketch.host import generalized_nystrom_values
-from streamspec.sketch.linalg import nystrom, orthonormalize
-from streamspec.sketch.operators import DenseRows, RowOperator, sq_norms
+from streamspec.sketch.linalg import bmm, nystrom, orthonormalize
+from streamspec.sketch.operators import DenseRows, RowOperator, sq_norms_pair
 
 _SETUP_LOCK = threading.Lock()
 WARMUP_ITERATIONS = 4  # power iterations of the warm blocks on the run's first step
@@ -158,7 +158,7 @@ def _orthonormal(generator: torch.Generator, n_groups: int, dim: int, width: int
 def _gram(x: torch.Tensor) -> torch.Tensor:
     """``XᵀX`` (called on float64 copies: the Gram of a float32 sketch keeps its small
     eigenvalues only in float64)."""
-    return x.mT @ x
+    return bmm(x.mT, x)
 
 
 @dataclass
@@ -544,13 +544,14 @@ class LayerTracker:
         # whenever either changes), so the epoch part stays exactly Ω (linear epoch sketches) and
         # the host needs no basis Gram.
         b_in, b_out = self._block("in"), self._block("out")
-        pr = torch.cat([a.mm(b_in), d @ b_out], dim=2)  # [A·B_in | Δ·B_out]   [C, m, b_in+b_out]
+        # [A·B_in | Δ·B_out]   [C, m, b_in+b_out]
+        pr = torch.cat([a.mm(b_in), torch.bmm(d, b_out)], dim=2)
         pr64 = pr.to(torch.float64)
         products = StepProducts(
             s_in=a.tmm(pr),  # [AᵀA·B_in | G·B_out]
-            s_out=d.mT @ pr,  # [Gᵀ·B_in | ΔᵀΔ·B_out]
-            gram=pr64.mT @ pr64,
-            norms=torch.stack([a.sq_norm(), sq_norms(d)], dim=1),
+            s_out=torch.bmm(d.mT, pr),  # [Gᵀ·B_in | ΔᵀΔ·B_out]
+            gram=torch.bmm(pr64.mT, pr64),
+            norms=sq_norms_pair(a, d),
             route="exact" if exact else "sketch",
             counts=counts,
         )

@@ -640,3 +640,30 @@ def test_sketches_stay_float32_under_autocast() -> None:
         model.zero_grad()
     # The activations are the same float32 inputs either way: the sketch must not drop to bf16.
     np.testing.assert_allclose(out[True], out[False], rtol=1e-4)
+
+
+def test_profiler_ranges_only_while_a_profiler_records(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``streamspec.fold``/``streamspec.end_step`` ranges show in a profile (bench's breakdown),
+    and the hot path enters no ``record_function`` otherwise (tens of µs per layer and step)."""
+    from streamspec import monitor as monitor_module
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    x, labels = torch.randn(6, 8), torch.arange(6) % 2
+    entered: list[str] = []
+    real = monitor_module.record_function
+
+    def counting(name: str) -> object:
+        entered.append(name)
+        return real(name)
+
+    monkeypatch.setattr(monitor_module, "record_function", counting)
+    with streamspec.watch(model, ["a", "b"], rank=2, live=False) as mon:
+        mon.label(labels)
+        model(x).sum().backward()
+        assert entered == []
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            mon.label(labels)
+            model(x).sum().backward()
+    names = {event.key for event in prof.key_averages()}
+    assert {"streamspec.fold", "streamspec.end_step"} <= names
+    assert entered.count("streamspec.fold") == 2 and entered.count("streamspec.end_step") == 1

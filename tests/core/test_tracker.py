@@ -362,3 +362,28 @@ def test_absent_slots_absent_groups_and_non_finite_groups_leave_the_state_unchan
     assert np.isfinite(spectra.activation[:, 0]).all()
     for b in blocks(first):
         assert (b.mT @ b - torch.eye(b.shape[-1])).abs().max().item() < 1e-5
+
+
+def test_direct_bmm_and_paired_norms_equal_the_broadcasting_forms() -> None:
+    """The hot path's ``bmm`` (no view/expand dispatches) and the paired norms give what ``@``
+    and per-operand :func:`sq_norms` give, for 3-D and 4-D batches and operator rows."""
+    from streamspec.sketch.linalg import bmm
+    from streamspec.sketch.operators import DenseRows, StackedRows, sq_norms, sq_norms_pair
+
+    gen = torch.Generator().manual_seed(0)
+    x4 = torch.randn(3, 2, 7, 5, generator=gen, dtype=torch.float64)
+    y4 = torch.randn(3, 2, 5, 4, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(bmm(x4, y4), x4 @ y4, rtol=0, atol=1e-14)
+    torch.testing.assert_close(bmm(x4[0], y4[0]), x4[0] @ y4[0], rtol=0, atol=1e-14)
+    sliced = x4[..., 1:4]  # a non-contiguous slice, transposed: the Grams of the step's end
+    torch.testing.assert_close(bmm(sliced.mT, sliced), sliced.mT @ sliced, rtol=0, atol=1e-14)
+    torch.testing.assert_close(bmm(x4[0], y4[0, 0]), x4[0] @ y4[0, 0])  # broadcast: falls back
+    a = torch.randn(2, 9, 6, generator=gen)
+    d = torch.randn(2, 9, 3, generator=gen) * 1e3
+    dense = sq_norms_pair(DenseRows(a), d)
+    assert dense.dtype == torch.float64 and dense.shape == (2, 2)
+    torch.testing.assert_close(dense, torch.stack([sq_norms(a), sq_norms(d)], dim=1))
+    exact = torch.stack([a.double().square().sum((1, 2)), d.double().square().sum((1, 2))], 1)
+    torch.testing.assert_close(dense, exact, rtol=1e-6, atol=0)
+    stacked = StackedRows([DenseRows(a[:, :4]), DenseRows(a[:, 4:])])
+    torch.testing.assert_close(sq_norms_pair(stacked, d), dense, rtol=1e-6, atol=0)

@@ -1,0 +1,22 @@
+"""How streamspec's device work runs: in IEEE float32, outside the user's autocast."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+
+import torch
+
+from streamspec.sketch.linalg import ieee_float32
+
+
+def as_written(devices: Iterable[torch.device | None]) -> contextlib.ExitStack:
+    """streamspec's device work on ``devices`` as it is written: autocast off for their device
+    types (a hook or an end-of-backward callback inherits the user's autocast region) and IEEE
+    float32 products (:func:`ieee_float32`)."""
+    stack = contextlib.ExitStack()
+    for kind in sorted({d.type for d in devices if d is not None}):
+        if torch.is_autocast_enabled(kind):
+            stack.enter_context(torch.autocast(device_type=kind, enabled=False))
+    stack.enter_context(ieee_float32())
+    return stack
