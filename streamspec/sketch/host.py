@@ -20,6 +20,27 @@ _DEFINITE = 1e-12  # relative shift that keeps a computed Gram's Cholesky factor
 _TRI_BLOCK = 8  # diagonal block of :func:`_tril_inverse`
 
 
+# numpy's gufuncs release the GIL only for problems larger than this: outer iterations times the
+# output's core size (``b`` for ``eigvalsh`` of ``b × b`` matrices). Below it a batched
+# ``eigvalsh`` holds the GIL for its whole LAPACK run, and every op of the training thread (which
+# drops the GIL around each op) then waits for it: measured 700–2000× slower small torch ops
+# while such calls ran beside them, against 1.1× once a batch passes the threshold.
+_GIL_THRESHOLD = 500
+
+
+def _eigvalsh(x: np.ndarray) -> np.ndarray:
+    """``np.linalg.eigvalsh`` of a batch ``[N, b, b]`` (ascending) with the GIL released: a batch
+    at or below numpy's threshold is padded with identity matrices (a few cheap extra problems,
+    on the host thread, instead of stalling the training thread)."""
+    if x.ndim != 3 or x.shape[0] * x.shape[-1] > _GIL_THRESHOLD or not x.shape[-1]:
+        return np.linalg.eigvalsh(x)
+    n, b = x.shape[0], x.shape[-1]
+    padded = np.empty((_GIL_THRESHOLD // b + 1, b, b))
+    padded[:n] = x
+    padded[n:] = np.eye(b)
+    return np.linalg.eigvalsh(padded)[:n]
+
+
 def _shifted(gram: np.ndarray, rtol: float) -> np.ndarray:
     """``sym(gram) + ν·I``, ``ν = rtol·tr(gram)/b + tiny`` (a new array)."""
     b = gram.shape[-1]
@@ -93,7 +114,7 @@ def nystrom_values(core: np.ndarray, gram: np.ndarray, rtol: float = 1e-7) -> np
     inner = (inv @ gram) @ np.ascontiguousarray(np.swapaxes(inv, -1, -2))
     inner += np.swapaxes(inner, -1, -2)
     inner *= 0.5
-    values = np.linalg.eigvalsh(inner)  # ascending
+    values = _eigvalsh(inner)  # ascending
     return np.clip(values[..., ::-1], 0.0, None)
 
 
@@ -125,7 +146,7 @@ def generalized_nystrom_values(
     pinv = (v * inv2[..., None, :]) @ np.swapaxes(v, -1, -2) @ np.swapaxes(core, -1, -2)
     m = r_y @ pinv @ np.swapaxes(r_x, -1, -2)  # [N, b_out, b_in]
     small = m @ np.swapaxes(m, -1, -2) if m.shape[-2] <= m.shape[-1] else np.swapaxes(m, -1, -2) @ m
-    values = np.linalg.eigvalsh(0.5 * (small + np.swapaxes(small, -1, -2)))
+    values = _eigvalsh(0.5 * (small + np.swapaxes(small, -1, -2)))
     return _descending(np.sqrt(np.clip(values, 0.0, None)))
 
 
@@ -167,7 +188,7 @@ def _gradient_spectra(
     fast = pivots.min(axis=-1) - shift > _WELL_POSED * diagonal.max(axis=-1)
     lam = None
     if fast.any():
-        lam = np.linalg.eigvalsh(cross[fast])  # ascending
+        lam = _eigvalsh(cross[fast])  # ascending
         ok = lam[..., 0] > _WELL_POSED * lam[..., -1]
         fast[np.flatnonzero(fast)[~ok]] = False
         lam = lam[ok]
@@ -186,7 +207,7 @@ def _gradient_spectra(
     small = (t @ x) @ np.ascontiguousarray(np.swapaxes(t, -1, -2))
     small += np.swapaxes(small, -1, -2)
     small *= 0.5
-    values = np.linalg.eigvalsh(small)  # ascending
+    values = _eigvalsh(small)  # ascending
     gn[part] = np.sqrt(np.clip(values[..., ::-1], 0.0, None))
     if not fast.all():
         slow = ~fast

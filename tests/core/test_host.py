@@ -79,3 +79,35 @@ def test_gradient_spectra_equal_their_definition_on_both_routes(monkeypatch) -> 
         estimate = p["y"] @ np.linalg.pinv(core, rtol=1e-6) @ p["x"]
         expected = np.linalg.svd(estimate, compute_uv=False)[:32]
         np.testing.assert_allclose(gn[i, :16], expected[:16], rtol=1e-7, atol=1e-9 * expected[0])
+
+
+def test_host_eigenvalue_calls_are_large_enough_to_release_the_gil(monkeypatch) -> None:
+    """numpy releases the GIL in a gufunc only when outer iterations × output core size exceed
+    500; below that a batched ``eigvalsh`` holds it for its whole LAPACK run and stalls every op
+    of the training thread. The host's calls are padded past the threshold (a pool chunk of 8
+    problems of width 48 was 384) and give the same values."""
+    import streamspec.sketch.host as host
+
+    rng = np.random.default_rng(5)
+    calls: list[tuple[int, ...]] = []
+    real = np.linalg.eigvalsh
+
+    def recording(x: np.ndarray) -> np.ndarray:
+        calls.append(x.shape)
+        return real(x)
+
+    monkeypatch.setattr(np.linalg, "eigvalsh", recording)
+    for n, b in ((1, 80), (8, 48), (3, 12), (11, 48)):
+        m = rng.standard_normal((n, b, 2 * b))
+        x = m @ np.swapaxes(m, -1, -2)
+        calls.clear()
+        np.testing.assert_array_equal(host._eigvalsh(x), real(x))
+        assert [s[0] * s[-1] for s in calls] and all(s[0] * s[-1] > 500 for s in calls), calls
+    # The whole host path of a small batch: every eigenvalue call releases the GIL.
+    problems = [_gradient_problem(rng, rows) for rows in (400, 12)]
+    stacked = {k: np.stack([p[k] for p in problems]) for k in ("gram_y", "gram_x", "core_g")}
+    calls.clear()
+    host._gradient_spectra(stacked["gram_y"], stacked["gram_x"], stacked["core_g"])
+    core = rng.standard_normal((2, 12, 24))
+    host.nystrom_values(core @ np.swapaxes(core, -1, -2), core @ np.swapaxes(core, -1, -2))
+    assert calls and all(s[0] * s[-1] > 500 for s in calls), calls
