@@ -28,7 +28,7 @@ _TRI_BLOCK = 8  # diagonal block of :func:`_tril_inverse`
 _GIL_THRESHOLD = 500
 
 
-def _eigvalsh(x: np.ndarray) -> np.ndarray:
+def eigvalsh(x: np.ndarray) -> np.ndarray:
     """``np.linalg.eigvalsh`` of a batch ``[N, b, b]`` (ascending) with the GIL released: a batch
     at or below numpy's threshold is padded with identity matrices (a few cheap extra problems,
     on the host thread, instead of stalling the training thread)."""
@@ -114,7 +114,7 @@ def nystrom_values(core: np.ndarray, gram: np.ndarray, rtol: float = 1e-7) -> np
     inner = (inv @ gram) @ np.ascontiguousarray(np.swapaxes(inv, -1, -2))
     inner += np.swapaxes(inner, -1, -2)
     inner *= 0.5
-    values = _eigvalsh(inner)  # ascending
+    values = eigvalsh(inner)  # ascending
     return np.clip(values[..., ::-1], 0.0, None)
 
 
@@ -146,7 +146,7 @@ def generalized_nystrom_values(
     pinv = (v * inv2[..., None, :]) @ np.swapaxes(v, -1, -2) @ np.swapaxes(core, -1, -2)
     m = r_y @ pinv @ np.swapaxes(r_x, -1, -2)  # [N, b_out, b_in]
     small = m @ np.swapaxes(m, -1, -2) if m.shape[-2] <= m.shape[-1] else np.swapaxes(m, -1, -2) @ m
-    values = _eigvalsh(0.5 * (small + np.swapaxes(small, -1, -2)))
+    values = eigvalsh(0.5 * (small + np.swapaxes(small, -1, -2)))
     return _descending(np.sqrt(np.clip(values, 0.0, None)))
 
 
@@ -188,7 +188,7 @@ def _gradient_spectra(
     fast = pivots.min(axis=-1) - shift > _WELL_POSED * diagonal.max(axis=-1)
     lam = None
     if fast.any():
-        lam = _eigvalsh(cross[fast])  # ascending
+        lam = eigvalsh(cross[fast])  # ascending
         ok = lam[..., 0] > _WELL_POSED * lam[..., -1]
         fast[np.flatnonzero(fast)[~ok]] = False
         lam = lam[ok]
@@ -207,7 +207,7 @@ def _gradient_spectra(
     small = (t @ x) @ np.ascontiguousarray(np.swapaxes(t, -1, -2))
     small += np.swapaxes(small, -1, -2)
     small *= 0.5
-    values = _eigvalsh(small)  # ascending
+    values = eigvalsh(small)  # ascending
     gn[part] = np.sqrt(np.clip(values[..., ::-1], 0.0, None))
     if not fast.all():
         slow = ~fast

@@ -17,6 +17,8 @@ import numpy as np
 import scipy.linalg
 import torch
 
+from streamspec.sketch.host import eigvalsh
+
 _EPS64 = float(np.finfo(np.float64).eps)
 
 
@@ -234,7 +236,7 @@ def ritz_values(gram: np.ndarray) -> np.ndarray:
         ``[l]`` descending, non-negative.
     """
     gram = 0.5 * (gram + gram.T)
-    lam = scipy.linalg.eigvalsh(gram, check_finite=False)
+    lam = eigvalsh(gram[None])[0]  # scipy's eigvalsh holds the GIL through LAPACK
     return _descending(np.sqrt(np.clip(lam, 0.0, None)))
 
 
