@@ -441,6 +441,24 @@ class Monitor:
             inputs = (x.expand(*x.shape[:bd], plan.batch_size, *x.shape[bd + 1 :]), *inputs[1:])
             self._deliver(module, family.capture(module, inputs, output, bd))
             return output
+        if (
+            getattr(family, "broadcasts", False)
+            and plan is not None
+            and isinstance(inputs[0], torch.Tensor)
+            and inputs[0].dim() == 1
+            and inputs[0].shape[0] != plan.batch_size
+        ):
+            # nanoGPT's wpe(torch.arange(T)): ids shared by the batch without a batch dimension.
+            # Their output broadcasts over the samples, so no per-sample gradient reaches it.
+            name = next(s.name for s in self.sites if s.module is module)
+            raise StreamspecError.build(
+                f"one index per sample ({plan.batch_size}) for 1-D ids, or ids shared by the "
+                "batch with a batch dimension of 1",
+                f"1-D ids of length {inputs[0].shape[0]} at {name} (positions shared by the "
+                "batch, e.g. wpe(torch.arange(T))?)",
+                "call the embedding on ids[None] ([1, T]): its output broadcasts the same way and "
+                "streamspec records it per sample",
+            )
         self._deliver(module, family.capture(module, inputs, output, bd))
         return None
 

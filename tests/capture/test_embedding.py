@@ -101,3 +101,46 @@ def test_scale_grad_by_freq_is_reported_not_recorded_wrong() -> None:
         streamspec.watch(model, ["a", "b"], rank=2, live=False) as mon,
     ):
         assert mon.layers == ("1.weight",)
+
+
+class TinyGPT(nn.Module):
+    """nanoGPT's embeddings: token ids [B, T] plus positions shared by the batch."""
+
+    def __init__(self, positions_2d: bool) -> None:
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(11, 8), nn.Embedding(16, 8)
+        self.head = nn.Linear(8, 11)
+        self.positions_2d = positions_2d
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(idx.shape[1])
+        pos_emb = self.wpe(pos[None] if self.positions_2d else pos)
+        return self.head(self.wte(idx) + pos_emb)
+
+
+def test_positions_shared_by_the_batch_without_a_batch_dimension() -> None:
+    """``wpe(torch.arange(T))`` ([T] ids, output broadcast over the batch) used to fail with a
+    misleading batch-size error (or, with T == B, record positions as samples). It is refused
+    with the fix; ``wpe(arange(T)[None])`` records the positions' gradient per sample."""
+    torch.manual_seed(0)
+    idx, labels = torch.randint(0, 11, (4, 6)), torch.tensor([0, 1, 0, 1])
+    model = TinyGPT(positions_2d=False)
+    with streamspec.watch(model, ["a", "b"], rank=3, live=False) as mon:
+        mon.label(labels)
+        with pytest.raises(streamspec.StreamspecError, match=r"ids\[None\]"):
+            model(idx)
+    model = TinyGPT(positions_2d=True)
+    with streamspec.watch(model, ["a", "b"], rank=3, live=False, normalize="sum") as mon:
+        mon.label(labels)
+        model(idx).pow(2).mean().backward()
+        ds = mon.to_xarray()
+    sigma = ds["sigma"].sel(layer="wpe.weight").values[0]  # [kind, group, rank]
+    ids = torch.arange(6).expand(4, 6)
+    for c in (0, 1):
+        mask = labels == c
+        # Exact per-group adjoint of wpe's rows: recompute with a per-sample position table.
+        table = model.wpe.weight.detach().clone().requires_grad_(True)
+        out = model.head(model.wte(idx[mask]) + table[ids[mask]])
+        out.pow(2).sum().div(idx.numel() * 11).backward()
+        expected = torch.linalg.svdvals(table.grad.double())[:3].numpy()
+        np.testing.assert_allclose(sigma[2, c, : expected.size], expected, rtol=1e-4)
