@@ -382,6 +382,11 @@ class Monitor:
     def __enter__(self) -> Monitor:
         return self
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # torch.save(model) during a watch pickles the model's hooks, which reference the
+        # monitor (threads, locks, device state): the saved model gets inert hooks instead.
+        return (_Unwatched, ())
+
     def __deepcopy__(self, memo: dict[int, Any]) -> Monitor:
         # copy.deepcopy(model) during a run copies the model's hooks, which reference the
         # monitor: the copy shares it, and the monitor ignores modules it does not watch.
@@ -749,6 +754,16 @@ class Monitor:
                 "a closed one",
                 "call streamspec.watch() again (resume=True appends)",
             )
+
+
+class _Unwatched:
+    """What a monitor becomes in a pickled model: the hooks it left on the modules do nothing."""
+
+    def _on_forward(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        return None
+
+    def _deliver(self, module: nn.Module, captures: list[Capture]) -> None:
+        return None
 
 
 def _profiled(name: str) -> contextlib.AbstractContextManager[Any]:

@@ -25,7 +25,9 @@ Under ``torch.no_grad()`` the twin delegates to the fused ``nn.MultiheadAttentio
 from __future__ import annotations
 
 import copy
+import copyreg
 import math
+from typing import Any, SupportsIndex
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +63,14 @@ class StepwiseMultiheadAttention(nn.MultiheadAttention):
     _streamspec_sink: Sink
     _streamspec_entries: tuple[str, ...]
     _streamspec_original: nn.MultiheadAttention
+
+    def __reduce_ex__(self, protocol: SupportsIndex) -> str | tuple[Any, ...]:
+        # deepcopy and pickle (torch.save(model)) yield the plain original module: it shares the
+        # twin's parameters and submodules, and a class made at run time cannot be pickled.
+        original = self._streamspec_original
+        # What object.__reduce_ex__ gives for protocols 0-1; the 2+ form insists on type(self).
+        rebuild = copyreg._reconstructor  # type: ignore[attr-defined]
+        return rebuild, (type(original), object, None), dict(original.__dict__)
 
     @property
     def training(self) -> bool:

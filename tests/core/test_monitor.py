@@ -667,3 +667,30 @@ def test_profiler_ranges_only_while_a_profiler_records(monkeypatch: pytest.Monke
     names = {event.key for event in prof.key_averages()}
     assert {"streamspec.fold", "streamspec.end_step"} <= names
     assert entered.count("streamspec.fold") == 2 and entered.count("streamspec.end_step") == 1
+
+
+def test_torch_save_of_a_watched_model_loads_as_a_plain_model(tmp_path) -> None:
+    """``torch.save(model)`` mid-run (whole-model checkpoints) used to fail on the monitor's
+    thread lock. The saved model loads with plain fused modules and inert hooks, computes what
+    the watched one computes, and the watch goes on recording."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    model = nn.Sequential(
+        nn.TransformerEncoder(layer, 1, enable_nested_tensor=False),
+        nn.Linear(16, 4),
+        nn.LSTM(4, 4, batch_first=True),
+    )
+    x, labels = torch.randn(4, 5, 16), torch.arange(4) % 2
+    with streamspec.watch(model, ["a", "b"], rank=2, live=False) as mon:
+        mon.label(labels)
+        model(x)[0].pow(2).mean().backward()
+        torch.save(model, tmp_path / "model.pt")
+        loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+        assert type(loaded[0].layers[0].self_attn) is nn.MultiheadAttention
+        assert type(loaded[2]) is nn.LSTM
+        mon.label(labels)
+        watched = model(x)[0]
+        watched.pow(2).mean().backward()
+        torch.testing.assert_close(loaded(x)[0], watched.detach())
+        ds = mon.to_xarray()
+    assert ds.sizes["step"] == 2 and np.isfinite(ds["sigma"].values[1, :, :, :, 0]).all()
