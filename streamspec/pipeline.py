@@ -3,7 +3,8 @@
 Training thread → (device products, async copies) → :class:`HostPipeline` queue → float64
 factorisations → ``sigma`` rows → Welch accumulators, archive writer, live snapshot.
 The training thread never waits on this thread except when the queue is full (back-pressure, so
-no step is ever dropped) and at ``end_epoch()``/``close()`` boundaries that ask for a drain.
+no step is ever dropped) and at ``end_epoch()``/``close()`` boundaries that ask for a drain. A step
+whose spectra fail here is recorded as NaN (its counts kept), with one warning: training goes on.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import queue
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -21,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from streamspec.errors import StreamspecWarning
 from streamspec.layout import RunLayout
 from streamspec.live.snapshot import Snapshot
 from streamspec.live.view import epoch_line
@@ -161,6 +164,7 @@ class HostPipeline:
         self._nonfinite_layers: set[str] = set()
         self._reported_nonfinite: set[str] = set()
         self._error: BaseException | None = None
+        self._warned_failure = False
         self._blas = _single_threaded_host_blas()
         # Spare cores (a GPU machine's host): factorise chunks of a step's sketches in parallel.
         self._workers = host_workers()
@@ -256,20 +260,66 @@ class HostPipeline:
                 self._queue.task_done()
 
     def _on_step(self, rec: StepRecord) -> None:
-        if rec.ready is not None:
-            rec.ready()
+        failure: Exception | None = None
+        try:
+            row = self._step_row(rec)
+        except Exception as error:
+            # A factorisation that fails (LAPACK), a copy that never landed, a bug: the step is
+            # still recorded, as NaN with its counts, so the archive and the epoch's counts
+            # keep every step, and the user's training never sees the error.
+            failure = error
+            row = self._nan_row(rec.counts)
+        sigma = row["sigma"]
+        self._writer.append_step(row, step=rec.step, epoch=rec.epoch)
+        if time.monotonic() - self._last_flush > FLUSH_SECONDS:
+            # Slow steps: do not sit on unwritten rows for hours (a hand-off without waiting
+            # for the write; it waits only while the store is a whole block behind).
+            self._writer.flush(wait=False)
+            self._last_flush = time.monotonic()
+        with self._lock:
+            self._welch.update(sigma)  # NaN cells are skipped
+            # The live view shows each cell's latest recorded value: a group absent from the last
+            # step (e.g. a short final batch) keeps its previous σ instead of flickering to "–".
+            self._latest = (
+                sigma if self._latest is None else np.where(np.isnan(sigma), self._latest, sigma)
+            )
+            self._last_step = rec.step
+            self._epoch = rec.epoch
+            self._steps_in_epoch += 1
+        if failure is not None and not self._warned_failure:
+            self._warned_failure = True
+            # Last, once the step is recorded: under ``-W error`` this raises, and the error then
+            # reaches the training thread at the next end_epoch() as the user asked.
+            warnings.warn(
+                f"streamspec: computing the spectra of step {rec.step} failed on the host "
+                f"thread ({type(failure).__name__}: {failure}); such steps are recorded as NaN "
+                "with their counts and training is not affected (warned once per run)",
+                StreamspecWarning,
+                stacklevel=2,
+            )
+
+    def _nan_row(self, counts: np.ndarray) -> dict[str, np.ndarray]:
+        """A step row of NaN spectra with the step's ``counts`` ``[C]``."""
         layout = self.layout
-        sigma = np.full(layout.step_shape, np.nan, dtype=np.float32)
         row: dict[str, np.ndarray] = {
-            "sigma": sigma,
+            "sigma": np.full(layout.step_shape, np.nan, dtype=np.float32),
             "sigma_err": np.full(layout.step_shape, np.nan, dtype=np.float32),
-            "count": rec.counts,
+            "count": counts,
         }
-        tied = "sigma_tied" in layout.extras
-        if tied:
+        if "sigma_tied" in layout.extras:
             row["sigma_tied"] = np.full(
                 (len(layout.layers), len(layout.groups), layout.rank), np.nan, dtype=np.float32
             )
+        return row
+
+    def _step_row(self, rec: StepRecord) -> dict[str, np.ndarray]:
+        """The row of one step: ``sigma``/``sigma_err`` ``[L, 3, C, k]``, ``count`` ``[C]`` and,
+        with ``tied``, ``sigma_tied`` ``[L, C, k]``."""
+        if rec.ready is not None:
+            rec.ready()
+        row = self._nan_row(rec.counts)
+        sigma = row["sigma"]
+        tied = "sigma_tied" in self.layout.extras
         for layer in rec.layers:
             if layer.route == "exact":
                 sigma[layer.index], row["sigma_err"][layer.index] = self._layer_sigma(
@@ -284,21 +334,7 @@ class HostPipeline:
         for layer in rec.layers:
             if tied and layer.n_positions:
                 row["sigma_tied"][layer.index] = self._layer_tied(layer, rec.counts)
-        self._writer.append_step(row, step=rec.step, epoch=rec.epoch)
-        if time.monotonic() - self._last_flush > FLUSH_SECONDS:
-            # Slow steps: do not sit on unwritten rows for hours (non-blocking hand-off).
-            self._writer.flush(wait=False)
-            self._last_flush = time.monotonic()
-        with self._lock:
-            self._welch.update(sigma)
-            # The live view shows each cell's latest recorded value: a group absent from the last
-            # step (e.g. a short final batch) keeps its previous σ instead of flickering to "–".
-            self._latest = (
-                sigma if self._latest is None else np.where(np.isnan(sigma), self._latest, sigma)
-            )
-            self._last_step = rec.step
-            self._epoch = rec.epoch
-            self._steps_in_epoch += 1
+        return row
 
     def _layer_sigma(self, layer: LayerStep, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``([3, C, k], [3, C, k])``: exact σ of one layer's rows in one step, error 0 (float64

@@ -11,6 +11,11 @@ off by the next ``resume``. Only ``close()`` consolidates the metadata (``xarray
 its defaults then reads one file); a resumed writer first removes it, before anything grows.
 Every chunk is written, even one holding only fill values, so a missing chunk always means damage
 (:meth:`Archive.check <streamspec.store.reader.Archive.check>`).
+
+Storage trouble never stops training: a block whose write fails is retried, then given up alone
+(its rows are lost, the commit counters never count them, later blocks are written), with one
+warning when it happens and a summary at ``close()``. The background thread holds at most one
+block besides the buffer; a store slower than training makes ``append_*`` wait for it.
 """
 
 from __future__ import annotations
@@ -19,12 +24,14 @@ import contextlib
 import os
 import re
 import threading
+import time
 import warnings
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import zarr
@@ -33,7 +40,7 @@ from zarr.codecs import ZstdCodec
 from zarr.core.array_spec import ArrayConfigParams
 
 from streamspec._version import __version__
-from streamspec.errors import StreamspecError
+from streamspec.errors import StreamspecError, StreamspecWarning
 from streamspec.layout import RunLayout
 from streamspec.store.reader import (
     Archive,
@@ -67,8 +74,33 @@ _COMPRESSORS = ZstdCodec(level=3, checksum=True)
 # ``rank`` coordinate [0]): then a missing chunk is always damage, never "all NaN".
 _ARRAY_CONFIG: ArrayConfigParams = {"write_empty_chunks": True}
 
+# Pauses before retrying a failed block write: a transient store error (a network blip, a busy
+# file server) costs no row; a broken store costs each block 0.6 s of the background thread.
+_RETRY_DELAYS: tuple[float, ...] = (0.1, 0.5)
+
+# Group attribute naming the arrays a resumed writer is adding (filling their past rows with fill
+# values): a writer killed meanwhile leaves them listed, and the next resume creates them again.
+_FILLING_ATTR = "streamspec_filling"
+
 # What LocalStore leaves behind when killed inside an atomic write: ``<name>.<uuid4 hex>.partial``.
 _PARTIAL_FILE = re.compile(r"\.[0-9a-f]{32}\.partial$")
+
+
+@dataclass
+class _LostSpan:
+    """Rows given up one after the other (no row of their dimension committed in between).
+
+    Attributes:
+        committed: The commit counter when they were given up.
+        first: ``step`` (or ``epoch``) of the first row.
+        last: ``step`` (or ``epoch``) of the last row.
+        rows: How many rows.
+    """
+
+    committed: int
+    first: int
+    last: int
+    rows: int
 
 
 class ArchiveWriter:
@@ -83,11 +115,14 @@ class ArchiveWriter:
             process left unfinished.
         chunk_steps: Rows per chunk along ``step`` (fewer for very wide layouts, so that one
             chunk stays under 64 MiB uncompressed).
-        flush_every: Buffered steps that trigger a background write.
+        flush_every: Buffered steps that trigger a background write. At most ``2 *
+            flush_every`` rows are unwritten at any time (the buffer and the block being
+            written): what a crash can lose.
 
     Raises:
         StreamspecError: if an archive exists and ``resume`` is False, if ``store`` holds
-            something else, or if a resumed archive's layout differs from ``layout``.
+            something else, or if a resumed archive's layout differs from ``layout`` (a resume
+            may add an optional variable of ``layout.extras``, never leave one out).
 
     Example:
         >>> with ArchiveWriter("runs/exp1.zarr", layout) as writer:  # doctest: +SKIP
@@ -143,14 +178,19 @@ class ArchiveWriter:
 
         self._buffer: list[dict[str, np.ndarray]] = []
         # Blocks handed over but not yet written, oldest first. The thread drains all of them at
-        # once, merging consecutive blocks of one dimension: a store slower than training gets
-        # fewer, larger writes instead of a growing queue of small ones.
+        # once, merging consecutive blocks of one dimension (e.g. a partial step block and an
+        # epoch row). ``_unwritten`` counts their rows plus those being written; a submitter
+        # waits (``_written``) while it would exceed ``flush_every`` (see ``_submit``).
         self._pending: list[tuple[str, list[dict[str, np.ndarray]]]] = []
-        self._pending_lock = threading.Lock()
+        self._unwritten = 0
+        self._written = threading.Condition()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamspec-writer")
         self._last_future: Future[None] | None = None
-        self._error: tuple[str, BaseException] | None = None
-        self._error_raised = False
+        # Blocks given up after their last attempt, per row dimension (background thread).
+        self._lost: dict[str, list[_LostSpan]] = {d: [] for d in COMMIT_ATTRS}
+        self._first_loss: str | None = None
+        # Row dimensions whose arrays a lost block may have left longer than the committed rows.
+        self._ragged: set[str] = set()
         self._closed = False
 
     # ------------------------------------------------------------------ public API
@@ -173,6 +213,12 @@ class ArchiveWriter:
     def store(self) -> Store:
         """The Zarr store written to."""
         return self._store
+
+    @property
+    def lost_rows(self) -> dict[str, int]:
+        """Rows given up after their block failed every write attempt, per row dimension
+        (``{"step": 0, "epoch": 0}`` while none was lost); ``close()`` reports them."""
+        return {d: sum(span.rows for span in spans) for d, spans in self._lost.items()}
 
     def unfinished_epoch(self) -> EpochSteps:
         """The steps of epoch :attr:`start_epoch` that earlier sessions committed.
@@ -250,27 +296,24 @@ class ArchiveWriter:
     def flush(self, wait: bool = True) -> None:
         """Hand buffered steps to the background thread; with ``wait``, block until written.
 
-        Raises:
-            StreamspecError: if a background write failed (the first failure, chained); from
-                then on nothing more is written, and every ``flush`` raises it again.
+        Never raises for storage trouble: a block that fails every attempt is lost alone, with a
+        :class:`~streamspec.errors.StreamspecWarning` the first time (:attr:`lost_rows`).
         """
-        self._raise_failure(again=True)
         self._submit_steps()
         if wait and self._last_future is not None:
             self._last_future.result()
-        self._raise_failure(again=True)
 
     def close(self) -> None:
         """Write everything buffered, wait, stop the thread, then consolidate the metadata.
 
         Consolidated metadata (the root ``zarr.json`` holding every array's metadata) lets
         ``xarray.open_zarr(path)`` and ``xarray.open_datatree(path, engine="zarr")`` read a finished
-        archive with their defaults. It is written only when every row is, and a resumed writer
-        removes it before growing any array. Calling ``close`` again does nothing.
+        archive with their defaults. A resumed writer removes it before growing any array.
+        Calling ``close`` again does nothing.
 
-        Raises:
-            StreamspecError: if a background write failed and no earlier call reported it (the
-                metadata is then left unconsolidated), or if consolidating failed.
+        Storage trouble is reported, never raised: a :class:`~streamspec.errors.StreamspecWarning`
+        sums up the rows that were not written (:attr:`lost_rows`), and another one says if the
+        metadata could not be consolidated. The rows written stay readable either way.
         """
         if self._closed:
             return
@@ -279,9 +322,12 @@ class ArchiveWriter:
             self._submit_steps()
         finally:
             self._executor.shutdown(wait=True)
-        self._raise_failure(again=False)
-        if self._error is None:
+        if self._first_loss is not None:
+            self._repair()
+        if not self._ragged:  # consolidated shapes must match the committed rows
             self._consolidate()
+        if self._first_loss is not None:
+            warnings.warn(self._loss_summary(), StreamspecWarning, stacklevel=2)
 
     def archive(self) -> Archive:
         """A reader over the same store, seeing the committed rows (follows the run)."""
@@ -350,27 +396,24 @@ class ArchiveWriter:
             self._submit("step", rows)
 
     def _submit(self, row_dim: str, rows: list[dict[str, np.ndarray]]) -> None:
-        with self._pending_lock:
+        with self._written:
+            # Back-pressure: hand over a block only while the thread holds at most one block's
+            # rows. A store slower than training then slows the submitter (in a watched run the
+            # host thread, whose full queue in turn slows training) instead of piling rows up in
+            # memory, where a crash would lose them all. Dropping rows is never the answer, and
+            # writing here, beside the thread, would break the order of commits.
+            self._written.wait_for(
+                lambda: self._unwritten == 0 or self._unwritten + len(rows) <= self._flush_every
+            )
             self._pending.append((row_dim, rows))
+            self._unwritten += len(rows)
         # The thread runs tasks in order: when this one is done, every block before it is written.
         self._last_future = self._executor.submit(self._drain)
-
-    def _raise_failure(self, *, again: bool) -> None:
-        if self._error is None or (self._error_raised and not again):
-            return
-        self._error_raised = True
-        what, exc = self._error
-        raise StreamspecError.build(
-            expected=f"the background write of {what} to {self._label} to succeed",
-            got=f"{type(exc).__name__}: {exc}",
-            fix="make the store writable (space, permissions) and reopen it with "
-            "resume=True; the rows after the last committed ones were not written",
-        ) from exc
 
     # ------------------------------------------------------------------ background thread
     def _drain(self) -> None:
         """Write every pending block, in order (a no-op if an earlier task took them all)."""
-        with self._pending_lock:
+        with self._written:
             pending, self._pending = self._pending, []
         merged: list[tuple[str, list[dict[str, np.ndarray]]]] = []
         for row_dim, rows in pending:
@@ -379,28 +422,103 @@ class ArchiveWriter:
             else:
                 merged.append((row_dim, list(rows)))
         for row_dim, rows in merged:
-            self._write_rows(row_dim, rows)
+            try:
+                self._write_rows(row_dim, rows)
+            finally:
+                with self._written:
+                    self._unwritten -= len(rows)
+                    self._written.notify_all()
 
     def _write_rows(self, row_dim: str, rows: list[dict[str, np.ndarray]]) -> None:
-        """Grow each array of ``row_dim``, write the rows, then commit them (in that order)."""
+        """Write one block, retried after each of :data:`_RETRY_DELAYS`; if every attempt fails,
+        give its rows up: the next block is written where this one would have been."""
+        error: Exception | None = None
+        for delay in (0.0, *_RETRY_DELAYS):
+            time.sleep(delay)
+            try:
+                self._write_block(row_dim, rows)
+            except Exception as exc:
+                error = exc
+            else:
+                self._ragged.discard(row_dim)
+                return
+        assert error is not None
+        self._lose(row_dim, rows, error)
+
+    def _write_block(self, row_dim: str, rows: list[dict[str, np.ndarray]]) -> None:
+        """Grow each array of ``row_dim``, write the rows, then commit them (in that order).
+
+        Zarr changes a group's attributes in memory before it saves them: an attempt that fails
+        at its commit leaves its counter there, so every commit writes both counters anew.
+        """
         start = self._committed[row_dim]
         stop = start + len(rows)
-        first = rows[0].get(row_dim)
-        what = f"{len(rows)} {row_dim} row(s) from {row_dim} {first} (rows {start}..{stop - 1})"
-        if self._error is not None:
-            return  # after a failure, later rows would leave a gap: write nothing more
+        variables = row_variables(row_dim, self._layout)
+        blocks = {v.name: _stack(v, rows, self._layout) for v in variables}
+        self._ragged.add(row_dim)
+        for v in variables:
+            array = self._arrays[v.name]
+            array.resize((stop, *array.shape[1:]))
+        for v in variables:
+            self._arrays[v.name][start:stop] = blocks[v.name]
+        counters = {**self._committed, row_dim: stop}
+        self._group.attrs.update({COMMIT_ATTRS[d]: n for d, n in counters.items()})
+        self._committed[row_dim] = stop
+
+    def _lose(self, row_dim: str, rows: list[dict[str, np.ndarray]], error: Exception) -> None:
+        """Record a block given up, warn the first time, and cut its arrays back if possible."""
+        first, last = int(rows[0][row_dim]), int(rows[-1][row_dim])
+        spans = self._lost[row_dim]
+        committed = self._committed[row_dim]
+        if spans and spans[-1].committed == committed:  # nothing written since: one span
+            spans[-1].last = last
+            spans[-1].rows += len(rows)
+        else:
+            spans.append(_LostSpan(committed, first, last, len(rows)))
+        self._trim(row_dim)
+        reason = f"{type(error).__name__}: {error}"
+        if self._first_loss is not None:
+            return
+        self._first_loss = reason
+        attempts = 1 + len(_RETRY_DELAYS)
+        with contextlib.suppress(Warning):
+            # From this thread a warning turned into an error (``-W error``) would only end the
+            # drain; close() repeats the loss in the caller's thread.
+            warnings.warn(
+                f"streamspec: writing {_rows_text(row_dim, [_LostSpan(0, first, last, len(rows))])}"
+                f" to {self._label} failed {attempts} times ({reason}); those rows are lost, "
+                "training and the later rows go on (warned once; close() reports the total)",
+                StreamspecWarning,
+                stacklevel=1,
+            )
+
+    def _trim(self, row_dim: str) -> None:
+        """Cut the arrays of ``row_dim`` back to the committed rows (best effort: the store may
+        still fail; readers and a resume cut to the commit counter anyway)."""
+        stop = self._committed[row_dim]
         try:
-            variables = row_variables(row_dim, self._layout)
-            blocks = {v.name: _stack(v, rows, self._layout) for v in variables}
-            for v in variables:
+            for v in row_variables(row_dim, self._layout):
                 array = self._arrays[v.name]
                 array.resize((stop, *array.shape[1:]))
-            for v in variables:
-                self._arrays[v.name][start:stop] = blocks[v.name]
-            self._group.attrs.update({COMMIT_ATTRS[row_dim]: stop})
-            self._committed[row_dim] = stop
-        except Exception as exc:
-            self._error = (what, exc)
+        except Exception:
+            return
+        self._ragged.discard(row_dim)
+
+    def _repair(self) -> None:
+        """After a loss: arrays back to the committed rows, both counters saved anew."""
+        for row_dim in sorted(self._ragged):
+            self._trim(row_dim)
+        with contextlib.suppress(Exception):
+            self._group.attrs.update({COMMIT_ATTRS[d]: n for d, n in self._committed.items()})
+
+    def _loss_summary(self) -> str:
+        parts = [_rows_text(d, spans) for d, spans in self._lost.items() if spans]
+        attempts = 1 + len(_RETRY_DELAYS)
+        return (
+            f"streamspec: {' and '.join(parts)} were not written to {self._label} after "
+            f"{attempts} attempts each (first error: {self._first_loss}); every other row was "
+            "written, and the commit counters count only those"
+        )
 
     # ------------------------------------------------------------------ creation / resume
     def _create(self, chunk_steps: int, *, replace: bool) -> zarr.Group:
@@ -442,14 +560,20 @@ class ArchiveWriter:
         return group
 
     def _create_row_array(
-        self, group: zarr.Group, v: RowVariable, *, rows: int, chunk_steps: int
-    ) -> None:
+        self,
+        group: zarr.Group,
+        v: RowVariable,
+        *,
+        rows: int,
+        chunk_steps: int,
+        overwrite: bool = False,
+    ) -> zarr.Array:
         requested = chunk_steps if v.row_dim == "step" else EPOCH_CHUNK_ROWS
         row_shape = v.row_shape(self._layout)
         coords = [
             c.name for c in row_variables(v.row_dim, self._layout) if c.coordinate and c is not v
         ]
-        group.create_array(
+        return group.create_array(
             v.name,
             shape=(rows, *row_shape),
             # A chunk must be at least 1 wide, even along an empty dimension (one group: no pair).
@@ -460,6 +584,7 @@ class ArchiveWriter:
             dimension_names=v.dims,
             attributes={"coordinates": " ".join(coords)} if coords and not v.coordinate else {},
             config=_ARRAY_CONFIG,
+            overwrite=overwrite,
         )
 
     def _consolidate(self) -> None:
@@ -473,12 +598,14 @@ class ArchiveWriter:
                 )
                 zarr.consolidate_metadata(self._store)
         except Exception as exc:
-            raise StreamspecError.build(
-                expected=f"the metadata of {self._label} consolidated at close",
-                got=f"{type(exc).__name__}: {exc}",
-                fix="every row is written and streamspec.open() reads it; for xarray pass "
-                "consolidated=False",
-            ) from exc
+            # Storage trouble at the very end: the rows are written, only a convenience is not.
+            warnings.warn(
+                f"streamspec: could not consolidate the metadata of {self._label} at close "
+                f"({type(exc).__name__}: {exc}); streamspec.open() reads every written row, "
+                "xarray.open_zarr needs consolidated=False",
+                StreamspecWarning,
+                stacklevel=3,
+            )
 
     def _resume(
         self, existing: zarr.Group, chunk_steps: int, path: os.PathLike[str] | None
@@ -490,16 +617,18 @@ class ArchiveWriter:
             for key in RESUME_ATTRS
             if attrs.get(key) != wanted[key]
         ]
-        # The optional variables (``tied=True``'s sigma_tied) must match too: a resume without
-        # them left theirs short of the other rows, and the archive unreadable.
-        extras = attrs.get("extras", [])  # archives older than the attribute have none
-        if extras != wanted["extras"]:
+        # The optional variables (``tied=True``'s sigma_tied): a resume may add one (its past
+        # rows are filled), never leave one out (its array would fall short of the other rows).
+        # Archives older than the attribute have none.
+        extras = [str(name) for name in cast(list[Any], attrs.get("extras", []))]
+        if any(name not in wanted["extras"] for name in extras):
             differences.append(f"extras: archive {extras!r}, layout {wanted['extras']!r}")
         if differences:
             raise StreamspecError.build(
                 expected=f"the archive at {self._label} to match the run's layout",
                 got="; ".join(differences),
-                fix="resume with the layout the archive was written with, or start a new path",
+                fix="resume with the layout the archive was written with (it may add an "
+                "optional variable such as tied=True, not drop one), or start a new path",
             )
         group = open_root(self._store, mode="r+")  # without the consolidated metadata ...
         committed_now = committed_rows(group)
@@ -509,11 +638,25 @@ class ArchiveWriter:
             _remove_partial_files(path)
         with quiet_partial_files():
             present = set(group.array_keys())
-        for v in row_variables(layout=self._layout):
-            committed = committed_now[v.row_dim]
-            if v.name not in present:  # a variable newer than the archive: fill its past rows
-                self._create_row_array(group, v, rows=committed, chunk_steps=chunk_steps)
+        variables = row_variables(layout=self._layout)
+        # Arrays a killed resume was adding: created again (their fill may be incomplete).
+        unfinished = [str(name) for name in cast(list[Any], attrs.get(_FILLING_ATTR, []))]
+        for name in unfinished:
+            if name in present and name not in {v.name for v in variables}:
+                del group[name]  # added by a resume that did not finish, and not wanted now
+        # Variables newer than the archive (an optional one, or one a later version added).
+        added = [v for v in variables if v.name not in present or v.name in unfinished]
+        if added:
+            group.attrs.update({_FILLING_ATTR: [v.name for v in added]})
+        for v in added:
+            array = self._create_row_array(
+                group, v, rows=committed_now[v.row_dim], chunk_steps=chunk_steps, overwrite=True
+            )
+            _fill(array, v.fill_value)  # every committed chunk exists, or check() sees damage
+        for v in variables:
+            if v in added:
                 continue
+            committed = committed_now[v.row_dim]
             array = member_array(group, v.name)
             if array.shape[0] < committed:
                 raise StreamspecError.build(
@@ -523,6 +666,10 @@ class ArchiveWriter:
                 )
             if array.shape[0] > committed:  # rows of a flush interrupted before its commit
                 array.resize((committed, *array.shape[1:]))
+        if unfinished or extras != wanted["extras"]:
+            # Last: readers learn of the added variables once their past rows exist.
+            finished = {k: v for k, v in group.attrs.asdict().items() if k != _FILLING_ATTR}
+            group.attrs.put({**finished, "extras": wanted["extras"]})
         return group
 
 
@@ -536,6 +683,22 @@ def _remove_partial_files(root: os.PathLike[str]) -> None:
             if _PARTIAL_FILE.search(name):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(directory, name))
+
+
+def _rows_text(row_dim: str, spans: list[_LostSpan]) -> str:
+    """``"5 step rows (steps 0..4, 9)"``, ``"1 epoch row (epoch 0)"``: lost rows, for messages."""
+    rows = sum(span.rows for span in spans)
+    ranges = [str(s.first) if s.first == s.last else f"{s.first}..{s.last}" for s in spans]
+    shown = ", ".join(ranges[:5]) + (", …" if len(ranges) > 5 else "")
+    plural = "" if rows == 1 else "s"
+    return f"{rows} {row_dim} row{plural} ({row_dim}{plural} {shown})"
+
+
+def _fill(array: zarr.Array, value: Any) -> None:
+    """Write ``value`` to every row of ``array``, one chunk of rows at a time (bounded memory)."""
+    rows = array.chunks[0]
+    for start in range(0, array.shape[0], rows):
+        array[start : start + rows] = value
 
 
 def _stack(v: RowVariable, rows: list[dict[str, np.ndarray]], layout: RunLayout) -> np.ndarray:

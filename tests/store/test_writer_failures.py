@@ -1,0 +1,313 @@
+"""Storage and host failures never stop training.
+
+A failed block write is retried, then only that block is lost: later blocks are written, the
+commit counters never claim a lost row, one warning says so when it happens and ``close()`` sums
+it up. A variable added on resume gets fill values for its past rows. The writer's queue is
+bounded (a slow store slows the submitter instead of piling rows up in memory). A step whose
+spectra fail on the host thread is recorded as NaN.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+import zarr
+from torch import nn
+
+import streamspec
+from streamspec import pipeline
+from streamspec.errors import StreamspecWarning
+from streamspec.store import ArchiveWriter, open_archive
+from streamspec.store import writer as writer_module
+
+
+class FlakyStore(zarr.storage.MemoryStore):
+    """An in-memory store whose next ``failures`` writes under ``prefix`` raise OSError.
+
+    ``failures = -1`` fails every such write (a full disk); ``delay`` slows every write down.
+    """
+
+    failures = 0
+    prefix = ""
+    delay = 0.0
+
+    async def set(self, key, value, byte_range=None):
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self.failures and key.startswith(self.prefix):
+            self.failures -= self.failures > 0
+            raise OSError(f"injected failure writing {key}")
+        await super().set(key, value, byte_range)
+
+
+@pytest.fixture(autouse=True)
+def no_retry_delay(monkeypatch):
+    """Retries without waiting, so that these tests stay fast (``raising=False``: the tests
+    also run, and fail, on a writer without retries)."""
+    monkeypatch.setattr(writer_module, "_RETRY_DELAYS", (0.0, 0.0), raising=False)
+
+
+ATTEMPTS = 3  # what one block gets: the first write and two retries
+
+
+def write(writer, step_row, steps, epoch=0):
+    for step in steps:
+        writer.append_step(step_row(step), step=step, epoch=epoch)
+
+
+def messages(record) -> list[str]:
+    return [str(w.message) for w in record if issubclass(w.category, StreamspecWarning)]
+
+
+def test_a_transient_failure_is_retried_and_loses_nothing(layout, step_row):
+    store = FlakyStore()
+    writer = ArchiveWriter(store, layout, flush_every=2)
+    write(writer, step_row, range(2))
+    writer.flush()
+    store.failures = ATTEMPTS - 1  # the last attempt succeeds
+    write(writer, step_row, range(2, 6))
+    writer.close()  # no warning (an error under this suite's filters), no exception
+    archive = open_archive(store)
+    np.testing.assert_array_equal(archive.to_xarray().step, np.arange(6))
+    archive.check()
+
+
+@pytest.mark.parametrize("prefix", ["", "sigma/c/", "zarr.json"], ids=["grow", "data", "commit"])
+def test_a_lost_block_is_warned_once_and_later_blocks_are_written(
+    layout, step_row, epoch_row, prefix
+):
+    """The block of steps 2..3 fails on every attempt: as it grows the arrays, half-way through
+    its data (the arrays already grown), or at its commit (the counter already changed in
+    memory, where the next commit must not publish it)."""
+    store = FlakyStore()
+    store.prefix = prefix
+    writer = ArchiveWriter(store, layout, flush_every=2)
+    with pytest.warns(StreamspecWarning) as record:
+        write(writer, step_row, range(2))
+        writer.flush()  # never raises: training goes on
+        store.failures = ATTEMPTS
+        write(writer, step_row, range(2, 4))
+        writer.flush()
+        write(writer, step_row, range(4, 8))
+        writer.flush()
+        writer.append_epoch(epoch_row(0), epoch=0)
+        writer.close()
+    first, *rest = messages(record)
+    assert "steps 2..3" in first and "injected failure" in first
+    assert len(rest) == 1  # one warning as it happens, one summary at close
+    assert "2 step rows (steps 2..3)" in rest[0] and "were not written" in rest[0]
+    archive = open_archive(store)
+    archive.check()  # the counters claim no lost row; every committed chunk is there
+    ds = archive.to_xarray()
+    np.testing.assert_array_equal(ds.step, [0, 1, 4, 5, 6, 7])
+    np.testing.assert_array_equal(ds.sigma[2], step_row(4)["sigma"])
+    np.testing.assert_array_equal(ds.welch_p[0], epoch_row(0)["welch_p"])
+    assert xr.open_zarr(store).sizes["step"] == 6  # consolidated, with consistent shapes
+
+
+def test_a_lost_last_block_leaves_consistent_shapes(layout, step_row):
+    """The last block fails after growing the arrays: close() cuts them back to the committed
+    rows before consolidating, so ``xarray.open_zarr`` with its defaults still aligns them."""
+    store = FlakyStore()
+    store.prefix = "sigma/c/"
+    writer = ArchiveWriter(store, layout, flush_every=2)
+    write(writer, step_row, range(2))
+    writer.flush()
+    store.failures = -1
+    with pytest.warns(StreamspecWarning) as record:
+        write(writer, step_row, range(2, 4))
+        writer.close()
+    assert "2 step rows (steps 2..3) were not written" in messages(record)[-1]
+    assert xr.open_zarr(store).sizes["step"] == 2
+    open_archive(store).check()
+
+
+def test_a_store_that_never_recovers_never_raises(layout, step_row, epoch_row):
+    store = FlakyStore()
+    writer = ArchiveWriter(store, layout, flush_every=2)
+    store.failures = -1
+    with pytest.warns(StreamspecWarning) as record:
+        write(writer, step_row, range(5))
+        writer.flush()
+        writer.append_epoch(epoch_row(0), epoch=0)
+        writer.flush()
+        writer.close()  # consolidating fails too: a warning, not an exception
+    summary = " ".join(messages(record)[1:])
+    assert "5 step rows (steps 0..4) and 1 epoch row (epoch 0) were not written" in summary
+    store.failures = 0
+    archive = open_archive(store)
+    assert (archive.n_steps, archive.n_epochs) == (0, 0)
+    archive.check()
+
+
+def test_watch_never_raises_a_storage_failure_into_training():
+    """``end_epoch()`` and ``flush()`` of a watched run whose store fails keep training going;
+    ``close()`` says how many steps were lost."""
+    store = FlakyStore()
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    with pytest.warns(StreamspecWarning) as record:
+        mon = streamspec.watch(model, ["a", "b"], rank=2, live=False, store=store)
+        store.failures = -1
+        for _epoch in range(2):
+            for _ in range(3):
+                mon.label(torch.tensor([0, 1, 0, 1]))
+                model(torch.randn(4, 4)).sum().backward()
+            mon.flush()
+            mon.end_epoch()
+        mon.close()
+    assert any("6 step rows (steps 0..5)" in m for m in messages(record))
+    store.failures = 0
+    open_archive(store).check()
+
+
+# ---------------------------------------------------------------------- variables added on resume
+
+
+def test_an_extra_variable_added_on_resume_fills_its_past_rows(tmp_path, layout, step_row):
+    path = tmp_path / "run.zarr"
+    with ArchiveWriter(path, layout, chunk_steps=2) as writer:
+        write(writer, step_row, range(3))
+    tied = dataclasses.replace(layout, extras=("sigma_tied",))
+    values = np.full((len(layout.layers), len(layout.groups), layout.rank), 0.5, np.float32)
+    with ArchiveWriter(path, tied, resume=True, chunk_steps=2) as writer:
+        writer.append_step({**step_row(3), "sigma_tied": values}, step=3, epoch=0)
+        writer.append_step(step_row(4), step=4, epoch=0)
+    archive = open_archive(path)
+    archive.check()  # every chunk of the past rows is there
+    assert archive.attrs["extras"] == ["sigma_tied"]
+    assert archive.layout.extras == ("sigma_tied",)
+    ds = archive.to_xarray()
+    assert np.isnan(ds.sigma_tied[[0, 1, 2, 4]]).all()
+    np.testing.assert_array_equal(ds.sigma_tied[3], values)
+    with ArchiveWriter(path, tied, resume=True) as writer:  # resumes again with it
+        assert writer.start_step == 5
+
+
+def test_a_resume_that_stops_while_filling_is_finished_by_the_next(layout, step_row):
+    store = FlakyStore()
+    with ArchiveWriter(store, layout, chunk_steps=2) as writer:
+        write(writer, step_row, range(5))
+    tied = dataclasses.replace(layout, extras=("sigma_tied",))
+    store.prefix, store.failures = "sigma_tied/c/1/", -1  # the second chunk of the past rows
+    with pytest.raises(OSError, match="injected failure"):
+        ArchiveWriter(store, tied, resume=True, chunk_steps=2)
+    store.failures = 0
+    with ArchiveWriter(store, tied, resume=True, chunk_steps=2) as writer:
+        assert writer.start_step == 5
+    archive = open_archive(store)
+    archive.check()
+    assert np.isnan(archive.to_xarray().sigma_tied).all()
+
+
+def test_a_variable_newer_than_the_archive_passes_check(tmp_path, layout, step_row, monkeypatch):
+    """Schema growth (a variable added to ``ROW_VARIABLES``) on resume: its past chunks are
+    written, so ``check()`` does not mistake them for lost ones."""
+    from streamspec.store import schema
+
+    path = tmp_path / "run.zarr"
+    with ArchiveWriter(path, layout, chunk_steps=2) as writer:
+        write(writer, step_row, range(5))
+    sigma_bound = schema.RowVariable(
+        "sigma_bound", ("step", "layer", "kind", "group", "rank"), "float32", required=False
+    )
+    monkeypatch.setattr(schema, "ROW_VARIABLES", (*schema.ROW_VARIABLES, sigma_bound))
+    with ArchiveWriter(path, layout, resume=True, chunk_steps=2) as writer:
+        write(writer, step_row, range(5, 6))
+    archive = open_archive(path)
+    archive.check()
+    assert np.isnan(archive.to_xarray().sigma_bound).all()
+
+
+# ---------------------------------------------------------------------- bounded queue
+
+
+def test_a_slow_store_slows_the_submitter_instead_of_queueing_rows(layout, step_row):
+    """At most one block waits for the store besides the buffer: what a crash can lose."""
+    store = FlakyStore()
+    store.delay = 0.002
+    flush_every = 2
+    writer = ArchiveWriter(store, layout, flush_every=flush_every)
+    archive = writer.archive()
+    unwritten = []
+    for step in range(30):
+        writer.append_step(step_row(step), step=step, epoch=0)
+        unwritten.append(step + 1 - archive.n_steps)
+    writer.close()
+    assert max(unwritten) <= 2 * flush_every
+    assert open_archive(store).n_steps == 30
+
+
+# ---------------------------------------------------------------------- host thread
+
+
+class Failing:
+    """A host spectra function that raises while ``on`` is set."""
+
+    on = False
+
+    def __init__(self, function):
+        self.function = function
+
+    def __call__(self, *args, **kwargs):
+        if Failing.on:
+            raise np.linalg.LinAlgError("injected failure")
+        return self.function(*args, **kwargs)
+
+
+def _train(model, mon, steps):
+    for _ in range(steps):
+        mon.label(torch.tensor([0, 1, 0, 1]))
+        model(torch.randn(4, 4)).sum().backward()
+
+
+def test_a_host_failure_records_the_step_as_nan(monkeypatch):
+    """The spectra of step 1 fail on the host thread: its row holds NaN (its counts kept), one
+    warning says so, and neither ``end_epoch()`` nor ``close()`` raises."""
+    for name in ("exact_spectra", "sketched_spectra"):
+        monkeypatch.setattr(pipeline, name, Failing(getattr(pipeline, name)))
+    monkeypatch.setattr(Failing, "on", False)
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    with pytest.warns(StreamspecWarning) as record:
+        mon = streamspec.watch(model, ["a", "b"], rank=2, live=False)
+        for step in range(3):
+            Failing.on = step == 1
+            _train(model, mon, 1)
+            mon.flush()  # the host thread is done with the step
+        Failing.on = False
+        mon.end_epoch()
+        _train(model, mon, 1)
+        mon.end_epoch()
+        mon.close()
+    (message,) = messages(record)
+    assert "step 1" in message and "injected failure" in message
+    ds = mon.to_xarray()
+    np.testing.assert_array_equal(ds.step, np.arange(4))
+    np.testing.assert_array_equal(ds["count"], np.full((4, 2), 2))
+    assert np.isnan(ds.sigma[1]).all()
+    assert np.isfinite(ds.sigma[[0, 2, 3]].sel(kind="activation")).all()
+    assert np.isfinite(ds.welch_t[0].sel(kind="activation")).all()  # from the 2 other steps
+
+
+def test_close_reports_the_host_error_and_the_lost_rows(monkeypatch):
+    """A host error (the cause) is raised by ``close()``; the rows the store lost are still
+    reported, as a warning, instead of a writer error that hid the host error."""
+
+    def broken_append_epoch(self, row, *, epoch):
+        raise KeyError("injected host failure")
+
+    store = FlakyStore()
+    model = nn.Linear(4, 2)
+    with pytest.warns(StreamspecWarning) as record:
+        mon = streamspec.watch(model, ["a", "b"], rank=2, live=False, store=store)
+        store.failures = -1
+        _train(model, mon, 2)
+        monkeypatch.setattr(ArchiveWriter, "append_epoch", broken_append_epoch)
+        with pytest.raises(RuntimeError, match="host pipeline failed.*injected host failure"):
+            mon.close()  # closes the epoch: the host thread fails on it
+    assert "2 step rows (steps 0..1) were not written" in messages(record)[-1]
