@@ -27,7 +27,7 @@ from streamspec.errors import StreamspecWarning
 from streamspec.layout import RunLayout
 from streamspec.live.snapshot import Snapshot
 from streamspec.live.view import epoch_line
-from streamspec.sketch.host import sketched_spectra
+from streamspec.sketch.host import GIL_THRESHOLD, sketched_spectra
 from streamspec.sketch.linalg import exact_spectra, ritz_values
 from streamspec.sketch.tracker import Fields, unpack_fields
 from streamspec.stats.welch import GroupWelch
@@ -413,9 +413,13 @@ class HostPipeline:
         """:func:`sketched_spectra` of a batch, split over the worker pool when there is one
         (LAPACK releases the GIL: the chunks run in parallel on spare cores)."""
         n = next(iter(stacked.values())).shape[0]
-        if self._pool is None or n < 2 * _MIN_CHUNK:
+        # A chunk's eigenvalue calls must stay past numpy's GIL threshold (else they are padded
+        # to it: wasted work), the narrowest sketch side setting the size.
+        narrowest = min(stacked["core_d"].shape[-1], *stacked["core_g"].shape[-2:])
+        chunk = max(_MIN_CHUNK, GIL_THRESHOLD // max(narrowest, 1) + 1)
+        if self._pool is None or n < 2 * chunk:
             return sketched_spectra(stacked)
-        parts = min(self._workers, n // _MIN_CHUNK)
+        parts = min(self._workers, n // chunk)
         edges = np.linspace(0, n, parts + 1).astype(int)
         chunks = [
             {name: v[lo:hi] for name, v in stacked.items()}

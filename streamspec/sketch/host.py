@@ -25,17 +25,17 @@ _TRI_BLOCK = 8  # diagonal block of :func:`_tril_inverse`
 # ``eigvalsh`` holds the GIL for its whole LAPACK run, and every op of the training thread (which
 # drops the GIL around each op) then waits for it: measured 700–2000× slower small torch ops
 # while such calls ran beside them, against 1.1× once a batch passes the threshold.
-_GIL_THRESHOLD = 500
+GIL_THRESHOLD = 500
 
 
 def eigvalsh(x: np.ndarray) -> np.ndarray:
     """``np.linalg.eigvalsh`` of a batch ``[N, b, b]`` (ascending) with the GIL released: a batch
     at or below numpy's threshold is padded with identity matrices (a few cheap extra problems,
     on the host thread, instead of stalling the training thread)."""
-    if x.ndim != 3 or x.shape[0] * x.shape[-1] > _GIL_THRESHOLD or not x.shape[-1]:
+    if x.ndim != 3 or x.shape[0] * x.shape[-1] > GIL_THRESHOLD or not x.shape[-1]:
         return np.linalg.eigvalsh(x)
     n, b = x.shape[0], x.shape[-1]
-    padded = np.empty((_GIL_THRESHOLD // b + 1, b, b))
+    padded = np.empty((GIL_THRESHOLD // b + 1, b, b))
     padded[:n] = x
     padded[n:] = np.eye(b)
     return np.linalg.eigvalsh(padded)[:n]

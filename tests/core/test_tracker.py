@@ -41,12 +41,25 @@ def test_host_workers_split_the_factorisations_without_changing_them(monkeypatch
     import streamspec
     from streamspec.pipeline import host_workers
 
+    import streamspec.pipeline as pipeline
+
     assert host_workers(2) == 1 and host_workers(16) == 4 and host_workers(64) == 4
+    calls: list[tuple[int, int]] = []  # (problems, narrowest eigenvalue problem) per call
+    real = pipeline.sketched_spectra
+
+    def counted(t: dict[str, np.ndarray]) -> object:
+        calls.append((len(t["core_a"]), min(t["core_d"].shape[-1], *t["core_g"].shape[-2:])))
+        return real(t)
+
+    monkeypatch.setattr(pipeline, "sketched_spectra", counted)
     out = {}
     for workers in ("1", "3"):
         monkeypatch.setenv("STREAMSPEC_HOST_WORKERS", workers)
         torch.manual_seed(0)
-        model = nn.Sequential(*[nn.Linear(24, 24) for _ in range(5)])
+        calls.clear()
+        # 20 layers × 4 groups: two chunks past numpy's GIL threshold (three chunks of 26–27
+        # problems of width 16 stayed below it).
+        model = nn.Sequential(*[nn.Linear(24, 24) for _ in range(20)])
         x = torch.randn(32, 24, generator=torch.Generator().manual_seed(1))
         labels = torch.arange(32) % 4
         with streamspec.watch(model, list("abcd"), rank=4, live=False, exact_rows=0) as mon:
@@ -55,6 +68,10 @@ def test_host_workers_split_the_factorisations_without_changing_them(monkeypatch
                 model(x).pow(2).mean().backward()
             ds = mon.to_xarray()
         out[workers] = (ds["sigma"].values, ds["sigma_err"].values)
+        # One call per step alone; with workers, chunks past numpy's GIL threshold.
+        assert sum(n for n, _ in calls) == 3 * 80
+        assert len(calls) == (3 if workers == "1" else 6), calls
+        assert all(n * narrowest > 500 for n, narrowest in calls), calls
     for a, b in zip(out["1"], out["3"], strict=True):
         np.testing.assert_array_equal(a, b)
     assert np.isfinite(out["1"][0][:, :, :, :, 0]).all()
