@@ -39,9 +39,8 @@ def test_host_workers_split_the_factorisations_without_changing_them(monkeypatch
     from torch import nn
 
     import streamspec
-    from streamspec.pipeline import host_workers
-
     import streamspec.pipeline as pipeline
+    from streamspec.pipeline import host_workers
 
     assert host_workers(2) == 1 and host_workers(16) == 4 and host_workers(64) == 4
     calls: list[tuple[int, int]] = []  # (problems, narrowest eigenvalue problem) per call
