@@ -461,8 +461,9 @@ class Monitor:
                 "batch with a batch dimension of 1",
                 f"1-D ids of length {inputs[0].shape[0]} at {name} (positions shared by the "
                 "batch, e.g. wpe(torch.arange(T))?)",
-                "call the embedding on ids[None] ([1, T]): its output broadcasts the same way and "
-                "streamspec records it per sample",
+                f"call the embedding on ids.unsqueeze({bd}) (a batch dimension of 1 on "
+                f"batch_dim={bd}): its output broadcasts the same way and streamspec records it "
+                "per sample",
             )
         self._deliver(module, family.capture(module, inputs, output, bd))
         return None

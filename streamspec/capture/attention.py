@@ -67,10 +67,14 @@ class StepwiseMultiheadAttention(nn.MultiheadAttention):
     def __reduce_ex__(self, protocol: SupportsIndex) -> str | tuple[Any, ...]:
         # deepcopy and pickle (torch.save(model)) yield the plain original module: it shares the
         # twin's parameters and submodules, and a class made at run time cannot be pickled.
-        original = self._streamspec_original
-        # What object.__reduce_ex__ gives for protocols 0-1; the 2+ form insists on type(self).
+        # The twin's own state (attributes set on it during a watch included), as the original's
+        # class; what object.__reduce_ex__ gives for protocols 0-1 (the 2+ form insists on
+        # type(self)).
+        original = self.__dict__["_streamspec_original"]
+        state = {k: v for k, v in self.__dict__.items() if not k.startswith("_streamspec")}
+        state["training"] = original.training
         rebuild = copyreg._reconstructor  # type: ignore[attr-defined]
-        return rebuild, (type(original), object, None), dict(original.__dict__)
+        return rebuild, (type(original), object, None), state
 
     @property
     def training(self) -> bool:

@@ -9,6 +9,8 @@ import torch
 
 from streamspec.sketch.linalg import ieee_float32
 
+_is_autocast_enabled = torch.is_autocast_enabled  # (device_type) from PyTorch 2.4 on
+
 
 def as_written(devices: Iterable[torch.device | None]) -> contextlib.ExitStack:
     """streamspec's device work on ``devices`` as it is written: autocast off for their device
@@ -16,7 +18,16 @@ def as_written(devices: Iterable[torch.device | None]) -> contextlib.ExitStack:
     float32 products (:func:`ieee_float32`)."""
     stack = contextlib.ExitStack()
     for kind in sorted({d.type for d in devices if d is not None}):
-        if torch.is_autocast_enabled(kind):
+        if _autocast_on(kind):
             stack.enter_context(torch.autocast(device_type=kind, enabled=False))
     stack.enter_context(ieee_float32())
     return stack
+
+
+def _autocast_on(kind: str) -> bool:
+    """Whether autocast is on for a device type; True where PyTorch cannot say (before 2.4,
+    ``is_autocast_enabled`` took no device type): then it is switched off as if it were."""
+    try:
+        return bool(_is_autocast_enabled(kind))
+    except (TypeError, RuntimeError):
+        return True

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -115,11 +116,12 @@ def bmm(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``x @ y`` for batches with the same leading dimensions, as one ``torch.bmm`` (``@`` of
     batched tensors adds view/expand dispatches around its ``bmm``: on a GPU the step's end is
     bound by such per-op host costs, not by its arithmetic)."""
-    if x.dim() == 3 and y.dim() == 3:
+    if x.dim() < 3 or x.dim() != y.dim() or x.shape[:-2] != y.shape[:-2]:
+        return x @ y  # broadcasting
+    if x.dim() == 3:
         return torch.bmm(x, y)
-    if x.dim() < 3 or x.shape[:-2] != y.shape[:-2]:
-        return x @ y
-    out = torch.bmm(x.reshape(-1, *x.shape[-2:]), y.reshape(-1, *y.shape[-2:]))
+    batch = math.prod(x.shape[:-2])
+    out = torch.bmm(x.reshape(batch, *x.shape[-2:]), y.reshape(batch, *y.shape[-2:]))
     return out.view(*x.shape[:-2], *out.shape[-2:])
 
 

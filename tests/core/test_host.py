@@ -84,25 +84,51 @@ def test_gradient_spectra_equal_their_definition_on_both_routes(monkeypatch) -> 
 def test_host_eigenvalue_calls_are_large_enough_to_release_the_gil(monkeypatch) -> None:
     """numpy releases the GIL in a gufunc only when outer iterations × output core size exceed
     500; below that a batched ``eigvalsh`` holds it for its whole LAPACK run and stalls every op
-    of the training thread. The host's calls are padded past the threshold (a pool chunk of 8
-    problems of width 48 was 384) and give the same values."""
+    of the training thread. The host's small batches go through ``eigh`` (a few matrices) or are
+    padded past the threshold (many small ones), with the same values."""
     import streamspec.sketch.host as host
 
     rng = np.random.default_rng(5)
-    calls: list[tuple[int, ...]] = []
-    real = np.linalg.eigvalsh
+    calls: list[tuple[str, tuple[int, ...]]] = []
+    real_values, real_pairs = np.linalg.eigvalsh, np.linalg.eigh
 
-    def recording(x: np.ndarray) -> np.ndarray:
-        calls.append(x.shape)
-        return real(x)
+    def values(x: np.ndarray) -> np.ndarray:
+        calls.append(("eigvalsh", x.shape))
+        return real_values(x)
 
-    monkeypatch.setattr(np.linalg, "eigvalsh", recording)
-    for n, b in ((1, 80), (8, 48), (3, 12), (11, 48)):
+    def pairs(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        calls.append(("eigh", x.shape))
+        return real_pairs(x)
+
+    monkeypatch.setattr(np.linalg, "eigvalsh", values)
+    monkeypatch.setattr(np.linalg, "eigh", pairs)
+
+    def released(call: tuple[str, tuple[int, ...]]) -> bool:
+        # eigh's eigenvector output releases it even for one 16 × 16 matrix (measured)
+        name, shape = call
+        return name == "eigh" or shape[0] * shape[-1] > 500
+
+    cases = (
+        (1, 80, "eigh"),
+        (3, 12, "eigh"),
+        (8, 48, "padded"),
+        (20, 12, "padded"),
+        (11, 48, None),
+    )
+    for n, b, route in cases:
         m = rng.standard_normal((n, b, 2 * b))
         x = m @ np.swapaxes(m, -1, -2)
         calls.clear()
-        np.testing.assert_array_equal(host.eigvalsh(x), real(x))
-        assert [s[0] * s[-1] for s in calls] and all(s[0] * s[-1] > 500 for s in calls), calls
+        got = host.eigvalsh(x)
+        np.testing.assert_allclose(got, real_values(x), rtol=1e-12, atol=1e-12 * b * b)
+        assert len(calls) == 1 and released(calls[0]), calls
+        if route is None:  # past the threshold already: unchanged
+            assert calls == [("eigvalsh", x.shape)]
+        elif route == "eigh":
+            assert calls == [("eigh", x.shape)]
+        else:  # padded
+            assert calls[0][0] == "eigvalsh" and calls[0][1][0] > n
+    assert host.eigvalsh(np.eye(4, dtype=np.float32)[None]).dtype == np.float32
     # The whole host path of a small batch: every eigenvalue call releases the GIL.
     problems = [_gradient_problem(rng, rows) for rows in (400, 12)]
     stacked = {k: np.stack([p[k] for p in problems]) for k in ("gram_y", "gram_x", "core_g")}
@@ -110,4 +136,4 @@ def test_host_eigenvalue_calls_are_large_enough_to_release_the_gil(monkeypatch) 
     host._gradient_spectra(stacked["gram_y"], stacked["gram_x"], stacked["core_g"])
     core = rng.standard_normal((2, 12, 24))
     host.nystrom_values(core @ np.swapaxes(core, -1, -2), core @ np.swapaxes(core, -1, -2))
-    assert calls and all(s[0] * s[-1] > 500 for s in calls), calls
+    assert calls and all(released(c) for c in calls), calls

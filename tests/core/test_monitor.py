@@ -694,3 +694,39 @@ def test_torch_save_of_a_watched_model_loads_as_a_plain_model(tmp_path) -> None:
         torch.testing.assert_close(loaded(x)[0], watched.detach())
         ds = mon.to_xarray()
     assert ds.sizes["step"] == 2 and np.isfinite(ds["sigma"].values[1, :, :, :, 0]).all()
+
+
+def test_records_where_torch_cannot_tell_autocast_per_device(monkeypatch) -> None:
+    """Before PyTorch 2.4 ``torch.is_autocast_enabled`` took no device type: the monitor then
+    switches autocast off as before instead of stopping at the first step."""
+    from streamspec.sketch import device
+
+    def old_signature(*args: object) -> bool:
+        if args:
+            raise TypeError("is_autocast_enabled() takes 0 positional arguments but 1 was given")
+        return torch.is_autocast_enabled()
+
+    monkeypatch.setattr(device, "_is_autocast_enabled", old_signature)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    x, labels = torch.randn(6, 8), torch.arange(6) % 2
+    with streamspec.watch(model, ["a", "b"], rank=2, live=False) as mon:
+        for _ in range(2):
+            mon.label(labels)
+            model(x).sum().backward()
+        ds = mon.to_xarray()
+    assert ds.sizes["step"] == 2 and np.isfinite(ds["sigma"].values[..., 0]).all()
+
+
+def test_a_saved_or_copied_attention_twin_keeps_what_was_set_on_it(tmp_path) -> None:
+    """Attributes set on a watched MultiheadAttention (its twin) during the watch survive
+    ``copy.deepcopy`` and ``torch.save`` of the model, which yield the plain module."""
+    import copy
+
+    model = nn.Sequential(nn.MultiheadAttention(8, 2, batch_first=True))
+    with streamspec.watch(model, ["a", "b"], rank=2, live=False):
+        model[0].dropout = 0.5
+        model[0].eval()
+        torch.save(model, tmp_path / "m.pt")
+        for other in (copy.deepcopy(model), torch.load(tmp_path / "m.pt", weights_only=False)):
+            assert type(other[0]) is nn.MultiheadAttention
+            assert other[0].dropout == 0.5 and not other[0].training

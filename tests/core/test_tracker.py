@@ -403,3 +403,12 @@ def test_direct_bmm_and_paired_norms_equal_the_broadcasting_forms() -> None:
     torch.testing.assert_close(dense, exact, rtol=1e-6, atol=0)
     stacked = StackedRows([DenseRows(a[:, :4]), DenseRows(a[:, 4:])])
     torch.testing.assert_close(sq_norms_pair(stacked, d), dense, rtol=1e-6, atol=0)
+
+
+def test_bmm_falls_back_to_matmul_where_it_broadcasts() -> None:
+    from streamspec.sketch.linalg import bmm
+
+    x, y = torch.randn(1, 3, 4), torch.randn(5, 4, 2)
+    torch.testing.assert_close(bmm(x, y), x @ y)  # a broadcast batch
+    empty = torch.randn(2, 0, 3, 4)
+    assert bmm(empty, torch.randn(2, 0, 4, 5)).shape == (2, 0, 3, 5)
