@@ -60,7 +60,7 @@ class StepwiseMultiheadAttention(nn.MultiheadAttention):
     is the original's, so ``model.eval()`` during a watch still holds after the original is back.
     """
 
-    _streamspec_sink: Sink
+    _streamspec_sinks: list[tuple[Sink, nn.Module | None]]  # module None: this twin
     _streamspec_entries: tuple[str, ...]
     _streamspec_original: nn.MultiheadAttention
 
@@ -71,6 +71,8 @@ class StepwiseMultiheadAttention(nn.MultiheadAttention):
         # class; what object.__reduce_ex__ gives for protocols 0-1 (the 2+ form insists on
         # type(self)).
         original = self.__dict__["_streamspec_original"]
+        while isinstance(original, StepwiseMultiheadAttention):  # a twin of a twin (two monitors)
+            original = original.__dict__["_streamspec_original"]
         state = {k: v for k, v in self.__dict__.items() if not k.startswith("_streamspec")}
         state["training"] = original.training
         rebuild = copyreg._reconstructor  # type: ignore[attr-defined]
@@ -186,7 +188,8 @@ class StepwiseMultiheadAttention(nn.MultiheadAttention):
     def _report(self, captures: list[Capture]) -> None:
         live = [c for c in captures if c.output.requires_grad]  # no graph (e.g. eval): skip
         if live:
-            self._streamspec_sink(self, live)
+            for sink, module in self._streamspec_sinks:
+                sink(self if module is None else module, live)
 
     def _attend(
         self,
@@ -302,6 +305,8 @@ _TWIN_TYPES: dict[type[nn.Module], type[StepwiseMultiheadAttention]] = {
 
 def _twin_type(cls: type[nn.Module]) -> type[StepwiseMultiheadAttention]:
     """The twin class of ``cls`` (a subclass of it, so ``isinstance`` checks still hold)."""
+    if issubclass(cls, StepwiseMultiheadAttention):
+        return cls
     if cls not in _TWIN_TYPES:
         _TWIN_TYPES[cls] = type(
             f"Stepwise{cls.__name__}",
@@ -387,13 +392,17 @@ class AttentionFamily:
         assert isinstance(module, nn.MultiheadAttention)
         cls = _twin_type(type(module))
         twin = cls.__new__(cls)
-        state = dict(module.__dict__)
+        state = {k: v for k, v in module.__dict__.items() if not k.startswith("_streamspec")}
         state.pop("training", None)  # a property of the twin: the original's flag
         for attr, value in state.items():
             if "hook" in attr and isinstance(value, dict):
                 state[attr] = copy.copy(value)
         twin.__dict__.update(state)
         object.__setattr__(twin, "_streamspec_original", module)  # not a submodule
-        object.__setattr__(twin, "_streamspec_sink", sink)
+        # A second monitor on a watched module twins the twin: both monitors' sinks are called,
+        # each with the module it knows.
+        inherited = module.__dict__.get("_streamspec_sinks", [])
+        sinks = [(s, module if m is None else m) for s, m in inherited] + [(sink, None)]
+        object.__setattr__(twin, "_streamspec_sinks", sinks)
         object.__setattr__(twin, "_streamspec_entries", in_proj_entries(parent, name))
         return twin

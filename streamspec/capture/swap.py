@@ -40,9 +40,27 @@ def swap_stepwise(model: nn.Module, sink: Sink) -> list[Swap]:
 
 
 def restore(swaps: list[Swap]) -> None:
-    """Put the originals back (in reverse order), where our twin is still in place (another
-    monitor's twin of our twin, closed later, restores ours first)."""
+    """Put the originals back (in reverse order) where our twin is still in place. Where another
+    monitor twinned our twin (two monitors on one model), splice ours out of that chain: the
+    later twin then stands for our original, and puts it back when its monitor closes."""
     for swap in reversed(swaps):
-        if getattr(swap.parent, swap.name) is swap.twin:
-            setattr(swap.parent, swap.name, swap.original)
+        current = getattr(swap.parent, swap.name)
+        if current is swap.twin:
+            setattr(swap.parent, swap.name, _original(swap.twin, swap.original))
+            continue
+        node = current
+        while node is not None and node is not swap.twin:
+            below = node.__dict__.get(_ORIGINAL)
+            if below is swap.twin:
+                object.__setattr__(node, _ORIGINAL, _original(swap.twin, swap.original))
+                break
+            node = below
     swaps.clear()
+
+
+_ORIGINAL = "_streamspec_original"  # a twin's module underneath (a twin's own attribute)
+
+
+def _original(twin: nn.Module, recorded: nn.Module) -> nn.Module:
+    """What a twin stands for now (spliced by :func:`restore` if another monitor closed)."""
+    return twin.__dict__.get(_ORIGINAL, recorded)

@@ -507,3 +507,27 @@ def test_watched_encoder_layer_with_dropout_trains_as_unwatched() -> None:
 
     for plain, watched in zip(outputs(False), outputs(True), strict=True):
         torch.testing.assert_close(watched, plain, rtol=1e-5, atol=1e-6)
+
+
+def test_two_monitors_on_one_attention_module_both_record_and_close_in_any_order() -> None:
+    """A second watch() of a model whose MultiheadAttention is already watched (a notebook cell
+    run twice) used to fail with "duplicate base class"; both monitors now record the same
+    spectra, and closing them in either order leaves the original module."""
+    torch.manual_seed(0)
+    attn = nn.MultiheadAttention(8, 2, batch_first=True)
+    model = nn.Sequential(attn)
+    x, labels = torch.randn(4, 5, 8), torch.arange(4) % 2
+    for order in ((0, 1), (1, 0)):
+        first = streamspec.watch(model, ["a", "b"], rank=2, live=False)
+        second = streamspec.watch(model, ["a", "b"], rank=2, live=False)
+        monitors = (first, second)
+        for _ in range(2):
+            for mon in monitors:
+                mon.label(labels)
+            model[0](x, x, x)[0].pow(2).mean().backward()
+        sigma = [mon.to_xarray()["sigma"].values for mon in monitors]
+        np.testing.assert_allclose(sigma[0], sigma[1], rtol=1e-6)
+        assert np.isfinite(sigma[0][:, 0, :, :, 0]).all()  # the fused in_proj entry
+        for i in order:
+            monitors[i].close()
+        assert model[0] is attn

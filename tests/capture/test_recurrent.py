@@ -381,3 +381,24 @@ def test_tied_spectra_of_an_lstm_follow_the_time_steps() -> None:
         got = ds["sigma_tied"].sel(layer="rnn.weight_ih_l0").values[0, c]
         np.testing.assert_allclose(got, exact, rtol=1e-4)
     assert np.isnan(ds["sigma_tied"].sel(layer="head.weight").values).all()
+
+
+def test_two_monitors_on_one_lstm_both_record_and_close_in_any_order() -> None:
+    """Two open monitors on one recurrent module (a notebook cell run twice): both record the
+    same spectra; closing them in either order leaves the original module in place."""
+    torch.manual_seed(0)
+    lstm = nn.LSTM(6, 5, batch_first=True)
+    model = nn.Sequential(lstm)
+    x, labels = torch.randn(4, 7, 6), torch.arange(4) % 2
+    for order in ((0, 1), (1, 0)):
+        monitors = [streamspec.watch(model, ["a", "b"], rank=2, live=False) for _ in range(2)]
+        for _ in range(2):
+            for mon in monitors:
+                mon.label(labels)
+            model[0](x)[0].pow(2).mean().backward()
+        sigma = [mon.to_xarray()["sigma"].values for mon in monitors]
+        np.testing.assert_allclose(sigma[0], sigma[1], rtol=1e-6)
+        assert np.isfinite(sigma[0][..., 0]).all()
+        for i in order:
+            monitors[i].close()
+        assert model[0] is lstm
