@@ -137,3 +137,40 @@ def test_host_eigenvalue_calls_are_large_enough_to_release_the_gil(monkeypatch) 
     core = rng.standard_normal((2, 12, 24))
     host.nystrom_values(core @ np.swapaxes(core, -1, -2), core @ np.swapaxes(core, -1, -2))
     assert calls and all(released(c) for c in calls), calls
+
+
+def test_gradient_estimate_and_error_use_the_best_of_three_lower_bounds() -> None:
+    """σ(GB_out), σ(B_inᵀG) and σ(C) are all rigorous lower bounds of σ(G); the recorded
+    gradient estimate stays at or above the best of them, and its error is its distance to it,
+    never wider than the old distance to σ(C), and still covering the true error here."""
+    from streamspec.sketch.host import _gradient_spectra, sketched_spectra
+
+    rng = np.random.default_rng(7)
+    problems = [_gradient_problem(rng, rows) for rows in (400, 300, 40, 25)]
+    t = {k: np.stack([p[k] for p in problems]) for k in ("gram_y", "gram_x", "core_g")}
+    for kind, b in (("a", 48), ("d", 32)):
+        m = rng.standard_normal((len(problems), b, 2 * b))
+        t[f"core_{kind}"] = m @ np.swapaxes(m, -1, -2)
+        t[f"gram_{kind}"] = 2 * t[f"core_{kind}"]
+        t[f"norm_{kind}"] = np.full(len(problems), 1e6)
+    spectra, errors = sketched_spectra(t)
+    lower, gn = _gradient_spectra(t["gram_y"], t["gram_x"], t["core_g"])
+    width = spectra[2].shape[-1]
+    for i, p in enumerate(problems):
+        true = np.linalg.svd(p["g"], compute_uv=False)[:width]
+        sy = np.linalg.svd(p["y"], compute_uv=False)[:width]
+        sx = np.linalg.svd(p["x"], compute_uv=False)[:width]
+        bound = np.maximum.reduce([lower[i, :width], sy, sx])
+        # Rigorous, down to the √ε·σ₁ floor of values taken from Grams (a rank-25 G's zeros).
+        floor = 1e-7 * true[0]
+        assert (bound <= true * (1 + 1e-9) + floor).all()
+        assert (sy >= lower[i, :width] * (1 - 1e-9) - floor).all()  # tighter than σ(C)
+        np.testing.assert_allclose(
+            spectra[2][i], np.maximum(gn[i, :width], bound), rtol=1e-9, atol=floor
+        )
+        np.testing.assert_allclose(errors[2][i], np.abs(gn[i, :width] - bound), atol=floor)
+        assert (errors[2][i] <= np.abs(gn[i, :width] - lower[i, :width]) + floor).all()
+        k = 16  # what a rank-16 monitor records of these 32-column sketches
+        gap = np.abs(spectra[2][i, :k] - true[:k])
+        assert (gap <= errors[2][i, :k] * (1 + 1e-6) + 1e-9 * true[0]).all()
+    assert (errors[2] < np.abs(gn[:, :width] - lower[:, :width]) * 0.9).any()  # strictly tighter
