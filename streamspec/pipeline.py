@@ -437,6 +437,7 @@ class HostPipeline:
         h_in, h_out = self._widths[layer.index]
         out = np.full((counts.size, k), np.nan)
         t = {name: _host(v) for name, v in layer.tensors.items()}
+        grams, groups = [], []
         for c, n in enumerate(counts):
             if n == 0:
                 continue
@@ -450,12 +451,16 @@ class HostPipeline:
                 gram = indicator.T @ ((a @ a.T) * (d @ d.T)) @ indicator
             else:
                 gram = t["tied"][c]
-            if not np.isfinite(gram).all():
-                continue
-            values = ritz_values(gram)
-            out[c] = _bounded(values, min(layer.n_positions, h_in * h_out), k)
+            if np.isfinite(gram).all():
+                grams.append(gram)
+                groups.append(c)
+        if not grams:
+            return out
+        values = ritz_values(np.stack(grams))  # one eigenvalue call for the layer's groups
+        for c, v in zip(groups, values, strict=True):
+            out[c] = _bounded(v, min(layer.n_positions, h_in * h_out), k)
             if self.layout.normalize == "mean":
-                out[c] /= n
+                out[c] /= counts[c]
         return out
 
     def _on_epoch(self, rec: EpochRecord) -> None:

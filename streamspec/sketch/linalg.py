@@ -232,14 +232,16 @@ def ritz_values(gram: np.ndarray) -> np.ndarray:
     """Singular values ``σ(B)`` from ``BᵀB`` (or ``BBᵀ``) given in float64.
 
     Args:
-        gram: ``[l, l]`` symmetric positive semi-definite.
+        gram: ``[l, l]`` symmetric positive semi-definite, or a batch ``[N, l, l]`` of them (one
+            eigenvalue call for the batch).
 
     Returns:
-        ``[l]`` descending, non-negative.
+        ``[l]`` (or ``[N, l]``) descending, non-negative.
     """
-    gram = 0.5 * (gram + gram.T)
-    lam = eigvalsh(gram[None])[0]  # scipy's eigvalsh holds the GIL through LAPACK
-    return _descending(np.sqrt(np.clip(lam, 0.0, None)))
+    batch = gram if gram.ndim == 3 else gram[None]
+    lam = eigvalsh(0.5 * (batch + np.swapaxes(batch, -1, -2)))  # scipy's holds the GIL
+    values = np.sqrt(np.clip(lam, 0.0, None))[..., ::-1]
+    return values if gram.ndim == 3 else values[0]
 
 
 def nystrom(omega: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
