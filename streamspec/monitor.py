@@ -375,7 +375,7 @@ class Monitor:
             self._pipeline.close()
             if self._view is not None:
                 self._view.stop()
-            self._writer.close()
+            self._writer.close(next_step=self._step)
         self._emit_warnings()
         self._raise_worker_error()
 

@@ -81,6 +81,7 @@ _RETRY_DELAYS: tuple[float, ...] = (0.1, 0.5)
 # Group attribute naming the arrays a resumed writer is adding (filling their past rows with fill
 # values): a writer killed meanwhile leaves them listed, and the next resume creates them again.
 _FILLING_ATTR = "streamspec_filling"
+NEXT_STEP_ATTR = "streamspec_next_step"  # the step index after a closed run's last step
 
 # What LocalStore leaves behind when killed inside an atomic write: ``<name>.<uuid4 hex>.partial``.
 _PARTIAL_FILE = re.compile(r"\.[0-9a-f]{32}\.partial$")
@@ -169,7 +170,12 @@ class ArchiveWriter:
             v.name: member_array(self._group, v.name).with_config(_ARRAY_CONFIG)
             for v in row_variables(layout=self._layout)
         }
-        self._start_step = _next_index(self._arrays["step"], self._committed["step"])
+        # A closed run recording every n-th step went on past its last recorded step: it left
+        # the next step's index (a crash leaves only the committed rows to go by).
+        self._start_step = max(
+            _next_index(self._arrays["step"], self._committed["step"]),
+            int(self._group.attrs.get(NEXT_STEP_ATTR, 0)),
+        )
         self._start_epoch = _next_index(self._arrays["epoch"], self._committed["epoch"])
         # Bounds for the next rows (checked in the training thread, before buffering).
         self._last_step = self._start_step - 1
@@ -303,8 +309,11 @@ class ArchiveWriter:
         if wait and self._last_future is not None:
             self._last_future.result()
 
-    def close(self) -> None:
+    def close(self, next_step: int | None = None) -> None:
         """Write everything buffered, wait, stop the thread, then consolidate the metadata.
+
+        ``next_step``: the index of the step after the run's last one (recorded or not), kept
+        for a resume of a run that records every n-th step.
 
         Consolidated metadata (the root ``zarr.json`` holding every array's metadata) lets
         ``xarray.open_zarr(path)`` and ``xarray.open_datatree(path, engine="zarr")`` read a finished
@@ -324,6 +333,17 @@ class ArchiveWriter:
             self._executor.shutdown(wait=True)
         if self._first_loss is not None:
             self._repair()
+        if next_step is not None and next_step > self._last_step + 1:
+            try:
+                self._group.attrs[NEXT_STEP_ATTR] = int(next_step)
+            except Exception as error:  # storage trouble is reported, never raised
+                warnings.warn(
+                    f"streamspec: could not record the next step index in {self._label} "
+                    f"({type(error).__name__}: {error}); a resume restarts the count at the "
+                    "last recorded step + 1",
+                    StreamspecWarning,
+                    stacklevel=2,
+                )
         if not self._ragged:  # consolidated shapes must match the committed rows
             self._consolidate()
         if self._first_loss is not None:

@@ -126,3 +126,32 @@ def test_resume_with_a_different_tied_setting_is_refused(tmp_path) -> None:
         else:
             assert not resume
     assert streamspec.open(path).to_xarray().sizes["step"] == 1
+
+
+def test_resume_of_a_run_recording_every_nth_step_continues_the_true_step_count(tmp_path):
+    """A closed run with every=10 that trained 25 steps (recorded 0, 10, 20) resumes at step 25,
+    not at 21: the resumed run's step 30 is its 6th iteration (its group counts tell which)."""
+    import torch
+    from torch import nn
+
+    import streamspec
+
+    path = tmp_path / "run.zarr"
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    x = torch.randn(10, 4)
+
+    def train(steps: int, resume: bool) -> None:
+        with streamspec.watch(
+            model, ["a", "b"], rank=2, live=False, store=path, every=10, resume=resume
+        ) as mon:
+            for j in range(steps):
+                i = j % 10  # iteration j of a run: i + 1 samples in group "a"
+                labels = torch.tensor([0] * (i + 1) + [1] * (9 - i))
+                mon.label(labels)
+                model(x).pow(2).mean().backward()
+
+    train(25, resume=False)
+    train(10, resume=True)
+    ds = streamspec.open(path).to_xarray()
+    assert ds["step"].values.tolist() == [0, 10, 20, 30]
+    assert int(ds["count"].sel(step=30).values[0]) == 6  # the resumed run's iteration 5
