@@ -174,7 +174,7 @@ class ArchiveWriter:
         # the next step's index (a crash leaves only the committed rows to go by).
         self._start_step = max(
             _next_index(self._arrays["step"], self._committed["step"]),
-            int(self._group.attrs.get(NEXT_STEP_ATTR, 0)),
+            _int_attr(self._group.attrs.get(NEXT_STEP_ATTR)),
         )
         self._start_epoch = _next_index(self._arrays["epoch"], self._committed["epoch"])
         # Bounds for the next rows (checked in the training thread, before buffering).
@@ -730,6 +730,11 @@ def _stack(v: RowVariable, rows: list[dict[str, np.ndarray]], layout: RunLayout)
             for row in rows
         ]
     )
+
+
+def _int_attr(value: Any) -> int:
+    """An integer attribute, 0 when absent or not an integer (an archive from another tool)."""
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0
 
 
 def _next_index(array: zarr.Array, committed: int) -> int:
