@@ -480,13 +480,41 @@ class ArchiveWriter:
             array = self._arrays[v.name]
             array.resize((stop, *array.shape[1:]))
         for v in variables:
-            self._arrays[v.name][start:stop] = blocks[v.name]
+            array = self._arrays[v.name]
+            # One chunk per write call: zarr writes a call's chunks concurrently, and when one
+            # fails the others still land, possibly after a retry or the next block was written
+            # (stale rows over committed ones). One at a time, nothing is left in flight.
+            rows_per_chunk = array.chunks[0]
+            lo = start
+            while lo < stop:
+                hi = min(stop, (lo // rows_per_chunk + 1) * rows_per_chunk)
+                array[lo:hi] = blocks[v.name][lo - start : hi - start]
+                lo = hi
         counters = {**self._committed, row_dim: stop}
-        self._group.attrs.update({COMMIT_ATTRS[d]: n for d, n in counters.items()})
+        self._commit(counters)
         self._committed[row_dim] = stop
+
+    def _commit(self, counters: dict[str, int]) -> None:
+        """Save both commit counters in one write of the root's metadata (``attrs.update`` saves
+        once per key: a failure in between left the step counter ahead of its rows)."""
+        self._group.update_attributes({COMMIT_ATTRS[d]: n for d, n in counters.items()})
+
+    def _stored_counter(self, row_dim: str) -> int | None:
+        """The commit counter of ``row_dim`` as the store holds it (None if unreadable): a
+        commit reported as failed may still have landed (a timeout after the write)."""
+        try:
+            stored = zarr.open_group(store=self._group.store, path=self._group.path, mode="r")
+            return int(committed_rows(stored)[row_dim])
+        except Exception:
+            return None
 
     def _lose(self, row_dim: str, rows: list[dict[str, np.ndarray]], error: Exception) -> None:
         """Record a block given up, warn the first time, and cut its arrays back if possible."""
+        stored = self._stored_counter(row_dim)
+        if stored == self._committed[row_dim] + len(rows):  # its commit landed after all
+            self._committed[row_dim] = stored
+            self._ragged.discard(row_dim)
+            return
         first, last = int(rows[0][row_dim]), int(rows[-1][row_dim])
         spans = self._lost[row_dim]
         committed = self._committed[row_dim]
@@ -495,7 +523,8 @@ class ArchiveWriter:
             spans[-1].rows += len(rows)
         else:
             spans.append(_LostSpan(committed, first, last, len(rows)))
-        self._trim(row_dim)
+        if stored is not None:  # never cut below a counter the store may hold
+            self._trim(row_dim)
         reason = f"{type(error).__name__}: {error}"
         if self._first_loss is not None:
             return
@@ -529,7 +558,7 @@ class ArchiveWriter:
         for row_dim in sorted(self._ragged):
             self._trim(row_dim)
         with contextlib.suppress(Exception):
-            self._group.attrs.update({COMMIT_ATTRS[d]: n for d, n in self._committed.items()})
+            self._commit(dict(self._committed))
 
     def _loss_summary(self) -> str:
         parts = [_rows_text(d, spans) for d, spans in self._lost.items() if spans]
@@ -686,7 +715,7 @@ class ArchiveWriter:
                 )
             if array.shape[0] > committed:  # rows of a flush interrupted before its commit
                 array.resize((committed, *array.shape[1:]))
-        if unfinished or extras != wanted["extras"]:
+        if added or unfinished or extras != wanted["extras"]:
             # Last: readers learn of the added variables once their past rows exist.
             finished = {k: v for k, v in group.attrs.asdict().items() if k != _FILLING_ATTR}
             group.attrs.put({**finished, "extras": wanted["extras"]})

@@ -311,3 +311,117 @@ def test_close_reports_the_host_error_and_the_lost_rows(monkeypatch):
         with pytest.raises(RuntimeError, match="host pipeline failed.*injected host failure"):
             mon.close()  # closes the epoch: the host thread fails on it
     assert "2 step rows (steps 0..1) were not written" in messages(record)[-1]
+
+
+# -- from a review of the retry path: stale writes, split commits, repeated resumes -------------
+
+_LAYOUT = streamspec.layout.RunLayout(
+    layers=("a",), groups=("x", "y"), rank=2, normalize="mean", every=1, model="M"
+)
+
+
+def _row(step: int) -> dict[str, np.ndarray]:
+    return {
+        "sigma": np.full(_LAYOUT.step_shape, step, np.float32),
+        "count": np.full(2, step, np.int64),
+    }
+
+
+def test_a_failed_attempt_leaves_no_write_in_flight(monkeypatch) -> None:
+    """zarr writes a call's chunks concurrently; when one failed, a slow sibling landed after the
+    retry and the next block had committed, wiping committed rows. One chunk per call now."""
+    import time
+
+    monkeypatch.setattr(writer_module, "_RETRY_DELAYS", (0.0, 0.0))
+
+    class Store(zarr.storage.MemoryStore):
+        fail_once = slow = False
+
+        async def set(self, key, value, byte_range=None):  # type: ignore[no-untyped-def]
+            if self.fail_once and key == "step/c/0":
+                self.fail_once = False
+                raise OSError("injected transient failure")
+            if self.slow and key == "step/c/1":
+                self.slow = False
+                await asyncio.sleep(0.3)
+            await super().set(key, value, byte_range)
+
+    store = Store()
+    w = ArchiveWriter(store, _LAYOUT, flush_every=4, chunk_steps=4)
+    for s in range(2):
+        w.append_step(_row(s), step=s, epoch=0)
+    w.flush()
+    store.fail_once = store.slow = True
+    for s in range(2, 6):  # rows 2..5 span chunks 0 and 1
+        w.append_step(_row(s), step=s, epoch=0)
+    w.flush()
+    for s in range(6, 8):
+        w.append_step(_row(s), step=s, epoch=0)
+    w.flush()
+    time.sleep(0.5)
+    w.close()
+    archive = open_archive(store)
+    ds = archive.to_xarray()
+    assert w.lost_rows == {"step": 0, "epoch": 0}
+    assert ds["step"].values.tolist() == list(range(8))
+    assert ds["sigma"].values[:, 0, 0, 0, 0].tolist() == [float(s) for s in range(8)]
+    archive.check()
+
+
+def test_a_commit_that_lands_but_reports_failure_is_kept(tmp_path, monkeypatch) -> None:
+    """A commit whose write lands and then raises (a timeout after the PUT) used to be counted
+    lost and its arrays cut below the counter on disk: check() called the archive damaged and
+    resume refused it. The writer now reads the stored counter back and keeps the block."""
+    monkeypatch.setattr(writer_module, "_RETRY_DELAYS", (0.0, 0.0))
+
+    class LandsThenFails(zarr.storage.LocalStore):
+        failures = 0
+
+        async def set(self, key, value):  # type: ignore[no-untyped-def]
+            await super().set(key, value)
+            if self.failures and key == "zarr.json":  # the root group's commit
+                self.failures -= 1
+                raise TimeoutError("response lost after the write landed")
+
+    path = tmp_path / "run.zarr"
+    path.mkdir()
+    store = LandsThenFails(str(path))
+    w = ArchiveWriter(store, _LAYOUT, flush_every=2)
+    for s in range(2):
+        w.append_step(_row(s), step=s, epoch=0)
+    w.flush()
+    store.failures = 3
+    for s in range(2, 4):
+        w.append_step(_row(s), step=s, epoch=0)
+    w.flush()
+    assert w.lost_rows == {"step": 0, "epoch": 0}
+    archive = open_archive(path)  # as a killed process would leave it
+    assert archive.n_steps == 4 and zarr.open_array(str(path / "sigma")).shape[0] == 4
+    archive.check()
+    w.close()
+
+
+def test_a_variable_added_on_resume_keeps_its_values_at_the_next_resume(
+    tmp_path, monkeypatch
+) -> None:
+    """The "filling" mark of a variable a newer schema added was never cleared, so the next
+    resume created the array again and wiped what the previous session wrote."""
+    from streamspec.store import schema
+
+    path = tmp_path / "run.zarr"
+    with ArchiveWriter(path, _LAYOUT, chunk_steps=2) as w:  # an archive without the variable
+        for s in range(3):
+            w.append_step(_row(s), step=s, epoch=0)
+    bound = schema.RowVariable(
+        "sigma_bound", ("step", "layer", "kind", "group", "rank"), "float32", required=False
+    )
+    monkeypatch.setattr(schema, "ROW_VARIABLES", (*schema.ROW_VARIABLES, bound))
+    with ArchiveWriter(path, _LAYOUT, resume=True, chunk_steps=2) as w:
+        for s in range(3, 6):
+            values = np.full(_LAYOUT.step_shape, 7.0, np.float32)
+            w.append_step({**_row(s), "sigma_bound": values}, step=s, epoch=0)
+    with ArchiveWriter(path, _LAYOUT, resume=True, chunk_steps=2) as w:
+        w.append_step(_row(6), step=6, epoch=0)
+    ds = open_archive(path).to_xarray()
+    assert np.isnan(ds["sigma_bound"].values[:3]).all()
+    assert (ds["sigma_bound"].values[3:6] == 7.0).all()
