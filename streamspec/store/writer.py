@@ -333,7 +333,7 @@ class ArchiveWriter:
             self._executor.shutdown(wait=True)
         if self._first_loss is not None:
             self._repair()
-        if next_step is not None and next_step > self._last_step + 1:
+        if next_step is not None:  # also past rows lost at the end: never reused on resume
             try:
                 self._group.attrs[NEXT_STEP_ATTR] = int(next_step)
             except Exception as error:  # storage trouble is reported, never raised

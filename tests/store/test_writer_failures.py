@@ -425,3 +425,35 @@ def test_a_variable_added_on_resume_keeps_its_values_at_the_next_resume(
     ds = open_archive(path).to_xarray()
     assert np.isnan(ds["sigma_bound"].values[:3]).all()
     assert (ds["sigma_bound"].values[3:6] == 7.0).all()
+
+
+def test_steps_of_a_lost_last_block_are_not_reused_by_a_resume(tmp_path, monkeypatch) -> None:
+    """A closed run whose last block was lost left its step numbers free: a resume numbered its
+    steps from the last committed one, reusing the lost steps' numbers."""
+    monkeypatch.setattr(writer_module, "_RETRY_DELAYS", (0.0, 0.0))
+
+    class Failing(zarr.storage.LocalStore):
+        broken = False
+
+        async def set(self, key, value):  # type: ignore[no-untyped-def]
+            if self.broken and key.startswith("sigma/"):
+                raise OSError("injected: the disk went away")
+            await super().set(key, value)
+
+    path = tmp_path / "run.zarr"
+    path.mkdir()
+    store = Failing(str(path))
+    w = ArchiveWriter(store, _LAYOUT, flush_every=2, chunk_steps=2)
+    for s in range(4):
+        w.append_step(_row(s), step=s, epoch=0)
+    w.flush()
+    store.broken = True
+    for s in range(4, 6):
+        w.append_step(_row(s), step=s, epoch=0)
+    w.flush()
+    store.broken = False
+    with pytest.warns(StreamspecWarning, match="not written"):
+        w.close(next_step=6)
+    assert w.lost_rows["step"] == 2
+    with ArchiveWriter(path, _LAYOUT, resume=True) as resumed:
+        assert resumed.start_step == 6
