@@ -441,13 +441,29 @@ class ArchiveWriter:
                 merged[-1][1].extend(rows)
             else:
                 merged.append((row_dim, list(rows)))
-        for row_dim, rows in merged:
-            try:
-                self._write_rows(row_dim, rows)
-            finally:
-                with self._written:
-                    self._unwritten -= len(rows)
-                    self._written.notify_all()
+        done = 0
+        try:
+            for row_dim, rows in merged:
+                try:
+                    self._write_rows(row_dim, rows)
+                finally:
+                    done += 1
+                    with self._written:
+                        self._unwritten -= len(rows)
+                        self._written.notify_all()
+        except BaseException as exc:
+            # Not an Exception (those are retried and given up in _write_rows), e.g. an
+            # asyncio.CancelledError from the store: this block and the later ones are lost,
+            # counted, and stop holding the submitters' backpressure.
+            rest = merged[done:]
+            with self._written:
+                self._unwritten -= sum(len(rows) for _, rows in rest)
+                self._written.notify_all()
+            error = RuntimeError(f"{type(exc).__name__}: {exc}")
+            for row_dim, rows in merged[done - 1 :]:
+                with contextlib.suppress(Exception):
+                    self._lose(row_dim, rows, error)
+            raise
 
     def _write_rows(self, row_dim: str, rows: list[dict[str, np.ndarray]]) -> None:
         """Write one block, retried after each of :data:`_RETRY_DELAYS`; if every attempt fails,

@@ -10,6 +10,7 @@ spectra fail on the host thread is recorded as NaN.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 
 import numpy as np
@@ -457,3 +458,53 @@ def test_steps_of_a_lost_last_block_are_not_reused_by_a_resume(tmp_path, monkeyp
     assert w.lost_rows["step"] == 2
     with ArchiveWriter(path, _LAYOUT, resume=True) as resumed:
         assert resumed.start_step == 6
+
+
+def test_a_base_exception_in_a_write_does_not_wedge_the_writer(monkeypatch) -> None:
+    """A BaseException (asyncio.CancelledError, a patched codec's SystemExit) escaping a block
+    write used to leave the blocks merged after it unwritten, uncounted and holding the
+    backpressure: the next full block waited for ever. They are now counted lost."""
+    import threading
+
+    class Boom(BaseException):
+        pass
+
+    w = ArchiveWriter(None, _LAYOUT, flush_every=4)
+    gate, calls = threading.Event(), [0]
+    real = ArchiveWriter._write_block
+
+    def write_block(self, row_dim, rows):  # type: ignore[no-untyped-def]
+        calls[0] += 1
+        if calls[0] == 1:
+            gate.wait(5)  # block A: a slow store, while B and an epoch row queue (one drain)
+        if calls[0] == 2:
+            raise Boom("escapes except Exception")  # block B
+        return real(self, row_dim, rows)
+
+    monkeypatch.setattr(ArchiveWriter, "_write_block", write_block)
+    epoch_row = {
+        "sigma_epoch": np.zeros(_LAYOUT.step_shape, np.float32),
+        "welch_t": np.zeros(_LAYOUT.pair_shape),
+        "welch_p": np.zeros(_LAYOUT.pair_shape),
+    }
+    for s in range(2):
+        w.append_step(_row(s), step=s, epoch=0)
+    w.flush(wait=False)
+    w.append_step(_row(2), step=2, epoch=0)
+    w.append_epoch(epoch_row, epoch=0)
+    gate.set()
+    with contextlib.suppress(BaseException):
+        w.flush()
+    assert w._unwritten == 0
+    assert w.lost_rows == {"step": 1, "epoch": 1}
+    done = threading.Event()
+
+    def more() -> None:
+        for s in range(3, 8):
+            w.append_step(_row(s), step=s, epoch=1)
+        done.set()
+
+    threading.Thread(target=more, daemon=True).start()
+    assert done.wait(5)
+    with pytest.warns(StreamspecWarning, match="not written"):
+        w.close()
