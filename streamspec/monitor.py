@@ -646,17 +646,17 @@ class Monitor:
         # A backward called inside the user's autocast region runs this callback under it.
         with as_written({bank.device for bank, _ in by_bank.values()}):
             packed = dict(zip(by_bank, finish_banks(list(by_bank.values())), strict=True))
-            if not send:
-                return [], None
-            device_tensors = list(packed.values())
-            extra: list[tuple[int, str]] = []
-            for index in present:
-                products = self._state[index].products
-                assert products is not None
-                for name, t in products.rows.items():
-                    extra.append((index, name))
-                    device_tensors.append(t)
-            host, ready = _to_host(device_tensors)
+        if not send:
+            return [], None
+        device_tensors = list(packed.values())
+        extra: list[tuple[int, str]] = []
+        for index in present:
+            products = self._state[index].products
+            assert products is not None
+            for name, t in products.rows.items():
+                extra.append((index, name))
+                device_tensors.append(t)
+        host, ready = _to_host(device_tensors)
         host_packed = {key: t.numpy() for key, t in zip(packed, host[: len(packed)], strict=True)}
         rows: dict[int, dict[str, torch.Tensor]] = {}
         for (index, name), t in zip(extra, host[len(packed) :], strict=True):

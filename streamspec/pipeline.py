@@ -27,8 +27,8 @@ from streamspec.errors import StreamspecWarning
 from streamspec.layout import RunLayout
 from streamspec.live.snapshot import Snapshot
 from streamspec.live.view import epoch_line
-from streamspec.sketch.host import GIL_THRESHOLD, sketched_spectra
-from streamspec.sketch.linalg import exact_spectra, ritz_values
+from streamspec.sketch.host import GIL_THRESHOLD, singular_values, sketched_spectra
+from streamspec.sketch.linalg import exact_spectra
 from streamspec.sketch.tracker import Fields, unpack_fields
 from streamspec.stats.welch import GroupWelch
 from streamspec.store.writer import ArchiveWriter
@@ -456,7 +456,7 @@ class HostPipeline:
                 groups.append(c)
         if not grams:
             return out
-        values = ritz_values(np.stack(grams))  # one eigenvalue call for the layer's groups
+        values = singular_values(np.stack(grams))  # one eigenvalue call for the layer's groups
         for c, v in zip(groups, values, strict=True):
             out[c] = _bounded(v, min(layer.n_positions, h_in * h_out), k)
             if self.layout.normalize == "mean":

@@ -279,7 +279,7 @@ def sketched_spectra(t: dict[str, np.ndarray]) -> tuple[list[np.ndarray], list[n
     bound = np.maximum(
         lower[..., :width],
         np.maximum(
-            _singular_values(t["gram_y"])[..., :width], _singular_values(t["gram_x"])[..., :width]
+            singular_values(t["gram_y"])[..., :width], singular_values(t["gram_x"])[..., :width]
         ),
     )
     estimate = np.maximum(gn[..., :width], bound)
@@ -288,8 +288,9 @@ def sketched_spectra(t: dict[str, np.ndarray]) -> tuple[list[np.ndarray], list[n
     return spectra, errors
 
 
-def _singular_values(gram: np.ndarray) -> np.ndarray:
-    """Descending ``σ(M)`` of a batch from its Grams ``MᵀM`` ``[N, b, b]``."""
+def singular_values(gram: np.ndarray) -> np.ndarray:
+    """Descending ``σ(M)`` of a batch from its Grams ``MᵀM`` (or ``MMᵀ``) ``[N, b, b]``, one
+    GIL-releasing eigenvalue call for the batch."""
     return np.sqrt(np.clip(eigvalsh(0.5 * (gram + np.swapaxes(gram, -1, -2))), 0.0, None))[
         ..., ::-1
     ]

@@ -18,8 +18,6 @@ import numpy as np
 import scipy.linalg
 import torch
 
-from streamspec.sketch.host import eigvalsh
-
 _EPS64 = float(np.finfo(np.float64).eps)
 
 
@@ -194,10 +192,6 @@ def orthonormalize(y: torch.Tensor, against: torch.Tensor | None = None) -> torc
 # Host side: float64 numpy, small matrices.
 
 
-def _descending(values: np.ndarray) -> np.ndarray:
-    return np.sort(values)[::-1]
-
-
 def exact_spectra(
     activation: np.ndarray, adjoint: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -226,22 +220,6 @@ def exact_spectra(
     else:
         sg = scipy.linalg.svdvals(a.T @ d, check_finite=False)
     return sa, sd, sg[: min(n, a.shape[1], d.shape[1])]
-
-
-def ritz_values(gram: np.ndarray) -> np.ndarray:
-    """Singular values ``σ(B)`` from ``BᵀB`` (or ``BBᵀ``) given in float64.
-
-    Args:
-        gram: ``[l, l]`` symmetric positive semi-definite, or a batch ``[N, l, l]`` of them (one
-            eigenvalue call for the batch).
-
-    Returns:
-        ``[l]`` (or ``[N, l]``) descending, non-negative.
-    """
-    batch = gram if gram.ndim == 3 else gram[None]
-    lam = eigvalsh(0.5 * (batch + np.swapaxes(batch, -1, -2)))  # scipy's holds the GIL
-    values = np.sqrt(np.clip(lam, 0.0, None))[..., ::-1]
-    return values if gram.ndim == 3 else values[0]
 
 
 def nystrom(omega: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn import grad as nn_grad
 
+from streamspec.sketch.linalg import bmm
+
 
 class RowOperator(Protocol):
     """``A [C, m, h]``: all groups' activation rows, zero rows for padding."""
@@ -52,10 +54,10 @@ class DenseRows:
         return (c, m, h)
 
     def mm(self, x: torch.Tensor) -> torch.Tensor:
-        return _bmm(self.rows, x)
+        return bmm(self.rows, x)
 
     def tmm(self, y: torch.Tensor) -> torch.Tensor:
-        return _bmm(self.rows.mT, y)
+        return bmm(self.rows.mT, y)
 
     def dense(self) -> torch.Tensor:
         return self.rows
@@ -91,12 +93,6 @@ class StackedRows:
 
     def sq_norm(self) -> torch.Tensor:
         return torch.stack([p.sq_norm() for p in self.parts]).sum(dim=0)
-
-
-def _bmm(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``x @ y`` of ``[C, ·, ·]`` batches through ``bmm`` itself (``@`` of 3-D tensors adds four
-    view/expand ops per call: a third of a layer's per-step dispatches on the hot path)."""
-    return torch.bmm(x, y) if x.dim() == 3 and y.dim() == 3 else x @ y
 
 
 def sq_norms_pair(a: RowOperator, d: torch.Tensor) -> torch.Tensor:
