@@ -38,7 +38,7 @@ from streamspec.live.snapshot import Snapshot
 from streamspec.live.view import LiveView
 from streamspec.pipeline import EpochRecord, HostPipeline, LayerStep, StepRecord
 from streamspec.sketch.device import as_written
-from streamspec.sketch.operators import RowOperator, stack_rows
+from streamspec.sketch.operators import RowOperator, convolves, stack_rows
 from streamspec.sketch.tracker import (
     LayerTracker,
     SketchBank,
@@ -572,7 +572,7 @@ class Monitor:
         counts = plan.counts_on(adjoint.device) if plan is not None else None
         # Sketches accumulate in float32 even when the step runs under autocast (the autocast
         # state reaches tensor hooks).
-        with as_written({adjoint.device}), _profiled("streamspec.fold"):
+        with as_written({adjoint.device}, convolves(activation)), _profiled("streamspec.fold"):
             state.products = self._trackers[index].products(activation, adjoint, exact, tie, counts)
         state.positions += positions
         if tie is not None:
@@ -644,7 +644,7 @@ class Monitor:
             assert products is not None
             by_bank.setdefault(id(tracker.bank), (tracker.bank, {}))[1][tracker.slot] = products
         # A backward called inside the user's autocast region runs this callback under it.
-        with as_written({bank.device for bank, _ in by_bank.values()}):
+        with as_written({bank.device for bank, _ in by_bank.values()}, conv=False):
             packed = dict(zip(by_bank, finish_banks(list(by_bank.values())), strict=True))
         if not send:
             return [], None
@@ -691,7 +691,7 @@ class Monitor:
         k = layout.rank
         for index, tracker in enumerate(self._trackers):
             # The device-side Ω updates (end_epoch() may be called inside an autocast region).
-            with as_written({tracker.bank.device}):
+            with as_written({tracker.bank.device}, conv=False):
                 spectra = tracker.end_epoch()
             # Samples of steps whose products were not finite never reached the sketches.
             n = self._epoch_counts[index] - spectra.excluded

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -12,15 +13,22 @@ from streamspec.sketch.linalg import ieee_float32
 _is_autocast_enabled = torch.is_autocast_enabled  # (device_type) from PyTorch 2.4 on
 
 
-def as_written(devices: Iterable[torch.device | None]) -> contextlib.ExitStack:
+def as_written(
+    devices: Iterable[torch.device | None], conv: bool = True
+) -> contextlib.AbstractContextManager[Any]:
     """streamspec's device work on ``devices`` as it is written: autocast off for their device
     types (a hook or an end-of-backward callback inherits the user's autocast region) and IEEE
-    float32 products (:func:`ieee_float32`)."""
+    float32 products (:func:`ieee_float32`; ``conv=False`` for work without convolutions)."""
+    precision = ieee_float32(conv)
+    autocast = [
+        kind for kind in sorted({d.type for d in devices if d is not None}) if _autocast_on(kind)
+    ]
+    if not autocast:  # the usual case, on every layer and step: no ExitStack
+        return precision
     stack = contextlib.ExitStack()
-    for kind in sorted({d.type for d in devices if d is not None}):
-        if _autocast_on(kind):
-            stack.enter_context(torch.autocast(device_type=kind, enabled=False))
-    stack.enter_context(ieee_float32())
+    for kind in autocast:
+        stack.enter_context(torch.autocast(device_type=kind, enabled=False))
+    stack.enter_context(precision)
     return stack
 
 

@@ -164,18 +164,20 @@ def generalized_nystrom_values(
 
 def _gradient_spectra(
     gram_range: np.ndarray, gram_corange: np.ndarray, core: np.ndarray, rtol: float = 1e-6
-) -> tuple[np.ndarray, np.ndarray]:
-    """Projection lower bound ``σ(C)`` and generalized Nyström estimate ``σ(Y C⁺ X)``: what
-    :func:`core_factors` and :func:`generalized_nystrom_values` give, without eigenvectors where
-    the pseudo-inverse truncates nothing.
+) -> np.ndarray:
+    """Generalized Nyström estimate ``σ(Y C⁺ X)``: what :func:`generalized_nystrom_values`
+    gives, without eigenvectors where the pseudo-inverse truncates nothing.
 
     A core far from the cut-off (``σ_min² > 1e-8·σ₁²``, ``σ_min > 1e-4·σ₁`` against the cut-off's
-    ``rtol·σ₁``) gets ``σ(C)`` from ``eigvalsh(CᵀC)`` and ``C⁺ = K⁻ᵀK⁻¹Cᵀ`` from the Cholesky
-    factor ``KKᵀ = CᵀC`` (the same matrix, within ``ε·cond(C)²``: ≲ 1e-10 relative); the others
-    (rank-deficient, zero, ill-conditioned) take the truncating eigendecomposition as before, and
-    so does a call with non-finite input (its LAPACK errors unchanged). A shifted Cholesky
-    factor's smallest squared pivot, ≥ ``λ_min(CᵀC)``, sends the cores surely near the cut-off
-    there without their ``eigvalsh``.
+    ``rtol·σ₁``) gets ``C⁺ = K⁻ᵀK⁻¹Cᵀ`` from the Cholesky factor ``KKᵀ = CᵀC`` (the same matrix,
+    within ``ε·cond(C)²``: ≲ 1e-10 relative); the others (rank-deficient, zero, ill-conditioned)
+    take the truncating eigendecomposition, and so does a call with non-finite input (its LAPACK
+    errors unchanged). Which cores are far from it is decided without an eigenvalue call: a
+    shifted Cholesky factor's smallest squared pivot (≥ ``λ_min(CᵀC)``) sends the cores surely
+    near the cut-off to the truncating route, and ``1/‖K⁻¹‖_F² ≤ λ_min`` against
+    ``tr(CᵀC) ≥ λ_max`` keeps on the fast one only the cores surely far from it (a core between
+    the two tests, ``σ_min/σ₁`` within a factor ``b`` of ``1e-4``, takes the truncating route:
+    the same values at a higher cost).
 
     Args:
         gram_range: ``[N, b_out, b_out]`` ``YᵀY``.
@@ -184,7 +186,7 @@ def _gradient_spectra(
         rtol: the pseudo-inverse's relative cut-off.
 
     Returns:
-        ``(σ(C), σ(Y C⁺ X))``, each ``[N, b_out]`` descending.
+        ``σ(Y C⁺ X)``, ``[N, b_out]`` descending.
     """
     core_t = np.ascontiguousarray(np.swapaxes(core, -1, -2))  # [N, b_out, b_in]
     cross = core_t @ core  # [N, b_out, b_out]
@@ -196,21 +198,23 @@ def _gradient_spectra(
     diagonal = np.einsum("...ii->...i", cross)
     shift = _DEFINITE * diagonal.sum(axis=-1) + _TINY
     pivots = np.einsum("...ii->...i", np.linalg.cholesky(_shifted(cross, _DEFINITE * b))) ** 2
-    # λ_min(CᵀC) ≤ min pivot − shift, λ_max ≥ max diagonal
+    # λ_min(CᵀC) ≤ min pivot − shift, λ_max ≥ max diagonal: the cores that may be far from it
     fast = pivots.min(axis=-1) - shift > _WELL_POSED * diagonal.max(axis=-1)
-    lam = None
-    if fast.any():
-        lam = eigvalsh(cross[fast])  # ascending
-        ok = lam[..., 0] > _WELL_POSED * lam[..., -1]
-        fast[np.flatnonzero(fast)[~ok]] = False
-        lam = lam[ok]
-    if lam is None or not fast.any():
+    if not fast.any():
         return _truncating(gram_range, gram_corange, core, rtol)
+    candidates = np.flatnonzero(fast)
+    try:
+        inv = _tril_inverse(np.linalg.cholesky(cross[candidates]))
+    except np.linalg.LinAlgError:  # a candidate not definite after all (rounding): all general
+        return _truncating(gram_range, gram_corange, core, rtol)
+    # λ_min ≥ 1/‖K⁻¹‖_F², λ_max ≤ tr(CᵀC): the cores surely far from the cut-off
+    sure = 1.0 / np.square(inv).sum(axis=(-2, -1)) > _WELL_POSED * diagonal[candidates].sum(-1)
+    if not sure.any():
+        return _truncating(gram_range, gram_corange, core, rtol)
+    fast[candidates[~sure]] = False
+    inv = inv[sure]
     part = fast if not fast.all() else slice(None)
-    lower = np.empty(core.shape[:-2] + (b,))
-    gn = np.empty_like(lower)
-    lower[part] = np.sqrt(np.clip(lam[..., ::-1], 0.0, None))
-    inv = _tril_inverse(np.linalg.cholesky(cross[part]))
+    gn = np.empty(core.shape[:-2] + (b,))
     # M = R_Y C⁺ R_Xᵀ with C⁺ = K⁻ᵀK⁻¹Cᵀ: M Mᵀ = T X̃ Tᵀ with T = R_Y C⁺ and X̃ = R_XᵀR_X the
     # shifted XXᵀ itself (its asymmetric rounding drops out of the symmetrised product)
     r_y = _root(gram_range[part], rtol**2)  # [n, b_out, b_out]: R_YᵀR_Y = YᵀY
@@ -223,18 +227,15 @@ def _gradient_spectra(
     gn[part] = np.sqrt(np.clip(values[..., ::-1], 0.0, None))
     if not fast.all():
         slow = ~fast
-        lower[slow], gn[slow] = _truncating(gram_range[slow], gram_corange[slow], core[slow], rtol)
-    return lower, gn
+        gn[slow] = _truncating(gram_range[slow], gram_corange[slow], core[slow], rtol)
+    return gn
 
 
 def _truncating(
     gram_range: np.ndarray, gram_corange: np.ndarray, core: np.ndarray, rtol: float
-) -> tuple[np.ndarray, np.ndarray]:
+) -> np.ndarray:
     """:func:`_gradient_spectra` through the truncating eigendecomposition of the cores."""
-    factors = core_factors(core)
-    return factors[0], generalized_nystrom_values(
-        gram_range, gram_corange, core, rtol, factors=factors
-    )
+    return generalized_nystrom_values(gram_range, gram_corange, core, rtol)
 
 
 def sketched_spectra(t: dict[str, np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -247,7 +248,7 @@ def sketched_spectra(t: dict[str, np.ndarray]) -> tuple[list[np.ndarray], list[n
         ``([σ_A, σ_Δ, σ_G], [err_A, err_Δ, err_G])``, each ``[N, r]`` descending. Activation and
         adjoint errors are rigorous up to float32 rounding, which they include (Nyström values
         are lower bounds and ``λ_j − λ̂_j ≤ tr(H) − Σλ̂``); the gradient's is the gap between the
-        generalized Nyström estimate and the best of three lower bounds, σ(C), σ(GB_out) and
+        generalized Nyström estimate and the better of two lower bounds, σ(GB_out) and
         σ(B_inᵀG) (an estimate).
     """
     spectra, errors = [], []
@@ -265,23 +266,18 @@ def sketched_spectra(t: dict[str, np.ndarray]) -> tuple[list[np.ndarray], list[n
                 sigma - np.sqrt(np.clip(lam - rounding, 0.0, None)),
             )
         )
-    # The blocks are orthonormal, so the core's singular values are the projection lower bound
-    # σ(B_inᵀGB_out) ≤ σ(G); its pseudo-inverse gives the generalized Nyström estimate.
+    # The generalized Nyström estimate of the blocks' core C = B_inᵀGB_out.
     core = t["core_g"]
     if core.shape[-1] > core.shape[-2]:  # factor the smaller side: σ(Y C⁺ X) = σ(Xᵀ (Cᵀ)⁺ Yᵀ)
-        lower, gn = _gradient_spectra(t["gram_x"], t["gram_y"], np.swapaxes(core, -1, -2))
+        gn = _gradient_spectra(t["gram_x"], t["gram_y"], np.swapaxes(core, -1, -2))
     else:
-        lower, gn = _gradient_spectra(t["gram_y"], t["gram_x"], core)
-    width = min(gn.shape[-1], lower.shape[-1])
-    # The range and co-range sketches bound σ(G) from below too (B orthonormal: σ(GB_out) and
-    # σ(B_inᵀG) ≤ σ(G)), and more tightly than σ(C): the estimate is kept at or above the best
-    # bound, and its error is its distance to that bound.
-    bound = np.maximum(
-        lower[..., :width],
-        np.maximum(
-            singular_values(t["gram_y"])[..., :width], singular_values(t["gram_x"])[..., :width]
-        ),
-    )
+        gn = _gradient_spectra(t["gram_y"], t["gram_x"], core)
+    # The blocks are orthonormal, so the range and co-range sketches bound σ(G) from below:
+    # σ(GB_out), σ(B_inᵀG) ≤ σ(G) (and both ≥ σ(C), the projection bound they contain). The
+    # estimate is kept at or above the better bound, and its error is its distance to it.
+    range_bound, corange_bound = singular_values(t["gram_y"]), singular_values(t["gram_x"])
+    width = min(gn.shape[-1], range_bound.shape[-1], corange_bound.shape[-1])
+    bound = np.maximum(range_bound[..., :width], corange_bound[..., :width])
     estimate = np.maximum(gn[..., :width], bound)
     spectra.append(estimate)
     errors.append(np.abs(gn[..., :width] - bound))

@@ -121,6 +121,14 @@ def stack_rows(parts: Sequence[RowOperator]) -> RowOperator:
     return StackedRows(parts)
 
 
+def convolves(rows: RowOperator | torch.Tensor) -> bool:
+    """Whether products with ``rows`` run convolutions (whose float32 precision PyTorch sets
+    apart from matmuls'): unfolded patches, or a stack holding some."""
+    if isinstance(rows, StackedRows):
+        return any(convolves(p) for p in rows.parts)
+    return isinstance(rows, ConvRows)
+
+
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_WEIGHT = {1: nn_grad.conv1d_weight, 2: nn_grad.conv2d_weight, 3: nn_grad.conv3d_weight}
 

@@ -100,8 +100,58 @@ SCRIPT = textwrap.dedent(
     check_round_trip("allow_tf32")
     torch.backends.cuda.matmul.allow_tf32 = False
 
-    # Threads of a multi-device backward: the first in flips, the last out restores.
+    # Only the op kinds a block runs are switched, and only where reduced: with the defaults a
+    # matmul-only block (a Linear layer's products, the step's end) changes nothing (no setter
+    # call on every layer and step), while a convolution layer's products still get cuDNN's
+    # TF32 convolutions off.
+    before = state()
+    with ieee_float32(conv=False):
+        assert state() == before
+        assert torch.backends.cudnn.allow_tf32 is True
+    assert state() == before
+    cudnn_seen = []
+
+    def conv_spy(self, *args, **kwargs):
+        cudnn_seen.append((type(args[0]).__name__, torch.backends.cudnn.allow_tf32))
+        return original(self, *args, **kwargs)
+
+    tracker.LayerTracker.products = conv_spy
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    image = torch.randn(8, 2, 8, 8)
+    with streamspec.watch(net, ["a", "b"], rank=2, live=False, exact_rows=0) as mon:
+        mon.label(torch.arange(8) % 2)
+        net(image).pow(2).mean().backward()
+    tracker.LayerTracker.products = spy
+    assert sorted(cudnn_seen) == [("ConvRows", False), ("DenseRows", True)], cudnn_seen
+    assert torch.backends.cudnn.allow_tf32 is True
+
+    # A convolution block entered while another thread's matmul-only block is open still
+    # switches convolutions, and the last one out restores everything.
     import threading
+    torch.set_float32_matmul_precision("high")
+    before = state()
+    inside, leave = threading.Event(), threading.Event()
+
+    def matmul_only():
+        with ieee_float32(conv=False):
+            inside.set()
+            leave.wait(10)
+
+    worker = threading.Thread(target=matmul_only)
+    worker.start()
+    inside.wait(10)
+    assert torch.backends.cudnn.allow_tf32 is True
+    with ieee_float32():
+        assert torch.backends.cudnn.allow_tf32 is False
+        assert torch.get_float32_matmul_precision() == "highest"
+    assert torch.backends.cudnn.allow_tf32 is False  # the worker's block is still open
+    leave.set()
+    worker.join()
+    assert state() == before, (before, state())
+    torch.set_float32_matmul_precision("highest")
+
+    # Threads of a multi-device backward: the first in flips, the last out restores.
     torch.set_float32_matmul_precision("high")
     inside, leave = threading.Event(), threading.Event()
 
