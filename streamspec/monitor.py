@@ -16,7 +16,7 @@ import sys
 import threading
 import warnings
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -29,7 +29,14 @@ from torch.profiler import record_function
 
 from streamspec.capture import Site, family_of
 from streamspec.capture.groups import GroupPlan, as_labels, describe
-from streamspec.capture.registry import Capture, RowSource
+from streamspec.capture.registry import (
+    BatchDim,
+    Capture,
+    RowSource,
+    as_batch_dim,
+    batch_dim_of,
+    check_batch_dim_names,
+)
 from streamspec.capture.swap import restore, swap_stepwise
 from streamspec.capture.validate import unsupported_matrices
 from streamspec.errors import StreamspecError, StreamspecWarning
@@ -60,7 +67,7 @@ class WatchConfig:
     rank: int
     every: int = 1
     normalize: str = "mean"
-    batch_dim: int = 0
+    batch_dim: BatchDim = 0
     seed: int = 0
     oversample: int = 10
     exact_rows: int | None = None
@@ -114,10 +121,7 @@ def _check_config(
         raise StreamspecError.build(
             f"normalize in {NORMALIZE_CHOICES}", repr(normalize), "use 'mean' (default) or 'sum'"
         )
-    if isinstance(batch_dim, bool) or not isinstance(batch_dim, int):
-        raise StreamspecError.build(
-            "batch_dim as an integer", repr(batch_dim), "pass 0 (batch first) or 1 (sequence first)"
-        )
+    as_batch_dim(batch_dim)
     if isinstance(oversample, bool) or not isinstance(oversample, int) or oversample < 0:
         raise StreamspecError.build(
             "oversample as an integer ≥ 0", repr(oversample), "leave the default (10)"
@@ -236,6 +240,13 @@ class Monitor:
         self._trackers = _trackers(sites, len(config.groups), config, self._generator)
         self._index = {(id(s.module), s.key): i for i, s in enumerate(sites)}
         self._modules = {id(s.module) for s in sites}
+        module_names = {id(m): name for name, m in model.named_modules()}
+        check_batch_dim_names(config.batch_dim, set(module_names.values()))
+        # Each watched module's sample dimension (watch(batch_dim=) may map parts of the model).
+        self._batch_dims = {
+            id(s.module): batch_dim_of(module_names.get(id(s.module), ""), config.batch_dim)
+            for s in sites
+        }
         self._tied = [
             config.tied and bool(getattr(family_of(s.module), "tying", False)) for s in sites
         ]
@@ -426,7 +437,7 @@ class Monitor:
             return None
         family = family_of(module)
         assert family is not None
-        bd = self.config.batch_dim
+        bd = self._batch_dims[id(module)]
         plan = self._plan
         if (
             getattr(family, "broadcasts", False)
@@ -506,9 +517,11 @@ class Monitor:
             name = next(s.name for s in self.sites if s.module is module)
             raise StreamspecError.build(
                 f"{self._plan.batch_size} samples (the length of the last mon.label() call)",
-                f"a batch of {batch_size} samples at {name} (batch_dim={self.config.batch_dim})",
-                "call mon.label() with the labels of this batch before its forward"
-                " (or set batch_dim to the sample dimension)",
+                f"a batch of {batch_size} samples at {name} "
+                f"(batch_dim={self._batch_dims.get(id(module), 0)})",
+                "call mon.label() with the labels of this batch before its forward (or set "
+                "batch_dim to the sample dimension: a mapping such as {'encoder': 1} for a model "
+                "whose parts differ)",
             )
         return self._plan
 
@@ -855,7 +868,7 @@ def watch(
     live: bool | None = None,
     resume: bool = False,
     normalize: str = "mean",
-    batch_dim: int = 0,
+    batch_dim: int | Mapping[str, int] = 0,
     seed: int = 0,
     oversample: int = 10,
     exact_rows: int | None = None,
@@ -887,7 +900,11 @@ def watch(
             ``"sum"`` records them unscaled. With a mean-reduced loss Δ also carries the loss's
             ``1/B``.
         batch_dim: the dimension of a watched layer's input that indexes samples (1 for
-            sequence-first models).
+            sequence-first models); or a mapping from module names (``model.named_modules()``)
+            to that dimension for the modules under them, for a model mixing layouts (e.g.
+            ``{"encoder": 1}``: a sequence-first encoder under a batch-first head): each module
+            takes its longest matching name prefix, 0 without one. Convolutions always take 0,
+            and MultiheadAttention/RNN modules their own ``batch_first``.
         seed: seed of the monitor's own random generator (the global RNG is never touched).
         oversample: sketch columns beyond ``rank`` (accuracy vs cost).
         exact_rows: per-group row count up to which a step's spectra are computed exactly from
@@ -928,7 +945,7 @@ def watch(
         rank=rank,
         every=every,
         normalize=normalize,
-        batch_dim=batch_dim,
+        batch_dim=as_batch_dim(batch_dim),
         seed=seed,
         oversample=oversample,
         exact_rows=exact_rows,

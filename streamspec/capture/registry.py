@@ -6,7 +6,7 @@ line here (the import at the bottom of ``capture/__init__.py``), one reference t
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Protocol, TypeVar
 
@@ -169,6 +169,63 @@ def weight_site(module: nn.Module, prefix: str, h_in: int, h_out: int) -> list[S
     if not weight.requires_grad:
         return []
     return [Site(qualified(prefix, "weight"), module, "weight", h_in, h_out)]
+
+
+BatchDim = int | tuple[tuple[str, int], ...]  # one dim, or (module-name prefix, dim) pairs
+"""``watch(batch_dim=)`` validated: an int, or a mapping's items (see :func:`as_batch_dim`)."""
+
+
+def as_batch_dim(batch_dim: object) -> BatchDim:
+    """Validate ``watch(batch_dim=)``: an int (every layer), or a mapping from module names
+    (``model.named_modules()``; ``""`` the whole model) to the sample dimension of the inputs of
+    the modules under them, for a model mixing layouts (a sequence-first encoder under a
+    batch-first head). A module takes the entry of its longest matching name prefix, 0 without
+    one."""
+    if isinstance(batch_dim, Mapping):
+        items = tuple(batch_dim.items())
+        for name, dim in items:
+            if not isinstance(name, str) or isinstance(dim, bool) or not isinstance(dim, int):
+                raise StreamspecError.build(
+                    "batch_dim as a mapping of module names to integers",
+                    f"the entry {name!r}: {dim!r}",
+                    "pass e.g. batch_dim={'encoder': 1} (the modules under model.encoder take "
+                    "dim 1, the others 0)",
+                )
+        return tuple(sorted(items))
+    if isinstance(batch_dim, bool) or not isinstance(batch_dim, int):
+        raise StreamspecError.build(
+            "batch_dim as an integer, or a mapping of module names to integers",
+            repr(batch_dim),
+            "pass 0 (batch first), 1 (sequence first), or e.g. {'encoder': 1} for a model "
+            "mixing the two",
+        )
+    return batch_dim
+
+
+def batch_dim_of(name: str, batch_dim: BatchDim) -> int:
+    """The sample dimension of the inputs of the module named ``name`` (see
+    :func:`as_batch_dim`): the entry of its longest matching dotted name prefix, else 0."""
+    if isinstance(batch_dim, int):
+        return batch_dim
+    best, dim = -1, 0
+    for prefix, value in batch_dim:
+        if (not prefix or name == prefix or name.startswith(prefix + ".")) and len(prefix) > best:
+            best, dim = len(prefix), value
+    return dim
+
+
+def check_batch_dim_names(batch_dim: BatchDim, names: set[str]) -> None:
+    """Refuse a ``batch_dim`` mapping entry naming no module of the model (a typo would
+    otherwise silently leave its modules at dim 0)."""
+    if isinstance(batch_dim, int):
+        return
+    unknown = [prefix for prefix, _ in batch_dim if prefix and prefix not in names]
+    if unknown:
+        raise StreamspecError.build(
+            "batch_dim keys that name modules of the model (as in model.named_modules())",
+            f"{unknown} (no such module)",
+            "use a module's name, e.g. 'encoder' for model.encoder, or '' for the whole model",
+        )
 
 
 def check_batched(x: torch.Tensor, batch_dim: int, what: str) -> None:

@@ -6,7 +6,7 @@ activation and adjoint rows (float64), so only use it on small models.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,10 +27,11 @@ class ExactRecorder:
 
     Args:
         model: the model (hooks are added; call :meth:`remove` when done).
-        batch_dim: the sample dimension of the layers' inputs.
+        batch_dim: the sample dimension of the layers' inputs, or a mapping from module names to
+            it, as ``watch(batch_dim=)`` takes.
     """
 
-    def __init__(self, model: nn.Module, batch_dim: int = 0) -> None:
+    def __init__(self, model: nn.Module, batch_dim: int | Mapping[str, int] = 0) -> None:
         self.batch_dim = batch_dim
         self.names: list[str] = []
         self.steps: list[dict[str, StepMatrices]] = []
@@ -43,25 +44,27 @@ class ExactRecorder:
             if isinstance(module, nn.Linear) and module.weight.requires_grad:
                 name = f"{prefix}.weight" if prefix else "weight"
                 self.names.append(name)
-                self._handles.append(module.register_forward_hook(self._forward(name)))
+                dim = _sample_dim(prefix, batch_dim)
+                self._handles.append(module.register_forward_hook(self._forward(name, dim)))
 
     def label(self, labels: object) -> None:
         self._labels = np.asarray(torch.as_tensor(labels).cpu(), dtype=np.int64)
 
-    def _rows(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.detach().to(torch.float64).movedim(self.batch_dim, 0)
+    @staticmethod
+    def _rows(x: torch.Tensor, batch_dim: int) -> torch.Tensor:
+        x = x.detach().to(torch.float64).movedim(batch_dim, 0)
         return x.reshape(x.shape[0], -1, x.shape[-1]).clone()
 
-    def _forward(self, name: str) -> Callable[..., None]:
+    def _forward(self, name: str, batch_dim: int) -> Callable[..., None]:
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             if not torch.is_grad_enabled() or not output.requires_grad:
                 return
-            activation = self._rows(inputs[0])
+            activation = self._rows(inputs[0], batch_dim)
 
             def on_grad(grad: torch.Tensor) -> None:
                 mats = self._current.setdefault(name, StepMatrices())
                 mats.activation.append(activation)
-                mats.adjoint.append(self._rows(grad))
+                mats.adjoint.append(self._rows(grad, batch_dim))
                 if not self._queued:
                     self._queued = True
                     torch.autograd.Variable._execution_engine.queue_callback(self._end)
@@ -192,3 +195,12 @@ def unfold_patches(
     for o in x.shape[1 : 1 + dims]:
         positions *= o
     return x.reshape(b, positions, -1)
+
+
+def _sample_dim(name: str, batch_dim: int | Mapping[str, int]) -> int:
+    """The sample dimension of module ``name``'s inputs: the entry of its longest matching name
+    prefix (written here apart from streamspec's own resolution, which the tests check)."""
+    if isinstance(batch_dim, int):
+        return batch_dim
+    matches = [p for p in batch_dim if p == "" or name == p or name.startswith(f"{p}.")]
+    return batch_dim[max(matches, key=len)] if matches else 0

@@ -255,6 +255,78 @@ def test_batch_dim_one_for_sequence_first_inputs() -> None:
         assert relative_errors(ds["sigma"].values[0, 0, :, c], exact).max() < 1e-5
 
 
+class _SequenceFirstClassifier(nn.Module):
+    """A sequence-first encoder (``[T, B, d]``, as before ``batch_first``) under a batch-first
+    head on the mean over positions (``[B, d]``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.TransformerEncoderLayer(8, 2, 12, dropout=0.0)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x).mean(dim=0))
+
+
+def test_batch_dim_mapping_for_a_model_mixing_layouts() -> None:
+    """``batch_dim={"encoder": 1}``: the sequence-first encoder's layers (attention's out_proj and
+    the feed-forward Linears) take samples from dim 1, the head from dim 0; every recorded σ
+    equals the exact spectrum of its group's rows (T ≠ B, so a wrong dim cannot pass)."""
+    torch.manual_seed(0)
+    model = _SequenceFirstClassifier()
+    layout = {"encoder": 1}
+    rec = ExactRecorder(model, batch_dim=layout)
+    with streamspec.watch(model, ["a", "b"], rank=3, batch_dim=layout, live=False) as mon:
+        x = torch.randn(7, 6, 8)  # [T, B, d]
+        g = torch.tensor([0, 1, 1, 0, 1, 0])
+        mon.label(g)
+        rec.label(g)
+        model(x).pow(2).sum().backward()
+        ds = mon.to_xarray()
+    layers = [str(n) for n in ds["layer"].values]
+    checked = 0
+    for name in rec.names:
+        li = layers.index(name)
+        for c in range(2):
+            exact = rec.spectra([0], name, c, 3)
+            errs = relative_errors(ds["sigma"].values[0, li, :, c], exact)
+            assert errs.max() < 1e-4, (name, c, errs.max())
+            checked += 1
+    assert checked == 8  # out_proj, linear1, linear2, head × 2 groups
+    # The attention's in-projection (its twin follows the module's own batch_first): its
+    # activation rows are the encoder's input rows of the group's samples.
+    li = layers.index("encoder.self_attn.in_proj_weight")
+    for c in range(2):
+        rows = x[:, g == c].transpose(0, 1).reshape(-1, 8).double()
+        exact = torch.linalg.svdvals(rows)[:3].numpy() / np.sqrt(int((g == c).sum()))
+        assert relative_errors(ds["sigma"].values[0, li, 0, c], exact).max() < 1e-4
+    # One dim for the whole model cannot fit both parts.
+    for wrong in (0, 1):
+        with (
+            pytest.raises(streamspec.StreamspecError),
+            streamspec.watch(model, ["a", "b"], rank=3, batch_dim=wrong, live=False) as mon,
+        ):
+            mon.label(g)
+            model(x).pow(2).sum().backward()
+
+
+def test_batch_dim_mapping_is_validated() -> None:
+    model = _SequenceFirstClassifier()
+    for bad, word in (({"encodr": 1}, "no such module"), ({"encoder": "1"}, "mapping")):
+        with pytest.raises(streamspec.StreamspecError, match=word):
+            streamspec.watch(model, ["a", "b"], rank=2, batch_dim=bad, live=False)
+    with pytest.raises(streamspec.StreamspecError, match="mapping"):
+        streamspec.watch(model, ["a", "b"], rank=2, batch_dim=1.0, live=False)
+    # The longest matching prefix wins; "" covers the whole model.
+    from streamspec.capture.registry import as_batch_dim, batch_dim_of
+
+    dims = as_batch_dim({"": 1, "encoder.linear1": 0, "encoder": 2})
+    assert batch_dim_of("head", dims) == 1
+    assert batch_dim_of("encoder.linear2", dims) == 2
+    assert batch_dim_of("encoder.linear1", dims) == 0
+    assert batch_dim_of("encoder2", dims) == 1  # a name prefix, not a string prefix
+
+
 def test_welch_in_archive_equals_scipy_on_archived_sigma(digits_default) -> None:
     ds = digits_default.ds
     sigma = ds["sigma"].values.astype(np.float64)
