@@ -15,6 +15,8 @@ fi
 export PYTHONPATH=${PYTHONPATH:-$PWD}
 nvidia-smi --query-gpu=name,memory.total --format=csv
 python3 -m pytest -q -m gpu tests/gpu -p no:cacheprovider 2>&1 | tee "$OUT/gpu-tests.log"
+# The row products alone, as the monitor runs them and in variants (split-K, layers batched).
+python3 -m bench.products --config gpu-base --device cuda --out "$OUT" 2>&1
 python3 -m bench --config gpu-base --device cuda --modes "$BASE_MODES" --profile 3 --out "$OUT" 2>&1
 if [ "$MID_MODES" != "none" ]; then
   # --profile: is gpu-mid bound by the host's Python and launches (then CUDA graphs are the lever)?

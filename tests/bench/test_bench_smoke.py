@@ -18,3 +18,18 @@ def test_bench_smoke(tmp_path, capsys) -> None:
     assert set(acc["sigma_err_coverage"]) == {"activation", "adjoint", "gradient"}
     assert "| watch |" in capsys.readouterr().out
     assert (tmp_path / "smoke-cpu.md").read_text().startswith("Config `smoke`")
+
+
+def test_products_bench_smoke(tmp_path, capsys) -> None:
+    """``python -m bench.products``: every variant computes the monitor's own products (checked
+    inside the script, untimed), and the table covers every layer shape and variant."""
+    from bench.products import main as products
+
+    out = ["--config", "smoke", "--device", "cpu", "--repeats", "1", "--out", str(tmp_path)]
+    assert products(out) == 0
+    rows = json.loads((tmp_path / "products-smoke-cpu.json").read_text())
+    assert set(rows) == {"in_proj", "out_proj", "linear1", "linear2"}
+    for row in rows.values():
+        assert row["max_gap"] < 1e-5
+        assert row["monitor"] > 0 and row["layers 4"] > 0 and row["transposed split-k 8"] > 0
+    assert "largest relative gap" in capsys.readouterr().out

@@ -1,0 +1,203 @@
+"""``python -m bench.products``: the per-layer row products alone, as the monitor runs them and in
+variants, to decide how to run them on a GPU (bench/README.md, "Where the time goes").
+
+On an H200 the products of a watched BERT-base step took ≈ 15 ms of device time for ≈ 6% of the
+model's flops: skinny fp32 GEMMs of ``b_in + b_out`` (80) columns, run for two groups at a time,
+fill few of the device's multiprocessors. This times, per layer shape of a bench config:
+
+* ``monitor``: :meth:`LayerTracker.products` itself (what a layer's backward hook runs);
+* ``split-k S``: the transposed products ``Aᵀ[P | R]``, ``Δᵀ[P | R]`` with the rows cut into
+  ``S`` chunks (``S`` times the batch of the long-reduction GEMMs, then a sum);
+* ``layers L``: the products of ``L`` same-shape layers in one batched call each (what holding
+  rows until a bank's layers are all there would allow), time per layer;
+* ``tf32``: ``monitor`` with TF32 allowed (for reference: streamspec runs them in IEEE float32).
+
+    python -m bench.products --config gpu-base --device cuda
+    python -m bench.products --config smoke --device cpu      # seconds; checks the script
+
+Writes ``products-<config>-<device>.{json,md}`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.harness import CONFIGS, Config
+from streamspec.sketch.linalg import ieee_float32
+from streamspec.sketch.tracker import LayerTracker, SketchWidths
+
+
+def layer_shapes(cfg: Config) -> dict[str, tuple[int, int, int]]:
+    """``name → (h_in, h_out, count)`` of the config's watched weight matrices."""
+    d, ffn, n = cfg.d_model, cfg.ffn, cfg.layers
+    return {
+        "in_proj": (d, 3 * d, n),
+        "out_proj": (d, d, n + 1),  # with the head, same shape
+        "linear1": (d, ffn, n),
+        "linear2": (ffn, d, n),
+    }
+
+
+def _timer(device: torch.device, repeats: int) -> Callable[[Callable[[], object]], float]:
+    """Median milliseconds of a callable (CUDA events on a GPU)."""
+
+    def run(fn: Callable[[], object]) -> float:
+        for _ in range(3):
+            fn()
+        times = []
+        for _ in range(repeats):
+            if device.type == "cuda":
+                start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(True)
+                start.record()
+                fn()
+                stop.record()
+                stop.synchronize()
+                times.append(start.elapsed_time(stop))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+        return float(np.median(times))
+
+    return run
+
+
+def _transposed(
+    a: torch.Tensor, d: torch.Tensor, pr: torch.Tensor, chunks: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``Aᵀ[P | R]`` and ``Δᵀ[P | R]`` with the ``m`` rows cut into ``chunks`` blocks (``m`` a
+    multiple of ``chunks``: the monitor would pad its gathered rows with zero rows)."""
+    c, m, _ = a.shape
+    if chunks == 1:
+        return torch.bmm(a.mT, pr), torch.bmm(d.mT, pr)
+    a_, d_, p_ = (t.reshape(c * chunks, m // chunks, -1) for t in (a, d, pr))
+    s_in, s_out = (torch.bmm(x.mT, p_).view(c, chunks, x.shape[-1], -1).sum(1) for x in (a_, d_))
+    return s_in, s_out
+
+
+def _products(
+    a: torch.Tensor, d: torch.Tensor, b_in: torch.Tensor, b_out: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The monitor's four products and the float64 Gram, on stacked (batched) inputs."""
+    pr = torch.cat([torch.bmm(a, b_in), torch.bmm(d, b_out)], dim=2)
+    pr64 = pr.to(torch.float64)
+    return torch.bmm(a.mT, pr), torch.bmm(d.mT, pr), torch.bmm(pr64.mT, pr64)
+
+
+def _gap(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Largest difference relative to the largest entry."""
+    return float((x.double() - y.double()).abs().max() / y.double().abs().max())
+
+
+def measure(cfg: Config, device: torch.device, repeats: int) -> dict[str, dict[str, float]]:
+    """Milliseconds per layer and variant, per layer shape."""
+    timer = _timer(device, repeats)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    return {
+        name: _measure_shape(cfg, device, h_in, h_out, count, timer, gen)
+        for name, (h_in, h_out, count) in layer_shapes(cfg).items()
+    }
+
+
+def _measure_shape(
+    cfg: Config,
+    device: torch.device,
+    h_in: int,
+    h_out: int,
+    count: int,
+    timer: Callable[[Callable[[], object]], float],
+    gen: torch.Generator,
+) -> dict[str, float]:
+    c = cfg.groups
+    m = cfg.batch * cfg.seq // c
+    w = SketchWidths.for_layer(h_in, h_out, cfg.rank, 10)
+    a = torch.randn(c, m, h_in, generator=gen).to(device)
+    d = torch.randn(c, m, h_out, generator=gen).to(device)
+    tracker = LayerTracker(h_in, h_out, c, cfg.rank, 10, torch.Generator().manual_seed(0))
+    tracker.products(a, d, exact=False)  # set up (and seed) the blocks
+    b_in, b_out = tracker.bank.block_in[0], tracker.bank.block_out[0]
+    pr = torch.cat([torch.bmm(a, b_in), torch.bmm(d, b_out)], dim=2)
+    row: dict[str, float] = {"count": float(count), "b_in": w.block_in, "b_out": w.block_out}
+    with ieee_float32():
+        # Every variant computes the monitor's products (checked once, untimed).
+        ref = tracker.products(a, d, exact=False)
+        split = _transposed(a, d, pr, 4)
+        gaps = [_gap(x, y) for x, y in zip(split, (ref.s_in, ref.s_out), strict=True)]
+        stacked = _products(*(t.repeat(2, 1, 1) for t in (a, d, b_in, b_out)))
+        expected = (ref.s_in, ref.s_out, ref.gram)
+        gaps += [_gap(x[c:], y) for x, y in zip(stacked, expected, strict=True)]
+        row["max_gap"] = max(gaps)
+        row["monitor"] = timer(lambda: tracker.products(a, d, exact=False))
+        for chunks in (1, 2, 4, 8):
+            row[f"transposed split-k {chunks}"] = timer(
+                lambda chunks=chunks: _transposed(a, d, pr, chunks)
+            )
+        for layers in (2, 4):
+            stack = tuple(t.repeat(layers, 1, 1) for t in (a, d, b_in, b_out))
+            row[f"layers {layers}"] = timer(lambda stack=stack: _products(*stack)) / layers
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        row["monitor tf32"] = timer(lambda: _products(a, d, b_in, b_out))
+    finally:
+        torch.set_float32_matmul_precision(saved)
+    return row
+
+
+def report(cfg: Config, device: torch.device, rows: dict[str, dict[str, float]]) -> str:
+    variants = [
+        k for k in next(iter(rows.values())) if k not in ("count", "b_in", "b_out", "max_gap")
+    ]
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    lines = [
+        f"Row products per layer, config `{cfg.name}` on {name} (torch {torch.__version__}; "
+        f"{cfg.groups} groups, {cfg.batch * cfg.seq // cfg.groups} rows each, k = {cfg.rank}; "
+        "medians, ms per layer)",
+        "",
+        "| layer (h_in → h_out, b_in/b_out) | × | " + " | ".join(variants) + " |",
+        "|---|---|" + "---|" * len(variants),
+    ]
+    total = dict.fromkeys(variants, 0.0)
+    for layer, row in rows.items():
+        h_in, h_out, _ = layer_shapes(cfg)[layer]
+        cells = " | ".join(f"{row[v]:.3f}" for v in variants)
+        lines.append(
+            f"| {layer} ({h_in} → {h_out}, {row['b_in']:.0f}/{row['b_out']:.0f}) "
+            f"| {row['count']:.0f} | {cells} |"
+        )
+        for v in variants:
+            total[v] += row[v] * row["count"]
+    lines.append("| per step (all layers) | | " + " | ".join(f"{total[v]:.2f}" for v in variants))
+    gap = max(row["max_gap"] for row in rows.values())
+    lines += ["", f"The variants compute the monitor's products: largest relative gap {gap:.1e}."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.products", description=__doc__)
+    p.add_argument("--config", choices=sorted(CONFIGS), default="gpu-base")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = p.parse_args(argv)
+    cfg, device = CONFIGS[args.config], torch.device(args.device)
+    rows = measure(cfg, device, args.repeats)
+    table = report(cfg, device, rows)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"products-{cfg.name}-{device.type}"
+    stem.with_suffix(".json").write_text(json.dumps(rows, indent=2))
+    stem.with_suffix(".md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
