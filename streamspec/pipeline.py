@@ -27,8 +27,12 @@ from streamspec.errors import StreamspecWarning
 from streamspec.layout import RunLayout
 from streamspec.live.snapshot import Snapshot
 from streamspec.live.view import epoch_line
-from streamspec.sketch.host import GIL_THRESHOLD, singular_values, sketched_spectra
-from streamspec.sketch.linalg import exact_spectra
+from streamspec.sketch.host import (
+    GIL_THRESHOLD,
+    exact_spectra,
+    singular_values,
+    sketched_spectra,
+)
 from streamspec.sketch.tracker import Fields, unpack_fields
 from streamspec.stats.welch import GroupWelch
 from streamspec.store.writer import ArchiveWriter
@@ -320,11 +324,12 @@ class HostPipeline:
         row = self._nan_row(rec.counts)
         sigma = row["sigma"]
         tied = "sigma_tied" in self.layout.extras
-        for layer in rec.layers:
-            if layer.route == "exact":
-                sigma[layer.index], row["sigma_err"][layer.index] = self._layer_sigma(
-                    layer, rec.counts
-                )
+        self._exact_sigma(
+            [layer for layer in rec.layers if layer.route == "exact"],
+            rec.counts,
+            sigma,
+            row["sigma_err"],
+        )
         self._sketched_sigma(
             [layer for layer in rec.layers if layer.route == "sketch"],
             rec.counts,
@@ -336,36 +341,69 @@ class HostPipeline:
                 row["sigma_tied"][layer.index] = self._layer_tied(layer, rec.counts)
         return row
 
-    def _layer_sigma(self, layer: LayerStep, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``([3, C, k], [3, C, k])``: exact σ of one layer's rows in one step, error 0 (float64
-        spectra of the float32 rows); sketched layers go through :meth:`_sketched_sigma`."""
-        k = self.layout.rank
-        h_in, h_out = self._widths[layer.index]
-        out = np.full((3, counts.size, k), np.nan)
-        err = np.full((3, counts.size, k), np.nan)
-        t = {name: _host(v) for name, v in layer.tensors.items() if name != "position"}
-        if not all(np.isfinite(v).all() for v in t.values()):
-            with self._lock:
-                self._nonfinite_layers.add(self.layout.layers[layer.index])
-        for c, n in enumerate(counts):
-            if n == 0:
-                continue
-            rows = int(n) * layer.positions
-            bounds = (min(rows, h_in), min(rows, h_out), min(rows, h_in, h_out))
-            if not all(np.isfinite(v[c]).all() for v in t.values()):
-                continue
-            spectra = exact_spectra(t["activation"][c], t["adjoint"][c])
-            errors = tuple(np.zeros_like(x) for x in spectra)
-            for kind, (values, error, bound) in enumerate(
-                zip(spectra, errors, bounds, strict=True)
-            ):
-                out[kind, c] = _bounded(values, bound, k)
-                err[kind, c] = _bounded(error, bound, k)
-            if self.layout.normalize == "mean":
-                scale = np.array([np.sqrt(n), np.sqrt(n), n])[:, None]
-                out[:, c] /= scale
-                err[:, c] /= scale
-        return out, err
+    def _exact_sigma(
+        self, layers: list[LayerStep], counts: np.ndarray, sigma: np.ndarray, error: np.ndarray
+    ) -> None:
+        """Fill ``sigma``/``error`` ``[L, 3, C, k]`` for the exact-route layers: σ of each group's
+        rows, error 0 (float64 spectra of the float32 rows). One batched :func:`exact_spectra`
+        per shape of rows (all layers and groups at once, no Python loop over them)."""
+        n_groups = counts.size
+        by_shape: dict[tuple[tuple[int, ...], tuple[int, ...]], list[LayerStep]] = {}
+        for layer in layers:
+            a, d = layer.tensors["activation"], layer.tensors["adjoint"]
+            by_shape.setdefault((tuple(a.shape), tuple(d.shape)), []).append(layer)
+        for group in by_shape.values():
+            n = len(group)
+            a = np.stack([_host(lay.tensors["activation"]) for lay in group])
+            d = np.stack([_host(lay.tensors["adjoint"]) for lay in group])
+            a, d = a.reshape(n * n_groups, *a.shape[2:]), d.reshape(n * n_groups, *d.shape[2:])
+            finite = np.isfinite(a).all(axis=(1, 2)) & np.isfinite(d).all(axis=(1, 2))
+            if not finite.all():  # non-finite rows: that group's σ is NaN, the others recorded
+                a[~finite], d[~finite] = 0.0, 0.0  # the stacks are copies
+                self._mark_nonfinite(group, finite, n_groups)
+            spectra = exact_spectra(a, d)
+            errors = [np.zeros_like(values) for values in spectra]
+            self._store(group, counts, finite, spectra, errors, sigma, error)
+
+    def _store(
+        self,
+        layers: list[LayerStep],
+        counts: np.ndarray,
+        finite: np.ndarray,
+        spectra: list[np.ndarray] | tuple[np.ndarray, ...],
+        errors: list[np.ndarray],
+        sigma: np.ndarray,
+        error: np.ndarray,
+    ) -> None:
+        """Write the spectra ``[(layer, group), r]`` of ``layers`` into ``sigma``/``error``,
+        vectorised over (layer, group): NaN beyond each matrix's rank and for absent or
+        non-finite groups; normalised by the group's sample count."""
+        k, n_groups, n = self.layout.rank, counts.size, len(layers)
+        index = np.array([lay.index for lay in layers])
+        widths = np.array([self._widths[lay.index] for lay in layers])  # [n, 2]
+        n_rows = counts[None, :] * np.array([lay.positions for lay in layers])[:, None]
+        bounds = (
+            np.minimum(n_rows, widths[:, :1]),
+            np.minimum(n_rows, widths[:, 1:]),
+            np.minimum(n_rows, widths.min(axis=1, keepdims=True)),
+        )
+        present = (counts > 0) & finite.reshape(n, n_groups)  # [n, C]
+        scales = np.ones((3, n_groups))
+        if self.layout.normalize == "mean":
+            scales[:] = np.sqrt(counts), np.sqrt(counts), counts
+        for kind in range(3):
+            for out, values in ((sigma, spectra[kind]), (error, errors[kind])):
+                bounded = _bounded(values.reshape(n, n_groups, -1), bounds[kind], k)
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    scaled = bounded / scales[kind][:, None]
+                out[index, kind] = np.where(present[..., None], scaled, np.nan)
+
+    def _mark_nonfinite(self, layers: list[LayerStep], finite: np.ndarray, n_groups: int) -> None:
+        """Remember the layers with a non-finite group (``finite`` ``[(layer, group)]``)."""
+        with self._lock:
+            for j, lay in enumerate(layers):
+                if not finite[j * n_groups : (j + 1) * n_groups].all():
+                    self._nonfinite_layers.add(self.layout.layers[lay.index])
 
     def _sketched_sigma(
         self, layers: list[LayerStep], counts: np.ndarray, sigma: np.ndarray, error: np.ndarray
@@ -373,7 +411,7 @@ class HostPipeline:
         """Fill ``sigma``/``error`` ``[L, 3, C, k]`` for the sketched layers, one batched host
         factorisation per sketch shape (all layers and groups at once): the layers' packed rows
         are stacked once, and each matrix is a view of that stack."""
-        k, n_groups = self.layout.rank, counts.size
+        n_groups = counts.size
         by_fields: dict[Fields, list[LayerStep]] = {}
         for layer in layers:
             by_fields.setdefault(layer.fields, []).append(layer)
@@ -383,31 +421,9 @@ class HostPipeline:
             finite = np.isfinite(rows).all(axis=1)  # [(layer, group)]
             if not finite.all():
                 rows[~finite] = 0.0  # a copy: the stack
-                with self._lock:
-                    for j, lay in enumerate(group):
-                        if not finite[j * n_groups : (j + 1) * n_groups].all():
-                            self._nonfinite_layers.add(self.layout.layers[lay.index])
+                self._mark_nonfinite(group, finite, n_groups)
             spectra, errors = self._spectra(unpack_fields(rows, fields))
-            # Vectorised over (layer, group): NaN beyond each matrix's rank and for absent or
-            # non-finite groups; normalised by the group's sample count.
-            index = np.array([lay.index for lay in group])
-            widths = np.array([self._widths[lay.index] for lay in group])  # [n, 2]
-            n_rows = counts[None, :] * np.array([lay.positions for lay in group])[:, None]
-            bounds = (
-                np.minimum(n_rows, widths[:, :1]),
-                np.minimum(n_rows, widths[:, 1:]),
-                np.minimum(n_rows, widths.min(axis=1, keepdims=True)),
-            )
-            present = (counts > 0) & finite.reshape(n, n_groups)  # [n, C]
-            scales = np.ones((3, n_groups))
-            if self.layout.normalize == "mean":
-                scales[:] = np.sqrt(counts), np.sqrt(counts), counts
-            for kind in range(3):
-                for out, values in ((sigma, spectra[kind]), (error, errors[kind])):
-                    bounded = _bounded(values.reshape(n, n_groups, -1), bounds[kind], k)
-                    with np.errstate(divide="ignore", invalid="ignore"):
-                        scaled = bounded / scales[kind][:, None]
-                    out[index, kind] = np.where(present[..., None], scaled, np.nan)
+            self._store(group, counts, finite, spectra, errors, sigma, error)
 
     def _spectra(self, stacked: dict[str, np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """:func:`sketched_spectra` of a batch, split over the worker pool when there is one

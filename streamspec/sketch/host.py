@@ -53,6 +53,43 @@ def eigvalsh(x: np.ndarray) -> np.ndarray:
     return np.linalg.eigvalsh(padded)[:n]
 
 
+def svdvals(x: np.ndarray) -> np.ndarray:
+    """Singular values (descending) of a batch ``[N, m, n]`` with the GIL released: a batch at
+    or below numpy's threshold (``N·min(m, n)`` values) goes through the SVD with its vectors,
+    whose larger output releases it (≈ 2× the cost of the values alone)."""
+    if x.ndim != 3 or x.shape[0] * min(x.shape[-2:]) > GIL_THRESHOLD or not min(x.shape[-2:]):
+        return np.linalg.svd(x, compute_uv=False)
+    return np.linalg.svd(x, full_matrices=False)[1]
+
+
+def exact_spectra(
+    activation: np.ndarray, adjoint: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Exact singular values of ``A``, ``Δ`` and ``AᵀΔ`` of a batch of row blocks, from the rows.
+
+    Three batched, GIL-releasing SVDs for the whole batch (every exact-route layer of one shape
+    and all its groups), never a call per layer and group: ``A = U S Vᵀ`` (thin), then
+    ``σ(AᵀΔ) = σ(S Uᵀ Δ)``, a ``min(m, h_in) × h_out`` problem (``V`` has orthonormal columns),
+    never forming ``AᵀΔ`` when the rows are fewer than the widths. Zero rows (a group's
+    padding) change no singular value but add zeros at the end.
+
+    Args:
+        activation: ``[N, m, h_in]`` rows (float32 or float64; computed in float64).
+        adjoint: ``[N, m, h_out]`` the matching adjoint rows.
+
+    Returns:
+        Descending float64 ``σ(A)`` ``[N, min(m, h_in)]``, ``σ(Δ)`` ``[N, min(m, h_out)]`` and
+        ``σ(AᵀΔ)`` ``[N, min(m, h_in, h_out)]``.
+    """
+    a = np.asarray(activation, dtype=np.float64)
+    d = np.asarray(adjoint, dtype=np.float64)
+    u, sa, _ = np.linalg.svd(a, full_matrices=False)  # its vectors' output releases the GIL
+    sd = svdvals(d)
+    projected = (sa[..., :, None] * np.swapaxes(u, -1, -2)) @ d  # S Uᵀ Δ [N, k, h_out]
+    sg = svdvals(projected)
+    return sa, sd, sg[..., : min(a.shape[-2], a.shape[-1], d.shape[-1])]
+
+
 def _shifted(gram: np.ndarray, rtol: float) -> np.ndarray:
     """``sym(gram) + ν·I``, ``ν = rtol·tr(gram)/b + tiny`` (a new array)."""
     b = gram.shape[-1]

@@ -238,36 +238,6 @@ def orthonormalize(y: torch.Tensor, against: torch.Tensor | None = None) -> torc
 # Host side: float64 numpy, small matrices.
 
 
-def exact_spectra(
-    activation: np.ndarray, adjoint: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Exact singular values of ``A``, ``Δ`` and ``AᵀΔ`` from the rows themselves.
-
-    When the group has fewer rows ``n`` than the layer's widths, ``σ(AᵀΔ) = σ(R_A R_Δᵀ)`` with
-    ``Aᵀ = Q_A R_A`` and ``Δᵀ = Q_Δ R_Δ`` thin QRs, an ``n × n`` problem (never forms ``AᵀΔ``).
-
-    Args:
-        activation: ``[n, h_in]`` rows of the group.
-        adjoint: ``[n, h_out]`` the matching adjoint rows.
-
-    Returns:
-        Descending float64 singular values of ``A`` (``min(n, h_in)``), ``Δ`` (``min(n, h_out)``)
-        and ``AᵀΔ`` (``min(n, h_in, h_out)``).
-    """
-    a = np.asarray(activation, dtype=np.float64)
-    d = np.asarray(adjoint, dtype=np.float64)
-    n = a.shape[0]
-    sa = scipy.linalg.svdvals(a, check_finite=False)
-    sd = scipy.linalg.svdvals(d, check_finite=False)
-    if n < min(a.shape[1], d.shape[1]):
-        ra = scipy.linalg.qr(a.T, mode="r", check_finite=False)[0][:n]
-        rd = scipy.linalg.qr(d.T, mode="r", check_finite=False)[0][:n]
-        sg = scipy.linalg.svdvals(ra @ rd.T, check_finite=False)
-    else:
-        sg = scipy.linalg.svdvals(a.T @ d, check_finite=False)
-    return sa, sd, sg[: min(n, a.shape[1], d.shape[1])]
-
-
 def nystrom(omega: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Eigen-decomposition of a PSD matrix ``H`` from its sketch ``Y = HΩ`` (stable Nyström).
 

@@ -191,3 +191,44 @@ def test_gradient_estimate_and_error_use_the_better_of_two_lower_bounds() -> Non
         gap = np.abs(spectra[2][i, :k] - true[:k])
         assert (gap <= errors[2][i, :k] * (1 + 1e-6) + 1e-9 * true[0]).all()
     assert any(tighter)  # strictly tighter than the distance to σ(C)
+
+
+def test_exact_spectra_equal_per_matrix_svds_for_a_padded_batch(monkeypatch) -> None:
+    """The exact route's batched spectra: σ(A), σ(Δ), σ(AᵀΔ) of every (layer, group) block at
+    once, equal to float64 SVDs of each block's own rows (zero padding rows, fewer rows than
+    the widths, more rows than one width, a rank-deficient and an all-zero block), with every
+    numpy call releasing the GIL."""
+    import streamspec.sketch.host as host
+
+    rng = np.random.default_rng(11)
+    real = np.linalg.svd
+    for m, h_in, h_out in ((6, 10, 7), (12, 5, 9), (4, 16, 16)):
+        n_rows = [m, m - 2, 3, 0]  # real rows per block; the rest zero padding
+        a = np.zeros((len(n_rows), m, h_in), dtype=np.float32)
+        d = np.zeros((len(n_rows), m, h_out), dtype=np.float32)
+        for i, n in enumerate(n_rows):
+            a[i, :n] = rng.standard_normal((n, h_in)) * np.logspace(0, -3, h_in)
+            d[i, :n] = rng.standard_normal((n, h_out))
+        a[2, :, 1:] = a[2, :, :1]  # rank one
+        calls: list[tuple[tuple[int, ...], bool]] = []
+        monkeypatch.setattr(np.linalg, "svd", _svd_spy(calls, real))
+        sa, sd, sg = host.exact_spectra(a, d)
+        monkeypatch.setattr(np.linalg, "svd", real)
+        assert len(calls) == 3  # three calls for the whole batch
+        assert all(uv or shape[0] * min(shape[-2:]) > 500 for shape, uv in calls), calls
+        for i in range(len(n_rows)):
+            a64, d64 = a[i].astype(np.float64), d[i].astype(np.float64)
+            for got, x in ((sa[i], a64), (sd[i], d64), (sg[i], a64.T @ d64)):
+                want = np.linalg.svd(x, compute_uv=False)[: got.size]
+                top = max(want[0], 1e-300)
+                np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12 * top)
+
+
+def _svd_spy(calls: list, real):  # type: ignore[no-untyped-def]
+    """``np.linalg.svd`` recording each call's shape and whether it returns vectors."""
+
+    def spy(x, full_matrices=True, compute_uv=True, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append((x.shape, compute_uv))
+        return real(x, full_matrices=full_matrices, compute_uv=compute_uv, **kwargs)
+
+    return spy

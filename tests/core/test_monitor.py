@@ -255,6 +255,36 @@ def test_batch_dim_one_for_sequence_first_inputs() -> None:
         assert relative_errors(ds["sigma"].values[0, 0, :, c], exact).max() < 1e-5
 
 
+def test_exact_route_factorises_each_shape_once_per_step(monkeypatch) -> None:
+    """Small groups take the exact route: the host factorises all layers and groups of one row
+    shape in one batched call per step (not a Python loop of SVDs holding the GIL per layer and
+    group), and every value equals the exact spectrum."""
+    from streamspec import pipeline
+
+    calls: list[tuple[int, ...]] = []
+    real = pipeline.exact_spectra
+    monkeypatch.setattr(
+        pipeline, "exact_spectra", lambda a, d: calls.append(a.shape + d.shape[-1:]) or real(a, d)
+    )
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+    rec = ExactRecorder(model)
+    g = torch.tensor([0, 1, 2, 0, 1, 2])
+    with streamspec.watch(model, ["a", "b", "c"], rank=2, live=False) as mon:
+        mon.label(g)
+        rec.label(g)
+        model(torch.randn(6, 8)).pow(2).sum().backward()
+        ds = mon.to_xarray()
+    # the two 8 → 8 layers × 3 groups in one call, the 8 → 3 head's 3 groups in another
+    assert sorted(calls) == [(3, 2, 8, 3), (6, 2, 8, 8)], calls
+    layers = [str(n) for n in ds["layer"].values]
+    for name in rec.names:
+        for c in range(3):
+            exact = rec.spectra([0], name, c, 2)
+            got = ds["sigma"].values[0, layers.index(name), :, c]
+            assert relative_errors(got, exact).max() < 1e-5, (name, c)
+
+
 class _SequenceFirstClassifier(nn.Module):
     """A sequence-first encoder (``[T, B, d]``, as before ``batch_first``) under a batch-first
     head on the mean over positions (``[B, d]``)."""
