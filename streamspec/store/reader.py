@@ -32,12 +32,13 @@ from xarray.backends import AbstractDataStore, ZarrStore
 from zarr.abc.store import Store
 from zarr.core.sync import sync
 
-from streamspec.errors import StreamspecError
+from streamspec.errors import StreamspecError, StreamspecWarning
 from streamspec.layout import RunLayout
 from streamspec.store.schema import (
     COMMIT_ATTRS,
     CREATING_ATTR,
     DATASET_ATTRS,
+    FILLING_ATTR,
     ROW_DIMS,
     layout_from_attrs,
     missing_archive_parts,
@@ -295,6 +296,8 @@ class Archive:
             ``pair``; attributes ``rank``, ``normalize``, ``every``, ``streamspec_version``,
             ``model``, ``created``. String coordinates are plain NumPy ``str`` arrays (Zarr gives
             ``StringDType``, which e.g. ``.astype(str)`` and netCDF export reject).
+            A variable a resume is still adding reads as NaN (-1 for integers) in the rows not
+            filled yet, as it will once filled (see :meth:`check`).
         """
         committed = self._committed()  # before the data: rows below it are complete
         with quiet_partial_files():  # xarray lists the members (and reads them) here
@@ -338,14 +341,27 @@ class Archive:
         every committed row. Chunks hold a zstd checksum, so a changed byte is found too. Also
         checks that ``step`` and ``epoch`` increase and ``step_epoch`` never decreases.
 
+        An array a resume is adding (a variable newer than the archive, whose past rows it fills
+        with NaN / -1 before training goes on) is not damaged while its fill is unfinished, or
+        after a resume was killed during it: its missing chunks read as the fill value, and the
+        next resume (or writer opened on the archive) fills it anew. That is warned about, not
+        raised.
+
         Raises:
             StreamspecError: naming the first array and chunk key (``sigma/c/3/0/0/0/0``) that is
                 missing or does not decode, and the rows it holds.
+
+        Warns:
+            StreamspecWarning: naming the arrays whose fill is unfinished.
         """
         group = self._group()
         committed = committed_rows(group)
         with quiet_partial_files():
             names = sorted(group.array_keys())
+        # The fill mark read after the listing: an array listed was created after its mark was
+        # set, and a mark gone by now means its fill is done (every chunk written).
+        filling = {name for name in filling_arrays(self._group()) if name in names}
+        unfilled = dict.fromkeys(sorted(filling), 0)
         for name in names:
             array = member_array(group, name)
             dims = getattr(array.metadata, "dimension_names", None) or ()
@@ -361,6 +377,9 @@ class Archive:
                 key = f"{name}/{array.metadata.encode_chunk_key(coords)}"
                 where = _chunk_rows(array, coords, row_dim)
                 if not sync(self._store.exists(key)):
+                    if name in filling:
+                        unfilled[name] += 1
+                        continue
                     raise self._damaged(name, f"chunk {key!r}{where} missing")
                 try:
                     array.get_block_selection(coords)
@@ -369,6 +388,19 @@ class Archive:
                         name, f"chunk {key!r}{where} that does not decode ({exc})"
                     ) from exc
         self._check_indices(group, committed)
+        if unfilled:
+            counts = ", ".join(
+                f"{name!r} ({n} chunks not filled yet)" for name, n in unfilled.items()
+            )
+            warnings.warn(
+                f"streamspec: {self._label} is not damaged, but a resume has not finished adding "
+                f"{counts}: it is filling their past rows, or was stopped while doing so. Until "
+                "then the unfilled rows read as NaN (-1 for integers), as they will once filled; "
+                "the next resume of the run (streamspec.watch(..., resume=True) or "
+                "ArchiveWriter(..., resume=True)) finishes the fill",
+                StreamspecWarning,
+                stacklevel=2,
+            )
 
     def _check_indices(self, group: zarr.Group, committed: dict[str, int]) -> None:
         for name, row_dim, strict in (
@@ -454,6 +486,12 @@ def _chunk_rows(array: zarr.Array, coords: tuple[int, ...], row_dim: str | None)
         return ""
     size = array.chunks[0]
     return f" ({row_dim} rows {coords[0] * size}..{(coords[0] + 1) * size - 1})"
+
+
+def filling_arrays(group: zarr.Group) -> list[str]:
+    """The arrays a resume is adding and has not finished filling (:data:`FILLING_ATTR`); a
+    resume killed meanwhile leaves them there, for the next one to create and fill again."""
+    return [str(name) for name in cast(list[Any], group.attrs.get(FILLING_ATTR, []))]
 
 
 def committed_rows(group: zarr.Group) -> dict[str, int]:

@@ -31,6 +31,12 @@ COMMIT_ATTRS: dict[str, str] = {"step": "committed_steps", "epoch": "committed_e
 # leaves a group readers refuse and writers re-create, instead of one that looks damaged.
 CREATING_ATTR = "streamspec_creating"
 
+# Group attribute naming the arrays a resumed writer is adding (variables newer than the archive),
+# set before it creates them and removed once their past rows hold fill values. A writer killed
+# meanwhile leaves them listed, with chunks missing: readers report an unfinished fill, not damage,
+# and the next resume creates them again.
+FILLING_ATTR = "streamspec_filling"
+
 # Group attributes a resumed run must match (the rest may differ between sessions of one run).
 RESUME_ATTRS: tuple[str, ...] = ("layers", "groups", "rank", "normalize")
 

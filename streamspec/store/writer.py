@@ -46,6 +46,7 @@ from streamspec.store.reader import (
     Archive,
     EpochSteps,
     committed_rows,
+    filling_arrays,
     find_archive,
     is_incomplete,
     member_array,
@@ -58,6 +59,7 @@ from streamspec.store.schema import (
     COMMIT_ATTRS,
     CREATING_ATTR,
     EPOCH_CHUNK_ROWS,
+    FILLING_ATTR,
     RESUME_ATTRS,
     RowVariable,
     chunk_rows,
@@ -78,10 +80,11 @@ _ARRAY_CONFIG: ArrayConfigParams = {"write_empty_chunks": True}
 # file server) costs no row; a broken store costs each block 0.6 s of the background thread.
 _RETRY_DELAYS: tuple[float, ...] = (0.1, 0.5)
 
-# Group attribute naming the arrays a resumed writer is adding (filling their past rows with fill
-# values): a writer killed meanwhile leaves them listed, and the next resume creates them again.
-_FILLING_ATTR = "streamspec_filling"
+# Group attributes a closed writer leaves, so that a resume never reuses an index whose row was
+# lost (or, for steps, not recorded: ``every > 1``). Archives older than them have none; a crash
+# leaves them stale, so a resume takes the larger of them and what the committed rows say.
 NEXT_STEP_ATTR = "streamspec_next_step"  # the step index after a closed run's last step
+NEXT_EPOCH_ATTR = "streamspec_next_epoch"  # the epoch after a closed run's last epoch row
 
 # What LocalStore leaves behind when killed inside an atomic write: ``<name>.<uuid4 hex>.partial``.
 _PARTIAL_FILE = re.compile(r"\.[0-9a-f]{32}\.partial$")
@@ -176,11 +179,18 @@ class ArchiveWriter:
             _next_index(self._arrays["step"], self._committed["step"]),
             _int_attr(self._group.attrs.get(NEXT_STEP_ATTR)),
         )
-        self._start_epoch = _next_index(self._arrays["epoch"], self._committed["epoch"])
+        # Likewise for epochs: a lost epoch row left its epoch free in ``epoch`` while the
+        # committed steps already carry it (``step_epoch``); a closed run left the next epoch, a
+        # crash the epoch of its last committed step (the epochs before it are over).
+        self._last_step_epoch = _last_value(self._arrays["step_epoch"], self._committed["step"])
+        self._start_epoch = max(
+            _next_index(self._arrays["epoch"], self._committed["epoch"]),
+            self._last_step_epoch,
+            _int_attr(self._group.attrs.get(NEXT_EPOCH_ATTR)),
+        )
         # Bounds for the next rows (checked in the training thread, before buffering).
         self._last_step = self._start_step - 1
         self._last_epoch_row = self._start_epoch - 1
-        self._last_step_epoch = _last_value(self._arrays["step_epoch"], self._committed["step"])
 
         self._buffer: list[dict[str, np.ndarray]] = []
         # Blocks handed over but not yet written, oldest first. The thread drains all of them at
@@ -212,7 +222,9 @@ class ArchiveWriter:
 
     @property
     def start_epoch(self) -> int:
-        """The first epoch this session may write: last committed ``epoch`` + 1, or 0."""
+        """The first epoch this session may write: last committed ``epoch`` + 1, or 0; later if
+        an epoch row was lost (the next epoch a closed run recorded, or the epoch of the last
+        committed step)."""
         return self._start_epoch
 
     @property
@@ -313,7 +325,9 @@ class ArchiveWriter:
         """Write everything buffered, wait, stop the thread, then consolidate the metadata.
 
         ``next_step``: the index of the step after the run's last one (recorded or not), kept
-        for a resume of a run that records every n-th step.
+        for a resume of a run that records every n-th step. With it, or if an epoch row was lost,
+        the epoch after the last epoch row appended is kept too: a resume never reuses the index
+        of a step or epoch whose row was lost.
 
         Consolidated metadata (the root ``zarr.json`` holding every array's metadata) lets
         ``xarray.open_zarr(path)`` and ``xarray.open_datatree(path, engine="zarr")`` read a finished
@@ -333,14 +347,23 @@ class ArchiveWriter:
             self._executor.shutdown(wait=True)
         if self._first_loss is not None:
             self._repair()
-        if next_step is not None:  # also past rows lost at the end: never reused on resume
+        # The indices after the last rows, also of rows lost at the end: never reused on resume.
+        # The next epoch goes along with the next step, and alone only if an epoch row was lost
+        # (otherwise the committed rows say it). One write of the root's metadata, like a commit
+        # (after _repair, the counters it holds in memory are the committed ones).
+        ends: dict[str, int] = {}
+        if next_step is not None:
+            ends[NEXT_STEP_ATTR] = int(next_step)
+        if ends or self._lost["epoch"]:
+            ends[NEXT_EPOCH_ATTR] = self._last_epoch_row + 1
+        if ends:
             try:
-                self._group.attrs[NEXT_STEP_ATTR] = int(next_step)
+                self._group.update_attributes(ends)
             except Exception as error:  # storage trouble is reported, never raised
                 warnings.warn(
-                    f"streamspec: could not record the next step index in {self._label} "
-                    f"({type(error).__name__}: {error}); a resume restarts the count at the "
-                    "last recorded step + 1",
+                    f"streamspec: could not record the next step and epoch indices in "
+                    f"{self._label} ({type(error).__name__}: {error}); a resume restarts the "
+                    "counts after the last recorded step and epoch",
                     StreamspecWarning,
                     stacklevel=2,
                 )
@@ -705,14 +728,14 @@ class ArchiveWriter:
             present = set(group.array_keys())
         variables = row_variables(layout=self._layout)
         # Arrays a killed resume was adding: created again (their fill may be incomplete).
-        unfinished = [str(name) for name in cast(list[Any], attrs.get(_FILLING_ATTR, []))]
+        unfinished = filling_arrays(existing)
         for name in unfinished:
             if name in present and name not in {v.name for v in variables}:
                 del group[name]  # added by a resume that did not finish, and not wanted now
         # Variables newer than the archive (an optional one, or one a later version added).
         added = [v for v in variables if v.name not in present or v.name in unfinished]
         if added:
-            group.attrs.update({_FILLING_ATTR: [v.name for v in added]})
+            group.attrs.update({FILLING_ATTR: [v.name for v in added]})
         for v in added:
             array = self._create_row_array(
                 group, v, rows=committed_now[v.row_dim], chunk_steps=chunk_steps, overwrite=True
@@ -733,7 +756,7 @@ class ArchiveWriter:
                 array.resize((committed, *array.shape[1:]))
         if added or unfinished or extras != wanted["extras"]:
             # Last: readers learn of the added variables once their past rows exist.
-            finished = {k: v for k, v in group.attrs.asdict().items() if k != _FILLING_ATTR}
+            finished = {k: v for k, v in group.attrs.asdict().items() if k != FILLING_ATTR}
             group.attrs.put({**finished, "extras": wanted["extras"]})
         return group
 

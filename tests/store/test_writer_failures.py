@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import threading
 
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ from torch import nn
 
 import streamspec
 from streamspec import pipeline
+from streamspec.analysis import load
 from streamspec.errors import StreamspecWarning
 from streamspec.store import ArchiveWriter, open_archive
 from streamspec.store import writer as writer_module
@@ -203,6 +205,72 @@ def test_a_resume_that_stops_while_filling_is_finished_by_the_next(layout, step_
     archive = open_archive(store)
     archive.check()
     assert np.isnan(archive.to_xarray().sigma_tied).all()
+
+
+_UNFINISHED = r"not damaged.*'sigma_tied' \(2 chunks not filled yet\).*next resume"
+
+
+def test_check_after_a_resume_stopped_while_filling_reports_an_unfinished_fill(layout, step_row):
+    """A resume killed while filling an added variable's past rows left chunks of it missing:
+    ``check()`` called that damage. It now warns that the fill is unfinished (the next resume
+    finishes it), and the archive reads, the unfilled rows as NaN."""
+    store = FlakyStore()
+    with ArchiveWriter(store, layout, chunk_steps=2) as writer:
+        write(writer, step_row, range(5))
+    tied = dataclasses.replace(layout, extras=("sigma_tied",))
+    store.prefix, store.failures = "sigma_tied/c/1/", -1  # chunks 1 and 2 of 3 never written
+    with pytest.raises(OSError, match="injected failure"):
+        ArchiveWriter(store, tied, resume=True, chunk_steps=2)
+    store.failures = 0
+    archive = open_archive(store)
+    with pytest.warns(StreamspecWarning, match=_UNFINISHED):
+        archive.check()
+    with pytest.warns(StreamspecWarning, match=_UNFINISHED):
+        ds = load(store)  # which checks first
+    assert np.isnan(ds.sigma_tied).all()
+    np.testing.assert_array_equal(ds.sigma[4], step_row(4)["sigma"])
+    with ArchiveWriter(store, tied, resume=True, chunk_steps=2):
+        pass
+    open_archive(store).check()  # finished: no warning (an error under this suite's filters)
+
+
+def test_check_during_a_resume_s_fill_reports_an_unfinished_fill(layout, step_row):
+    """``check()`` from another thread while a resume is filling: the same report, not damage."""
+
+    class PausingStore(zarr.storage.MemoryStore):
+        """Holds the write of ``sigma_tied``'s chunk 1 until ``release`` is set (events of the
+        class: zarr makes copies of a store, e.g. read-only ones)."""
+
+        reached, release = threading.Event(), threading.Event()
+
+        async def set(self, key, value, byte_range=None):
+            if key.startswith("sigma_tied/c/1/"):
+                self.reached.set()
+                while not self.release.is_set():  # yields zarr's event loop to the reader
+                    await asyncio.sleep(0.01)
+            await super().set(key, value, byte_range)
+
+    store = PausingStore()
+    with ArchiveWriter(store, layout, chunk_steps=2) as writer:
+        write(writer, step_row, range(5))
+    tied = dataclasses.replace(layout, extras=("sigma_tied",))
+    resumed: list[ArchiveWriter] = []
+    filling = threading.Thread(
+        target=lambda: resumed.append(ArchiveWriter(store, tied, resume=True, chunk_steps=2))
+    )
+    filling.start()
+    try:
+        assert store.reached.wait(10)
+        archive = open_archive(store)
+        with pytest.warns(StreamspecWarning, match=_UNFINISHED):
+            archive.check()
+        assert np.isnan(archive.to_xarray().sigma_tied).all()
+    finally:
+        store.release.set()
+        filling.join(10)
+    (writer,) = resumed
+    writer.close()
+    open_archive(store).check()
 
 
 def test_a_variable_newer_than_the_archive_passes_check(tmp_path, layout, step_row, monkeypatch):
@@ -458,6 +526,64 @@ def test_steps_of_a_lost_last_block_are_not_reused_by_a_resume(tmp_path, monkeyp
     assert w.lost_rows["step"] == 2
     with ArchiveWriter(path, _LAYOUT, resume=True) as resumed:
         assert resumed.start_step == 6
+
+
+def _epoch_row() -> dict[str, np.ndarray]:
+    return {
+        "sigma_epoch": np.zeros(_LAYOUT.step_shape, np.float32),
+        "welch_t": np.zeros(_LAYOUT.pair_shape),
+        "welch_p": np.zeros(_LAYOUT.pair_shape),
+    }
+
+
+@pytest.mark.parametrize("ending", ["close(next_step)", "close()", "kill"])
+def test_the_epoch_of_a_lost_epoch_row_is_not_reused_by_a_resume(
+    tmp_path, monkeypatch, ending
+) -> None:
+    """The row of epoch 1 is lost. A resume numbered its epochs from the last committed row:
+    epoch 1 again, a label the archived steps of the lost epoch already carry (and after a
+    kill with epoch 2's steps committed, a start the writer itself refused: epochs go back)."""
+    monkeypatch.setattr(writer_module, "_RETRY_DELAYS", (0.0, 0.0))
+
+    class Failing(zarr.storage.LocalStore):
+        broken = False
+
+        async def set(self, key, value):  # type: ignore[no-untyped-def]
+            if self.broken and key.startswith("sigma_epoch/"):
+                raise OSError("injected: the disk went away")
+            await super().set(key, value)
+
+    path = tmp_path / "run.zarr"
+    path.mkdir()
+    store = Failing(str(path))
+    w = ArchiveWriter(store, _LAYOUT, flush_every=2, chunk_steps=2)
+    for s in range(4):
+        w.append_step(_row(s), step=s, epoch=s // 2)
+        if s == 1:
+            w.append_epoch(_epoch_row(), epoch=0)
+    w.flush()
+    store.broken = True
+    w.append_epoch(_epoch_row(), epoch=1)
+    w.flush()
+    store.broken = False
+    assert w.lost_rows == {"step": 0, "epoch": 1}
+    if ending == "kill":  # epoch 2's steps committed, then the process dies (w never closed)
+        for s in range(4, 6):
+            w.append_step(_row(s), step=s, epoch=2)
+        w.flush()
+    else:
+        with pytest.warns(StreamspecWarning, match="not written"):
+            w.close(next_step=4) if ending == "close(next_step)" else w.close()
+    n_steps = open_archive(path).n_steps
+    with ArchiveWriter(path, _LAYOUT, resume=True) as resumed:
+        assert resumed.start_epoch == 2
+        unfinished = resumed.unfinished_epoch()  # epoch 1 is over: its steps are not epoch 2's
+        assert unfinished.step.tolist() == ([4, 5] if ending == "kill" else [])
+        resumed.append_step(_row(n_steps), step=n_steps, epoch=2)
+        resumed.append_epoch(_epoch_row(), epoch=2)
+    ds = open_archive(path).to_xarray()
+    assert ds["epoch"].values.tolist() == [0, 2]
+    assert ds["step_epoch"].values.tolist() == [0, 0, 1, 1] + [2] * (n_steps - 3)
 
 
 def test_a_base_exception_in_a_write_does_not_wedge_the_writer(monkeypatch) -> None:
