@@ -9,8 +9,10 @@ fill few of the device's multiprocessors. This times, per layer shape of a bench
 * ``split-k S``: the transposed products ``Aᵀ[P | R]``, ``Δᵀ[P | R]`` with the rows cut into
   ``S`` chunks (``S`` times the batch of the long-reduction GEMMs, then a sum);
 * ``layers L``: the products of ``L`` same-shape layers in one batched call each (what holding
-  rows until a bank's layers are all there would allow), time per layer;
-* ``tf32``: ``monitor`` with TF32 allowed (for reference: streamspec runs them in IEEE float32).
+  rows until a bank's layers are all there would allow; stacking their rows not counted), time
+  per layer;
+* ``monitor tf32``: :meth:`LayerTracker.products` outside streamspec's IEEE guard with TF32
+  allowed (for reference: the monitor runs them in IEEE float32).
 
     python -m bench.products --config gpu-base --device cuda
     python -m bench.products --config smoke --device cpu      # seconds; checks the script
@@ -31,6 +33,7 @@ import torch
 
 from bench.harness import CONFIGS, Config
 from streamspec.sketch.linalg import ieee_float32
+from streamspec.sketch.operators import DenseRows, sq_norms_pair
 from streamspec.sketch.tracker import LayerTracker, SketchWidths
 
 
@@ -84,11 +87,13 @@ def _transposed(
 
 def _products(
     a: torch.Tensor, d: torch.Tensor, b_in: torch.Tensor, b_out: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The monitor's four products and the float64 Gram, on stacked (batched) inputs."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What :meth:`LayerTracker.products` computes (four products, the float64 Gram, the
+    squared norms), on stacked (batched) inputs."""
     pr = torch.cat([torch.bmm(a, b_in), torch.bmm(d, b_out)], dim=2)
     pr64 = pr.to(torch.float64)
-    return torch.bmm(a.mT, pr), torch.bmm(d.mT, pr), torch.bmm(pr64.mT, pr64)
+    norms = sq_norms_pair(DenseRows(a), d)
+    return torch.bmm(a.mT, pr), torch.bmm(d.mT, pr), torch.bmm(pr64.mT, pr64), norms
 
 
 def _gap(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -131,7 +136,7 @@ def _measure_shape(
         split = _transposed(a, d, pr, 4)
         gaps = [_gap(x, y) for x, y in zip(split, (ref.s_in, ref.s_out), strict=True)]
         stacked = _products(*(t.repeat(2, 1, 1) for t in (a, d, b_in, b_out)))
-        expected = (ref.s_in, ref.s_out, ref.gram)
+        expected = (ref.s_in, ref.s_out, ref.gram, ref.norms)
         gaps += [_gap(x[c:], y) for x, y in zip(stacked, expected, strict=True)]
         row["max_gap"] = max(gaps)
         row["monitor"] = timer(lambda: tracker.products(a, d, exact=False))
@@ -145,7 +150,7 @@ def _measure_shape(
     saved = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high")
     try:
-        row["monitor tf32"] = timer(lambda: _products(a, d, b_in, b_out))
+        row["monitor tf32"] = timer(lambda: tracker.products(a, d, exact=False))
     finally:
         torch.set_float32_matmul_precision(saved)
     return row

@@ -135,6 +135,40 @@ def _check_config(
     return names
 
 
+def _sample_dims(model: nn.Module, sites: list[Site], batch_dim: BatchDim) -> dict[int, int]:
+    """Each watched module's sample dimension (``id(module) → dim``) from ``watch(batch_dim=)``.
+
+    A module registered under several names (shared) takes the dim they all resolve to, and is
+    refused if they differ. MultiheadAttention's ``out_proj``, which its stepwise twin calls in
+    the module's own layout, takes that layout's dim (0 with ``batch_first``, else 1) whatever
+    ``batch_dim`` says.
+    """
+    names: dict[int, list[str]] = {}
+    parents: dict[int, nn.Module] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(module), []).append(name)
+        for child in module.children():
+            parents.setdefault(id(child), module)
+    check_batch_dim_names(batch_dim, {n for group in names.values() for n in group})
+    dims: dict[int, int] = {}
+    for site in sites:
+        module = site.module
+        parent = parents.get(id(module))
+        if isinstance(parent, nn.MultiheadAttention) and parent.out_proj is module:
+            dims[id(module)] = 0 if parent.batch_first else 1
+            continue
+        found = {n: batch_dim_of(n, batch_dim) for n in names.get(id(module), [""])}
+        if len(set(found.values())) > 1:
+            raise StreamspecError.build(
+                "one sample dimension per module (batch_dim)",
+                f"a module shared under several names that batch_dim maps to different dims: "
+                f"{found}",
+                "map all of its names to the same dim",
+            )
+        dims[id(module)] = next(iter(found.values()))
+    return dims
+
+
 def find_sites(model: nn.Module) -> list[Site]:
     """Every watchable weight matrix of ``model``, in ``named_modules()`` order."""
     sites: list[Site] = []
@@ -222,6 +256,9 @@ class Monitor:
         sites = find_sites(model)
         self._check_sites(model, sites)
         self.sites = sites
+        # Each watched module's sample dimension (watch(batch_dim=) may map parts of the model);
+        # checked before the archive exists, so a typo leaves nothing behind.
+        self._batch_dims = _sample_dims(model, sites, config.batch_dim)
         self.layout = RunLayout(
             layers=tuple(s.name for s in sites),
             groups=config.groups,
@@ -240,13 +277,6 @@ class Monitor:
         self._trackers = _trackers(sites, len(config.groups), config, self._generator)
         self._index = {(id(s.module), s.key): i for i, s in enumerate(sites)}
         self._modules = {id(s.module) for s in sites}
-        module_names = {id(m): name for name, m in model.named_modules()}
-        check_batch_dim_names(config.batch_dim, set(module_names.values()))
-        # Each watched module's sample dimension (watch(batch_dim=) may map parts of the model).
-        self._batch_dims = {
-            id(s.module): batch_dim_of(module_names.get(id(s.module), ""), config.batch_dim)
-            for s in sites
-        }
         self._tied = [
             config.tied and bool(getattr(family_of(s.module), "tying", False)) for s in sites
         ]
@@ -515,13 +545,21 @@ class Monitor:
             )
         if self._plan.batch_size != batch_size:
             name = next(s.name for s in self.sites if s.module is module)
+            family = family_of(module)
+            if id(module) in self._batch_dims and not getattr(family, "stepwise", False):
+                where = f"samples on dim {self._batch_dims[id(module)]} of its input (batch_dim)"
+                fix = (
+                    "call mon.label() with the labels of this batch before its forward (or set "
+                    "batch_dim to the sample dimension: a mapping such as {'encoder': 1} for a "
+                    "model whose parts differ)"
+                )
+            else:  # attention/RNN twins and convolutions: the module's own layout
+                where = "samples where the module's own layout (batch_first, dim 0) puts them"
+                fix = "call mon.label() with the labels of this batch before its forward"
             raise StreamspecError.build(
                 f"{self._plan.batch_size} samples (the length of the last mon.label() call)",
-                f"a batch of {batch_size} samples at {name} "
-                f"(batch_dim={self._batch_dims.get(id(module), 0)})",
-                "call mon.label() with the labels of this batch before its forward (or set "
-                "batch_dim to the sample dimension: a mapping such as {'encoder': 1} for a model "
-                "whose parts differ)",
+                f"a batch of {batch_size} samples at {name} ({where})",
+                fix,
             )
         return self._plan
 

@@ -48,6 +48,18 @@ _LEAVES = {
     "conv": _settings(("cudnn.conv", "mkldnn.conv")),
 }
 _PARENTS = {"matmul": _settings(("", "mkldnn")), "conv": _settings(("", "cudnn", "mkldnn"))}
+# The backend whose "all" setting each per-op setting inherits while unset (PyTorch's names:
+# cuBLAS and cuDNN both under "cuda").
+_BACKEND = {
+    id(obj): backend
+    for owner, backend in (
+        ("cuda.matmul", "cuda"),
+        ("cudnn.conv", "cuda"),
+        ("mkldnn.matmul", "mkldnn"),
+        ("mkldnn.conv", "mkldnn"),
+    )
+    for obj in _settings((owner,))
+}
 
 
 def _legacy_reduced(kind: str) -> bool:
@@ -78,9 +90,10 @@ def _to_ieee(kind: str, undo: list[Callable[[], None]]) -> None:
     The legacy switch first, through the legacy API (the per-op settings follow it, and PyTorch
     checks that the two agree); then any per-op setting still reduced (set by the user through
     the per-op or a parent setting) is pinned to ``"ieee"``. The undo restores the legacy value,
-    then every per-op value exactly as it was: the process reads back what the user set.
+    then every per-op value as it was: the process reads back what the user set, and a setting
+    that only followed its parent follows it again (see :func:`_restored`).
     """
-    per_op = [(obj, obj.fp32_precision) for obj in _LEAVES[kind]]
+    per_op = [(obj, _restored(obj)) for obj in _LEAVES[kind]]
     flipped = False
     if kind == "matmul":
         try:
@@ -103,9 +116,27 @@ def _to_ieee(kind: str, undo: list[Callable[[], None]]) -> None:
     # The legacy value first (it also sets per-op values), then every per-op value as it was;
     # without a legacy flip, only the reduced per-op settings change.
     for obj, value in per_op:
-        if flipped or value != "ieee":
+        if flipped or obj.fp32_precision != "ieee":
             undo.append(functools.partial(setattr, obj, "fp32_precision", value))
             obj.fp32_precision = "ieee"
+
+
+def _restored(obj: Any) -> str:
+    """The value that restores a per-op setting: ``"none"`` (follow the parent) where it reads
+    what its backend's setting says, else its own value. PyTorch's getter answers a setting's
+    effective value, the parent's when it is unset: writing that value back explicitly would cut
+    the setting off from later changes of its parent (``torch.backends.fp32_precision = "ieee"``
+    after a watch would no longer reach the matmuls). A setting the user set explicitly to its
+    parent's value follows the parent afterwards: the same value now."""
+    value = str(obj.fp32_precision)
+    backend = _BACKEND.get(id(obj))
+    if backend is None or value == "none":
+        return value
+    try:
+        parent = torch._C._get_fp32_precision_getter(backend, "all")
+    except Exception:  # an unknown PyTorch: its own value, as before
+        return value
+    return "none" if parent == value else value
 
 
 class ieee_float32:  # noqa: N801 - used like a function, as a context manager

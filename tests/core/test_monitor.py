@@ -340,6 +340,70 @@ def test_batch_dim_mapping_for_a_model_mixing_layouts() -> None:
             model(x).pow(2).sum().backward()
 
 
+class _BatchFirstAroundSequenceFirstAttention(nn.Module):
+    """A batch-first model (``[N, L, E]``) around an ``nn.MultiheadAttention(batch_first=False)``;
+    ``encoder.0`` is also registered as ``shared.0`` (one module, two names)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=False)
+        self.encoder = nn.Sequential(nn.Linear(8, 8))
+        self.shared = nn.Sequential(self.encoder[0])
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = x.transpose(0, 1)
+        h = self.attn(s, s, s, need_weights=False)[0].transpose(0, 1)
+        return self.head(self.shared(h).mean(dim=1))
+
+
+def test_attention_out_proj_takes_its_modules_layout_whatever_batch_dim_says() -> None:
+    """MultiheadAttention's out_proj is fed in the module's own layout (sequence-first here), so
+    it takes that layout's sample dim even under the default ``batch_dim=0``: with N == L a wrong
+    dim would pass every shape check and silently record another grouping."""
+    torch.manual_seed(0)
+    model = _BatchFirstAroundSequenceFirstAttention()
+    rec = ExactRecorder(model, batch_dim={"attn": 1})  # the truth: out_proj's rows are [L, N, E]
+    x, g = torch.randn(6, 6, 8), torch.tensor([0, 1, 1, 0, 1, 0])
+    with streamspec.watch(model, ["a", "b"], rank=3, live=False, exact_rows=10_000) as mon:
+        mon.label(g)
+        rec.label(g)
+        model(x).pow(2).sum().backward()
+        ds = mon.to_xarray()
+    layers = [str(n) for n in ds["layer"].values]
+    for name in ("attn.out_proj.weight", "encoder.0.weight", "head.weight"):
+        for c in range(2):
+            got = ds["sigma"].values[0, layers.index(name), :, c]
+            assert relative_errors(got, rec.spectra([0], name, c, 3)).max() < 1e-4, (name, c)
+
+
+def test_batch_dim_mapping_of_shared_modules_and_typos(tmp_path) -> None:
+    """A shared module's second name is a valid key; names mapping one module to two dims are
+    refused; a refused mapping leaves no archive behind, so the corrected call just works."""
+    model = _BatchFirstAroundSequenceFirstAttention()
+    with streamspec.watch(model, ["a", "b"], rank=2, batch_dim={"shared.0": 0}, live=False):
+        pass
+    with pytest.raises(streamspec.StreamspecError, match="same dim"):
+        streamspec.watch(model, ["a", "b"], rank=2, batch_dim={"shared": 1}, live=False)
+    store = tmp_path / "run.zarr"
+    with pytest.raises(streamspec.StreamspecError, match="no such module"):
+        streamspec.watch(model, ["a", "b"], rank=2, batch_dim={"encodr": 1}, store=store)
+    assert not store.exists()
+    with streamspec.watch(model, ["a", "b"], rank=2, batch_dim={"encoder": 0}, store=store):
+        pass
+
+
+def test_a_label_mismatch_at_a_recurrent_layer_names_its_own_layout() -> None:
+    """An LSTM reads samples where its own batch_first puts them: the error does not point at
+    ``batch_dim``, which cannot change that."""
+    model = nn.Sequential(nn.LSTM(4, 5))  # sequence-first
+    with streamspec.watch(model, ["a", "b"], rank=2, live=False) as mon:
+        mon.label(torch.tensor([0, 1, 0, 1]))
+        with pytest.raises(streamspec.StreamspecError) as info:
+            model(torch.randn(7, 5, 4))[0].sum().backward()  # 5 samples on dim 1
+    assert "own layout" in str(info.value) and "batch_dim" not in str(info.value)
+
+
 def test_batch_dim_mapping_is_validated() -> None:
     model = _SequenceFirstClassifier()
     for bad, word in (({"encodr": 1}, "no such module"), ({"encoder": "1"}, "mapping")):

@@ -182,6 +182,23 @@ SCRIPT = textwrap.dedent(
     check_round_trip("cuBLAS tf32")
     torch.backends.fp32_precision = "tf32"  # every backend, every op
     check_round_trip("global tf32")
+    # A setting that only followed its parent follows it again after a watch: the user's later
+    # change of the parent reaches the matmuls (and cuDNN's convolutions) as without the watch.
+    for leaf in leaves:
+        leaf.fp32_precision = "none"  # unset: they follow torch.backends.fp32_precision
+    torch.backends.fp32_precision = "tf32"
+    train()
+    with ieee_float32():
+        pass
+    torch.backends.fp32_precision = "ieee"
+    assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+    assert torch.backends.mkldnn.matmul.fp32_precision == "ieee"
+    torch.backends.cudnn.fp32_precision = "tf32"  # cuBLAS's and cuDNN's parent
+    with ieee_float32():
+        pass
+    torch.backends.cudnn.fp32_precision = "ieee"
+    assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+    assert torch.backends.cudnn.conv.fp32_precision == "ieee"
     print("ok")
     """
 )
