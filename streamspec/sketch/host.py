@@ -68,10 +68,10 @@ def exact_spectra(
     """Exact singular values of ``A``, ``Δ`` and ``AᵀΔ`` of a batch of row blocks, from the rows.
 
     Three batched, GIL-releasing SVDs for the whole batch (every exact-route layer of one shape
-    and all its groups), never a call per layer and group: ``A = U S Vᵀ`` (thin), then
-    ``σ(AᵀΔ) = σ(S Uᵀ Δ)``, a ``min(m, h_in) × h_out`` problem (``V`` has orthonormal columns),
-    never forming ``AᵀΔ`` when the rows are fewer than the widths. Zero rows (a group's
-    padding) change no singular value but add zeros at the end.
+    and all its groups), never a call per layer and group. With fewer rows ``m`` than the
+    widths: ``A = U S Vᵀ`` (thin), then ``σ(AᵀΔ) = σ(S Uᵀ Δ)``, an ``m × h_out`` problem (``V``
+    has orthonormal columns), never forming ``AᵀΔ``; otherwise ``σ(AᵀΔ)`` of ``AᵀΔ`` itself.
+    Zero rows (a group's padding) change no singular value but add zeros at the end.
 
     Args:
         activation: ``[N, m, h_in]`` rows (float32 or float64; computed in float64).
@@ -83,11 +83,15 @@ def exact_spectra(
     """
     a = np.asarray(activation, dtype=np.float64)
     d = np.asarray(adjoint, dtype=np.float64)
-    u, sa, _ = np.linalg.svd(a, full_matrices=False)  # its vectors' output releases the GIL
+    m, h_in, h_out = a.shape[-2], a.shape[-1], d.shape[-1]
     sd = svdvals(d)
-    projected = (sa[..., :, None] * np.swapaxes(u, -1, -2)) @ d  # S Uᵀ Δ [N, k, h_out]
-    sg = svdvals(projected)
-    return sa, sd, sg[..., : min(a.shape[-2], a.shape[-1], d.shape[-1])]
+    if m >= min(h_in, h_out):  # (exact_rows raised) more rows than a width: AᵀΔ is no larger
+        sa = svdvals(a)
+        sg = svdvals(np.swapaxes(a, -1, -2) @ d)
+    else:
+        u, sa, _ = np.linalg.svd(a, full_matrices=False)  # its vectors' output releases the GIL
+        sg = svdvals((sa[..., :, None] * np.swapaxes(u, -1, -2)) @ d)  # S Uᵀ Δ [N, m, h_out]
+    return sa, sd, sg[..., : min(m, h_in, h_out)]
 
 
 def _shifted(gram: np.ndarray, rtol: float) -> np.ndarray:

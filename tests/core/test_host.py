@@ -202,7 +202,7 @@ def test_exact_spectra_equal_per_matrix_svds_for_a_padded_batch(monkeypatch) -> 
 
     rng = np.random.default_rng(11)
     real = np.linalg.svd
-    for m, h_in, h_out in ((6, 10, 7), (12, 5, 9), (4, 16, 16)):
+    for m, h_in, h_out in ((6, 10, 7), (12, 5, 9), (4, 16, 16), (30, 12, 20)):
         n_rows = [m, m - 2, 3, 0]  # real rows per block; the rest zero padding
         a = np.zeros((len(n_rows), m, h_in), dtype=np.float32)
         d = np.zeros((len(n_rows), m, h_out), dtype=np.float32)
