@@ -136,12 +136,11 @@ def _check_config(
 
 
 def _sample_dims(model: nn.Module, sites: list[Site], batch_dim: BatchDim) -> dict[int, int]:
-    """Each watched module's sample dimension (``id(module) → dim``) from ``watch(batch_dim=)``.
+    """The sample dimension of each watched module that takes it from ``watch(batch_dim=)``
+    (``id(module) → dim``); the others (:func:`_own_layout`) are absent.
 
     A module registered under several names (shared) takes the dim they all resolve to, and is
-    refused if they differ. MultiheadAttention's ``out_proj``, which its stepwise twin calls in
-    the module's own layout, takes that layout's dim (0 with ``batch_first``, else 1) whatever
-    ``batch_dim`` says.
+    refused if they differ.
     """
     names: dict[int, list[str]] = {}
     parents: dict[int, nn.Module] = {}
@@ -153,9 +152,7 @@ def _sample_dims(model: nn.Module, sites: list[Site], batch_dim: BatchDim) -> di
     dims: dict[int, int] = {}
     for site in sites:
         module = site.module
-        parent = parents.get(id(module))
-        if isinstance(parent, nn.MultiheadAttention) and parent.out_proj is module:
-            dims[id(module)] = 0 if parent.batch_first else 1
+        if _own_layout(module, parents.get(id(module))) is not None:
             continue
         found = {n: batch_dim_of(n, batch_dim) for n in names.get(id(module), [""])}
         if len(set(found.values())) > 1:
@@ -167,6 +164,19 @@ def _sample_dims(model: nn.Module, sites: list[Site], batch_dim: BatchDim) -> di
             )
         dims[id(module)] = next(iter(found.values()))
     return dims
+
+
+def _own_layout(module: nn.Module, parent: nn.Module | None) -> int | None:
+    """The sample dim of a module whose inputs follow its own layout, not ``batch_dim``: 0 for
+    convolutions, and MultiheadAttention's ``out_proj``, which its stepwise twin calls in the
+    module's layout (0 with ``batch_first``, else 1); -1 for stepwise modules (attention, RNNs:
+    their twins read their own ``batch_first``); None for the others."""
+    if isinstance(parent, nn.MultiheadAttention) and parent.out_proj is module:
+        return 0 if parent.batch_first else 1
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return 0
+    family = family_of(module)
+    return -1 if family is not None and family.stepwise else None
 
 
 def find_sites(model: nn.Module) -> list[Site]:
@@ -259,6 +269,12 @@ class Monitor:
         # Each watched module's sample dimension (watch(batch_dim=) may map parts of the model);
         # checked before the archive exists, so a typo leaves nothing behind.
         self._batch_dims = _sample_dims(model, sites, config.batch_dim)
+        parents = {id(c): m for m in model.modules() for c in m.children()}
+        self._own_layout_dims = {
+            id(s.module): dim
+            for s in sites
+            if (dim := _own_layout(s.module, parents.get(id(s.module)))) is not None and dim >= 0
+        }
         self.layout = RunLayout(
             layers=tuple(s.name for s in sites),
             groups=config.groups,
@@ -467,7 +483,9 @@ class Monitor:
             return None
         family = family_of(module)
         assert family is not None
-        bd = self._batch_dims[id(module)]
+        bd = self._batch_dims.get(id(module), 0)
+        if id(module) in self._own_layout_dims:
+            bd = self._own_layout_dims[id(module)]
         plan = self._plan
         if (
             getattr(family, "broadcasts", False)
@@ -545,15 +563,14 @@ class Monitor:
             )
         if self._plan.batch_size != batch_size:
             name = next(s.name for s in self.sites if s.module is module)
-            family = family_of(module)
-            if id(module) in self._batch_dims and not getattr(family, "stepwise", False):
+            if id(module) in self._batch_dims:
                 where = f"samples on dim {self._batch_dims[id(module)]} of its input (batch_dim)"
                 fix = (
                     "call mon.label() with the labels of this batch before its forward (or set "
                     "batch_dim to the sample dimension: a mapping such as {'encoder': 1} for a "
                     "model whose parts differ)"
                 )
-            else:  # attention/RNN twins and convolutions: the module's own layout
+            else:  # convolutions, attention (out_proj included) and RNNs: their own layout
                 where = "samples where the module's own layout (batch_first, dim 0) puts them"
                 fix = "call mon.label() with the labels of this batch before its forward"
             raise StreamspecError.build(

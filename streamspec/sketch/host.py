@@ -54,12 +54,39 @@ def eigvalsh(x: np.ndarray) -> np.ndarray:
 
 
 def svdvals(x: np.ndarray) -> np.ndarray:
-    """Singular values (descending) of a batch ``[N, m, n]`` with the GIL released: a batch at
-    or below numpy's threshold (``N·min(m, n)`` values) goes through the SVD with its vectors,
-    whose larger output releases it (≈ 2× the cost of the values alone)."""
-    if x.ndim != 3 or x.shape[0] * min(x.shape[-2:]) > GIL_THRESHOLD or not min(x.shape[-2:]):
+    """Singular values (descending) of a batch ``[N, m, n]`` with the GIL released.
+
+    numpy releases it when outer iterations × the outputs' core sizes exceed
+    :data:`GIL_THRESHOLD`. A batch at or below it takes the SVD with its vectors (thin), whose
+    outputs count too (≈ 2× the cost of the values alone), or, where even those are too small
+    (thin matrices, e.g. a 1-wide head), is padded with zero matrices past the threshold.
+    """
+    if x.ndim != 3 or not min(x.shape[-2:]):
         return np.linalg.svd(x, compute_uv=False)
-    return np.linalg.svd(x, full_matrices=False)[1]
+    n, (rows, cols) = x.shape[0], x.shape[-2:]
+    k = min(rows, cols)
+    if n * k > GIL_THRESHOLD:
+        return np.linalg.svd(x, compute_uv=False)
+    if n * (rows * k + k + k * cols) > GIL_THRESHOLD:
+        return np.linalg.svd(x, full_matrices=False)[1]
+    padded = np.zeros((GIL_THRESHOLD // k + 1, rows, cols), dtype=x.dtype)
+    padded[:n] = x
+    return np.linalg.svd(padded, compute_uv=False)[:n]
+
+
+def _thin_svd(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(U, S)`` of the thin SVD of a batch ``[N, m, n]``, padded with zero matrices past
+    numpy's GIL threshold where the batch's outputs are too small to release it."""
+    n, (rows, cols) = x.shape[0], x.shape[-2:]
+    k = min(rows, cols)
+    per = rows * k + k + k * cols  # the outputs' core sizes per matrix
+    if not k or n * per > GIL_THRESHOLD:
+        u, values, _ = np.linalg.svd(x, full_matrices=False)
+        return u, values
+    padded = np.zeros((GIL_THRESHOLD // per + 1, rows, cols), dtype=x.dtype)
+    padded[:n] = x
+    u, values, _ = np.linalg.svd(padded, full_matrices=False)
+    return u[:n], values[:n]
 
 
 def exact_spectra(
@@ -89,7 +116,7 @@ def exact_spectra(
         sa = svdvals(a)
         sg = svdvals(np.swapaxes(a, -1, -2) @ d)
     else:
-        u, sa, _ = np.linalg.svd(a, full_matrices=False)  # its vectors' output releases the GIL
+        u, sa = _thin_svd(a)
         sg = svdvals((sa[..., :, None] * np.swapaxes(u, -1, -2)) @ d)  # S Uᵀ Δ [N, m, h_out]
     return sa, sd, sg[..., : min(m, h_in, h_out)]
 

@@ -393,15 +393,44 @@ def test_batch_dim_mapping_of_shared_modules_and_typos(tmp_path) -> None:
         pass
 
 
-def test_a_label_mismatch_at_a_recurrent_layer_names_its_own_layout() -> None:
-    """An LSTM reads samples where its own batch_first puts them: the error does not point at
-    ``batch_dim``, which cannot change that."""
-    model = nn.Sequential(nn.LSTM(4, 5))  # sequence-first
-    with streamspec.watch(model, ["a", "b"], rank=2, live=False) as mon:
-        mon.label(torch.tensor([0, 1, 0, 1]))
-        with pytest.raises(streamspec.StreamspecError) as info:
-            model(torch.randn(7, 5, 4))[0].sum().backward()  # 5 samples on dim 1
-    assert "own layout" in str(info.value) and "batch_dim" not in str(info.value)
+def test_a_label_mismatch_at_a_layer_with_its_own_layout_names_it() -> None:
+    """An LSTM reads samples where its own batch_first puts them, a convolution from dim 0: the
+    error does not point at ``batch_dim``, which cannot change that."""
+    for model, x in (
+        (nn.Sequential(nn.LSTM(4, 5)), torch.randn(7, 5, 4)),  # sequence-first: 5 on dim 1
+        (nn.Sequential(nn.Conv1d(3, 4, 3)), torch.randn(5, 3, 8)),  # 5 samples on dim 0
+    ):
+        with streamspec.watch(model, ["a", "b"], rank=2, live=False, batch_dim=1) as mon:
+            mon.label(torch.tensor([0, 1, 0, 1]))
+            with pytest.raises(streamspec.StreamspecError) as info:
+                out = model(x)
+                (out[0] if isinstance(out, tuple) else out).sum().backward()
+        assert "own layout" in str(info.value) and "batch_dim" not in str(info.value)
+
+
+class _SharedConvolution(nn.Module):
+    """One convolution under a mapped (sequence-first) part and an unmapped one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        conv = nn.Conv1d(4, 4, 1)
+        self.encoder = nn.ModuleDict({"conv": conv, "proj": nn.Linear(4, 4)})
+        self.decoder = nn.ModuleDict({"conv": conv})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, 4, T]
+        s = self.encoder["proj"](self.encoder["conv"](x).permute(2, 0, 1))  # [T, B, 4]
+        return self.decoder["conv"](s.permute(1, 2, 0))
+
+
+def test_a_shared_convolution_is_not_refused_over_a_batch_dim_it_ignores() -> None:
+    """Convolutions always take samples from dim 0, so names of one mapped to different dims
+    are no conflict."""
+    model = _SharedConvolution()
+    with streamspec.watch(model, ["a", "b"], rank=2, live=False, batch_dim={"encoder": 1}) as mon:
+        mon.label(torch.tensor([0, 1, 0]))
+        model(torch.randn(3, 4, 5)).pow(2).sum().backward()
+        ds = mon.to_xarray()
+    assert np.isfinite(ds["sigma"].values[0, :, 0, :, 0]).all()
 
 
 def test_batch_dim_mapping_is_validated() -> None:
