@@ -23,7 +23,6 @@ Writes ``products-<config>-<device>.{json,md}`` under ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.harness import CONFIGS, Config
+from bench.harness import CONFIGS, Config, save
 from streamspec.sketch.linalg import ieee_float32
 from streamspec.sketch.operators import DenseRows, sq_norms_pair
 from streamspec.sketch.tracker import LayerTracker, SketchWidths
@@ -195,11 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg, device = CONFIGS[args.config], torch.device(args.device)
     rows = measure(cfg, device, args.repeats)
     table = report(cfg, device, rows)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"products-{cfg.name}-{device.type}"
-    stem.with_suffix(".json").write_text(json.dumps(rows, indent=2))
-    stem.with_suffix(".md").write_text(table + "\n")
+    save(args.out, f"products-{cfg.name}-{device.type}", rows, table)
     print(table)
     return 0
 

@@ -41,25 +41,18 @@ def _settings(owners: tuple[str, ...]) -> list[Any]:
 
 
 # Per kind of op streamspec runs: the per-op settings it pins (module objects, looked up once,
-# not on every hook call), and the parents they inherit from while "none". cuBLAS/oneDNN
-# matmuls for every product; cuDNN/oneDNN convolutions only for convolution layers' products.
+# not on every hook call) with the backend whose "all" setting each inherits while unset
+# (PyTorch's names: cuBLAS and cuDNN both under "cuda"), and the parents seen through the
+# Python API. cuBLAS/oneDNN matmuls for every product; cuDNN/oneDNN convolutions only for
+# convolution layers' products.
 _LEAVES = {
-    "matmul": _settings(("cuda.matmul", "mkldnn.matmul")),
-    "conv": _settings(("cudnn.conv", "mkldnn.conv")),
+    kind: [(obj, backend) for owner, backend in leaves for obj in _settings((owner,))]
+    for kind, leaves in (
+        ("matmul", (("cuda.matmul", "cuda"), ("mkldnn.matmul", "mkldnn"))),
+        ("conv", (("cudnn.conv", "cuda"), ("mkldnn.conv", "mkldnn"))),
+    )
 }
 _PARENTS = {"matmul": _settings(("", "mkldnn")), "conv": _settings(("", "cudnn", "mkldnn"))}
-# The backend whose "all" setting each per-op setting inherits while unset (PyTorch's names:
-# cuBLAS and cuDNN both under "cuda").
-_BACKEND = {
-    id(obj): backend
-    for owner, backend in (
-        ("cuda.matmul", "cuda"),
-        ("cudnn.conv", "cuda"),
-        ("mkldnn.matmul", "mkldnn"),
-        ("mkldnn.conv", "mkldnn"),
-    )
-    for obj in _settings((owner,))
-}
 
 
 def _legacy_reduced(kind: str) -> bool:
@@ -79,7 +72,8 @@ def _already_ieee(kind: str) -> bool:
     might reduce precision answers False, and the switches are then flipped."""
     if _legacy_reduced(kind):
         return False
-    return all(obj.fp32_precision in ("ieee", "none") for obj in _LEAVES[kind] + _PARENTS[kind])
+    settings = [obj for obj, _ in _LEAVES[kind]] + _PARENTS[kind]
+    return all(obj.fp32_precision in ("ieee", "none") for obj in settings)
 
 
 def _to_ieee(kind: str, undo: list[Callable[[], None]]) -> None:
@@ -93,7 +87,7 @@ def _to_ieee(kind: str, undo: list[Callable[[], None]]) -> None:
     then every per-op value as it was: the process reads back what the user set, and a setting
     that only followed its parent follows it again (see :func:`_restored`).
     """
-    per_op = [(obj, _restored(obj)) for obj in _LEAVES[kind]]
+    per_op = [(obj, _restored(obj, backend)) for obj, backend in _LEAVES[kind]]
     flipped = False
     if kind == "matmul":
         try:
@@ -121,7 +115,7 @@ def _to_ieee(kind: str, undo: list[Callable[[], None]]) -> None:
             obj.fp32_precision = "ieee"
 
 
-def _restored(obj: Any) -> str:
+def _restored(obj: Any, backend: str) -> str:
     """The value that restores a per-op setting: ``"none"`` (follow the parent) where it reads
     what its backend's setting says, else its own value. PyTorch's getter answers a setting's
     effective value, the parent's when it is unset: writing that value back explicitly would cut
@@ -129,8 +123,7 @@ def _restored(obj: Any) -> str:
     after a watch would no longer reach the matmuls). A setting the user set explicitly to its
     parent's value follows the parent afterwards: the same value now."""
     value = str(obj.fp32_precision)
-    backend = _BACKEND.get(id(obj))
-    if backend is None or value == "none":
+    if value == "none":
         return value
     try:
         parent = torch._C._get_fp32_precision_getter(backend, "all")
