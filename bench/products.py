@@ -11,6 +11,9 @@ fill few of the device's multiprocessors. This times, per layer shape of a bench
 * ``layers L``: the products of ``L`` same-shape layers in one batched call each (what holding
   rows until a bank's layers are all there would allow; stacking their rows not counted), time
   per layer;
+* ``only forward``, ``only transposed``, ``only gram+norms``: the monitor's three parts alone
+  (``[A·B_in | Δ·B_out]``; ``Aᵀ[P | R]`` and ``Δᵀ[P | R]``; the float64 Gram and the norms);
+* ``one transposed``: ``[A | Δ]ᵀ[P | R]`` as one batched product (the concatenation timed too);
 * ``monitor tf32``: :meth:`LayerTracker.products` outside streamspec's IEEE guard with TF32
   allowed (for reference: the monitor runs them in IEEE float32).
 
@@ -95,6 +98,14 @@ def _products(
     return torch.bmm(a.mT, pr), torch.bmm(d.mT, pr), torch.bmm(pr64.mT, pr64), norms
 
 
+def _one_transposed(
+    a: torch.Tensor, d: torch.Tensor, pr: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``Aᵀ[P | R]`` and ``Δᵀ[P | R]`` from one batched product of ``[A | Δ]``."""
+    both = torch.bmm(torch.cat([a, d], dim=2).mT, pr)
+    return both[:, : a.shape[2]], both[:, a.shape[2] :]
+
+
 def _gap(x: torch.Tensor, y: torch.Tensor) -> float:
     """Largest difference relative to the largest entry."""
     return float((x.double() - y.double()).abs().max() / y.double().abs().max())
@@ -133,13 +144,21 @@ def _measure_shape(
         # Every variant computes the monitor's products (checked once, untimed).
         ref = tracker.products(a, d, exact=False)
         split = _transposed(a, d, pr, 4)
-        gaps = [_gap(x, y) for x, y in zip(split, (ref.s_in, ref.s_out), strict=True)]
+        one = _one_transposed(a, d, pr)
+        gaps = [_gap(x, y) for x, y in zip(split + one, (ref.s_in, ref.s_out) * 2, strict=True)]
         stacked = _products(*(t.repeat(2, 1, 1) for t in (a, d, b_in, b_out)))
         expected = (ref.s_in, ref.s_out, ref.gram, ref.norms)
         gaps += [_gap(x[c:], y) for x, y in zip(stacked, expected, strict=True)]
         row["max_gap"] = max(gaps)
         row["monitor"] = timer(lambda: tracker.products(a, d, exact=False))
-        for chunks in (1, 2, 4, 8):
+        pr64 = pr.to(torch.float64)
+        row["only forward"] = timer(lambda: torch.cat([torch.bmm(a, b_in), torch.bmm(d, b_out)], 2))
+        row["only transposed"] = timer(lambda: _transposed(a, d, pr, 1))
+        row["only gram+norms"] = timer(
+            lambda: (torch.bmm(pr64.mT, pr64), sq_norms_pair(DenseRows(a), d))
+        )
+        row["one transposed"] = timer(lambda: _one_transposed(a, d, pr))
+        for chunks in (2, 4, 8):
             row[f"transposed split-k {chunks}"] = timer(
                 lambda chunks=chunks: _transposed(a, d, pr, chunks)
             )
