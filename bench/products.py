@@ -5,14 +5,18 @@ On an H200 the products of a watched BERT-base step took ≈ 15 ms of device tim
 model's flops: skinny fp32 GEMMs of ``b_in + b_out`` (80) columns, run for two groups at a time,
 fill few of the device's multiprocessors. This times, per layer shape of a bench config:
 
-* ``monitor``: :meth:`LayerTracker.products` itself (what a layer's backward hook runs);
+* ``monitor``: :meth:`LayerTracker.products` itself (what a layer's backward hook runs; split-K
+  on CUDA, see :func:`streamspec.sketch.linalg.tbmm`);
 * ``split-k S``: the transposed products ``Aᵀ[P | R]``, ``Δᵀ[P | R]`` with the rows cut into
   ``S`` chunks (``S`` times the batch of the long-reduction GEMMs, then a sum);
 * ``layers L``: the products of ``L`` same-shape layers in one batched call each (what holding
   rows until a bank's layers are all there would allow; stacking their rows not counted), time
   per layer;
-* ``only forward``, ``only transposed``, ``only gram+norms``: the monitor's three parts alone
-  (``[A·B_in | Δ·B_out]``; ``Aᵀ[P | R]`` and ``Δᵀ[P | R]``; the float64 Gram and the norms);
+* ``only forward``, ``only transposed``, ``only gram+norms``: the monitor's three parts alone,
+  unsplit (``[A·B_in | Δ·B_out]``; ``Aᵀ[P | R]`` and ``Δᵀ[P | R]``; the float64 Gram and the
+  norms); ``only gram split-k``: the Gram as the monitor computes it;
+* ``forward split-k 4``: ``[A·B_in | Δ·B_out]`` with the features cut in four (the chunks
+  copied);
 * ``one transposed``: ``[A | Δ]ᵀ[P | R]`` as one batched product (the concatenation timed too);
 * ``monitor tf32``: :meth:`LayerTracker.products` outside streamspec's IEEE guard with TF32
   allowed (for reference: the monitor runs them in IEEE float32).
@@ -34,7 +38,7 @@ import numpy as np
 import torch
 
 from bench.harness import CONFIGS, Config, save
-from streamspec.sketch.linalg import ieee_float32
+from streamspec.sketch.linalg import ieee_float32, tbmm
 from streamspec.sketch.operators import DenseRows, sq_norms_pair
 from streamspec.sketch.tracker import LayerTracker, SketchWidths
 
@@ -98,6 +102,21 @@ def _products(
     return torch.bmm(a.mT, pr), torch.bmm(d.mT, pr), torch.bmm(pr64.mT, pr64), norms
 
 
+def _forward_split(
+    a: torch.Tensor, d: torch.Tensor, b_in: torch.Tensor, b_out: torch.Tensor, chunks: int
+) -> torch.Tensor:
+    """``[A·B_in | Δ·B_out]`` with the feature dimension (the reduction) cut into ``chunks``
+    (a multiple of both widths; the chunked rows are copied)."""
+
+    def one(x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        c, m, h = x.shape
+        xs = x.unflatten(-1, (chunks, h // chunks)).transpose(1, 2).reshape(c * chunks, m, -1)
+        bs = b.reshape(c * chunks, h // chunks, -1)
+        return torch.bmm(xs, bs).view(c, chunks, m, -1).sum(1)
+
+    return torch.cat([one(a, b_in), one(d, b_out)], dim=2)
+
+
 def _one_transposed(
     a: torch.Tensor, d: torch.Tensor, pr: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,7 +164,8 @@ def _measure_shape(
         ref = tracker.products(a, d, exact=False)
         split = _transposed(a, d, pr, 4)
         one = _one_transposed(a, d, pr)
-        gaps = [_gap(x, y) for x, y in zip(split + one, (ref.s_in, ref.s_out) * 2, strict=True)]
+        gaps = [_gap(_forward_split(a, d, b_in, b_out, 4), pr)]
+        gaps += [_gap(x, y) for x, y in zip(split + one, (ref.s_in, ref.s_out) * 2, strict=True)]
         stacked = _products(*(t.repeat(2, 1, 1) for t in (a, d, b_in, b_out)))
         expected = (ref.s_in, ref.s_out, ref.gram, ref.norms)
         gaps += [_gap(x[c:], y) for x, y in zip(stacked, expected, strict=True)]
@@ -153,10 +173,12 @@ def _measure_shape(
         row["monitor"] = timer(lambda: tracker.products(a, d, exact=False))
         pr64 = pr.to(torch.float64)
         row["only forward"] = timer(lambda: torch.cat([torch.bmm(a, b_in), torch.bmm(d, b_out)], 2))
+        row["forward split-k 4"] = timer(lambda: _forward_split(a, d, b_in, b_out, 4))
         row["only transposed"] = timer(lambda: _transposed(a, d, pr, 1))
         row["only gram+norms"] = timer(
             lambda: (torch.bmm(pr64.mT, pr64), sq_norms_pair(DenseRows(a), d))
         )
+        row["only gram split-k"] = timer(lambda: tbmm(pr64, pr64))
         row["one transposed"] = timer(lambda: _one_transposed(a, d, pr))
         for chunks in (2, 4, 8):
             row[f"transposed split-k {chunks}"] = timer(
