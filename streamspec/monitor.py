@@ -503,7 +503,7 @@ class Monitor:
             output = output.expand(*output.shape[:bd], plan.batch_size, *output.shape[bd + 1 :])
             x = inputs[0]
             inputs = (x.expand(*x.shape[:bd], plan.batch_size, *x.shape[bd + 1 :]), *inputs[1:])
-            self._deliver(module, family.capture(module, inputs, output, bd))
+            self._deliver(module, self._capture(family, module, inputs, output, bd))
             return output
         if (
             getattr(family, "broadcasts", False)
@@ -524,8 +524,18 @@ class Monitor:
                 f"batch_dim={bd}): its output broadcasts the same way and streamspec records it "
                 "per sample",
             )
-        self._deliver(module, family.capture(module, inputs, output, bd))
+        self._deliver(module, self._capture(family, module, inputs, output, bd))
         return None
+
+    def _capture(
+        self, family: Any, module: nn.Module, inputs: tuple[Any, ...], output: Any, bd: int
+    ) -> list[Capture]:
+        """The family's captures of one call; a usage error names the module."""
+        try:
+            return family.capture(module, inputs, output, bd)
+        except StreamspecError as err:
+            name = next(s.name for s in self.sites if s.module is module)
+            raise StreamspecError(f"at {name}: {err}") from None
 
     def _deliver(self, module: nn.Module, captures: list[Capture]) -> None:
         """Take one module call's captures (from a forward hook or a stepwise module)."""

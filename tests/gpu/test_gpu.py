@@ -195,12 +195,13 @@ def test_split_k_products_on_cuda_equal_the_cpu_ones() -> None:
     out = {}
     for device in ("cpu", "cuda"):
         tracker = LayerTracker(96, 128, 2, 8, 10, torch.Generator().manual_seed(0))
-        tracker.products(a.to(device), d.to(device), exact=False)  # set up and seed
+        rows = a.to(device), d.to(device)  # (a copy from pageable host memory synchronises)
+        tracker.products(*rows, exact=False)  # set up and seed
         if device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.set_sync_debug_mode("error")
         try:
-            products = tracker.products(a.to(device), d.to(device), exact=False)
+            products = tracker.products(*rows, exact=False)
             packed = tracker.bank.finish({tracker.slot: products})
         finally:
             torch.cuda.set_sync_debug_mode(0)
