@@ -24,7 +24,8 @@ fill few of the device's multiprocessors. This times, per layer shape of a bench
     python -m bench.products --config gpu-base --device cuda
     python -m bench.products --config smoke --device cpu      # seconds; checks the script
 
-Writes ``products-<config>-<device>.{json,md}`` under ``--out``.
+Times are device times on a GPU (see :func:`_timer`), wall times on a CPU. Writes
+``products-<config>-<device>.{json,md}`` under ``--out``.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ from streamspec.sketch.linalg import ieee_float32, tbmm
 from streamspec.sketch.operators import DenseRows, sq_norms_pair
 from streamspec.sketch.tracker import LayerTracker, SketchWidths
 
+SLEEP_CYCLES = 200_000_000  # ≈ 0.1 s of a ≈ 2 GHz GPU: time for the host to queue the calls
+
 
 def layer_shapes(cfg: Config) -> dict[str, tuple[int, int, int]]:
     """``name → (h_in, h_out, count)`` of the config's watched weight matrices."""
@@ -55,21 +58,30 @@ def layer_shapes(cfg: Config) -> dict[str, tuple[int, int, int]]:
 
 
 def _timer(device: torch.device, repeats: int) -> Callable[[Callable[[], object]], float]:
-    """Median milliseconds of a callable (CUDA events on a GPU)."""
+    """Milliseconds of a callable: on a GPU its device time, on a CPU its wall time (medians).
+
+    On a GPU the calls are queued behind a ``torch.cuda._sleep`` kernel, so the host has
+    launched them all before the device reaches the first: the time between the events is the
+    device's alone, as in training, where the host runs ahead of the device (timing one call
+    at a time would time the host's Python and launches instead)."""
 
     def run(fn: Callable[[], object]) -> float:
         for _ in range(3):
             fn()
         times = []
-        for _ in range(repeats):
-            if device.type == "cuda":
+        if device.type == "cuda":
+            for _ in range(3):
+                torch.cuda.synchronize(device)
                 start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(True)
+                torch.cuda._sleep(SLEEP_CYCLES)
                 start.record()
-                fn()
+                for _ in range(repeats):
+                    fn()
                 stop.record()
                 stop.synchronize()
-                times.append(start.elapsed_time(stop))
-            else:
+                times.append(start.elapsed_time(stop) / repeats)
+        else:
+            for _ in range(repeats):
                 t0 = time.perf_counter()
                 fn()
                 times.append((time.perf_counter() - t0) * 1e3)
@@ -204,7 +216,7 @@ def report(cfg: Config, device: torch.device, rows: dict[str, dict[str, float]])
     lines = [
         f"Row products per layer, config `{cfg.name}` on {name} (torch {torch.__version__}; "
         f"{cfg.groups} groups, {cfg.batch * cfg.seq // cfg.groups} rows each, k = {cfg.rank}; "
-        "medians, ms per layer)",
+        "medians, ms per layer" + (", device time" if device.type == "cuda" else "") + ")",
         "",
         "| layer (h_in → h_out, b_in/b_out) | × | " + " | ".join(variants) + " |",
         "|---|---|" + "---|" * len(variants),
