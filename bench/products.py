@@ -1,22 +1,24 @@
 """``python -m bench.products``: the per-layer row products alone, as the monitor runs them and in
 variants, to decide how to run them on a GPU (bench/README.md, "Where the time goes").
 
-On an H200 the products of a watched BERT-base step took ≈ 15 ms of device time for ≈ 6% of the
-model's flops: skinny fp32 GEMMs of ``b_in + b_out`` (80) columns, run for two groups at a time,
-fill few of the device's multiprocessors. This times, per layer shape of a bench config:
+On an H200 the products of a watched BERT-base step took ≈ 15 ms of device time (≈ 11 ms with
+split-K) for ≈ 7% of the model's flops: skinny fp32 GEMMs of ``b_in + b_out`` (80) columns, run
+for two groups at a time, fill few of the device's multiprocessors. This times, per layer shape
+of a bench config:
 
 * ``monitor``: :meth:`LayerTracker.products` itself (what a layer's backward hook runs; split-K
   on CUDA, see :func:`streamspec.sketch.linalg.tbmm`);
 * ``split-k S``: the transposed products ``Aᵀ[P | R]``, ``Δᵀ[P | R]`` with the rows cut into
   ``S`` chunks (``S`` times the batch of the long-reduction GEMMs, then a sum);
-* ``layers L``: the products of ``L`` same-shape layers in one batched call each (what holding
-  rows until a bank's layers are all there would allow; stacking their rows not counted), time
-  per layer;
+* ``layers L``: the products of ``L`` same-shape layers in one batched call each, split-K on
+  CUDA as the monitor runs them (what holding rows until a bank's layers are all there would
+  allow; stacking their rows not counted), time per layer;
 * ``only forward``, ``only transposed``, ``only gram+norms``: the monitor's three parts alone,
   unsplit (``[A·B_in | Δ·B_out]``; ``Aᵀ[P | R]`` and ``Δᵀ[P | R]``; the float64 Gram and the
   norms); ``only gram split-k``: the Gram as the monitor computes it;
 * ``forward split-k 4``: ``[A·B_in | Δ·B_out]`` with the features cut in four (the chunks
   copied);
+* ``transposed out``: ``[P | R]ᵀA`` and ``[P | R]ᵀΔ`` (the same products, output transposed);
 * ``one transposed``: ``[A | Δ]ᵀ[P | R]`` as one batched product (the concatenation timed too);
 * ``monitor tf32``: :meth:`LayerTracker.products` outside streamspec's IEEE guard with TF32
   allowed (for reference: the monitor runs them in IEEE float32).
@@ -107,11 +109,19 @@ def _products(
     a: torch.Tensor, d: torch.Tensor, b_in: torch.Tensor, b_out: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """What :meth:`LayerTracker.products` computes (four products, the float64 Gram, the
-    squared norms), on stacked (batched) inputs."""
+    squared norms), on stacked (batched) inputs, split-K as the monitor runs them."""
     pr = torch.cat([torch.bmm(a, b_in), torch.bmm(d, b_out)], dim=2)
     pr64 = pr.to(torch.float64)
     norms = sq_norms_pair(DenseRows(a), d)
-    return torch.bmm(a.mT, pr), torch.bmm(d.mT, pr), torch.bmm(pr64.mT, pr64), norms
+    return tbmm(a, pr), tbmm(d, pr), tbmm(pr64, pr64), norms
+
+
+def _transposed_out(
+    a: torch.Tensor, d: torch.Tensor, pr: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[P | R]ᵀA`` and ``[P | R]ᵀΔ``: the transposed products with their outputs transposed
+    (another cuBLAS layout and tiling; the monitor would read them transposed)."""
+    return torch.bmm(pr.mT, a).mT, torch.bmm(pr.mT, d).mT
 
 
 def _forward_split(
@@ -175,9 +185,9 @@ def _measure_shape(
         # Every variant computes the monitor's products (checked once, untimed).
         ref = tracker.products(a, d, exact=False)
         split = _transposed(a, d, pr, 4)
-        one = _one_transposed(a, d, pr)
+        one = _one_transposed(a, d, pr) + _transposed_out(a, d, pr)
         gaps = [_gap(_forward_split(a, d, b_in, b_out, 4), pr)]
-        gaps += [_gap(x, y) for x, y in zip(split + one, (ref.s_in, ref.s_out) * 2, strict=True)]
+        gaps += [_gap(x, y) for x, y in zip(split + one, (ref.s_in, ref.s_out) * 3, strict=True)]
         stacked = _products(*(t.repeat(2, 1, 1) for t in (a, d, b_in, b_out)))
         expected = (ref.s_in, ref.s_out, ref.gram, ref.norms)
         gaps += [_gap(x[c:], y) for x, y in zip(stacked, expected, strict=True)]
@@ -192,6 +202,7 @@ def _measure_shape(
         )
         row["only gram split-k"] = timer(lambda: tbmm(pr64, pr64))
         row["one transposed"] = timer(lambda: _one_transposed(a, d, pr))
+        row["transposed out"] = timer(lambda: _transposed_out(a, d, pr))
         for chunks in (2, 4, 8):
             row[f"transposed split-k {chunks}"] = timer(
                 lambda chunks=chunks: _transposed(a, d, pr, chunks)
