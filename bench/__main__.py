@@ -10,13 +10,12 @@ Writes ``bench/results/<config>-<device>.json`` and ``.md`` (or ``--out DIR``).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
-from bench.harness import CONFIGS, MODES, accuracy, measure, profile, report
+from bench.harness import CONFIGS, MODES, accuracy, measure, profile, report, save
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,15 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     results = measure(cfg, device, modes)
     acc = None if args.no_accuracy else accuracy(cfg, device)
     data, table = report(cfg, device, results, acc)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"{cfg.name}-{device.type}"
-    stem.with_suffix(".json").write_text(json.dumps(data, indent=2))
-    stem.with_suffix(".md").write_text(table + "\n")
+    stem = save(args.out, f"{cfg.name}-{device.type}", data, table)
     print(table)
     if args.profile:
         text = profile(cfg, device, args.profile)
-        (out / f"profile-{cfg.name}-{device.type}.txt").write_text(text + "\n")
+        (stem.parent / f"profile-{cfg.name}-{device.type}.txt").write_text(text + "\n")
         print(text[:4000])
     print(f"\nwritten: {stem}.json, {stem}.md")
     return 0

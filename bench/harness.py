@@ -10,10 +10,12 @@ compares the recorded spectra with float64 SVDs of the exact matrices and checks
 from __future__ import annotations
 
 import gc
+import json
 import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -273,6 +275,16 @@ def profile(cfg: Config, device: torch.device, steps: int = 3, rows: int = 40) -
         parts.append(table.table(sort_by="self_cuda_time_total", row_limit=rows))
     parts.append(table.table(sort_by="self_cpu_time_total", row_limit=rows))
     return "\n\n".join(parts)
+
+
+def save(out: str | Path, stem: str, data: Any, table: str) -> Path:
+    """Write ``<out>/<stem>.json`` (``data``) and ``<out>/<stem>.md`` (``table``); returns
+    ``<out>/<stem>``."""
+    path = Path(out) / stem
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.with_suffix(".json").write_text(json.dumps(data, indent=2))
+    path.with_suffix(".md").write_text(table + "\n")
+    return path
 
 
 def measure(cfg: Config, device: torch.device, modes: tuple[str, ...]) -> dict[str, ModeResult]:

@@ -1,29 +1,38 @@
 """``python -m bench.products``: the per-layer row products alone, as the monitor runs them and in
 variants, to decide how to run them on a GPU (bench/README.md, "Where the time goes").
 
-On an H200 the products of a watched BERT-base step took ≈ 15 ms of device time for ≈ 6% of the
-model's flops: skinny fp32 GEMMs of ``b_in + b_out`` (80) columns, run for two groups at a time,
-fill few of the device's multiprocessors. This times, per layer shape of a bench config:
+On an H200 the products of a watched BERT-base step took ≈ 15 ms of device time (≈ 11 ms with
+split-K) for ≈ 7% of the model's flops: skinny fp32 GEMMs of ``b_in + b_out`` (80) columns, run
+for two groups at a time, fill few of the device's multiprocessors. This times, per layer shape
+of a bench config:
 
-* ``monitor``: :meth:`LayerTracker.products` itself (what a layer's backward hook runs);
+* ``monitor``: :meth:`LayerTracker.products` itself (what a layer's backward hook runs; split-K
+  on CUDA, see :func:`streamspec.sketch.linalg.tbmm`);
 * ``split-k S``: the transposed products ``Aᵀ[P | R]``, ``Δᵀ[P | R]`` with the rows cut into
   ``S`` chunks (``S`` times the batch of the long-reduction GEMMs, then a sum);
-* ``layers L``: the products of ``L`` same-shape layers in one batched call each (what holding
-  rows until a bank's layers are all there would allow; stacking their rows not counted), time
-  per layer;
+* ``layers L``: the products of ``L`` same-shape layers in one batched call each, split-K on
+  CUDA as the monitor runs them (what holding rows until a bank's layers are all there would
+  allow; stacking their rows not counted), time per layer;
+* ``only forward``, ``only transposed``, ``only gram+norms``: the monitor's three parts alone,
+  unsplit (``[A·B_in | Δ·B_out]``; ``Aᵀ[P | R]`` and ``Δᵀ[P | R]``; the float64 Gram and the
+  norms); ``only gram split-k``: the Gram as the monitor computes it;
+* ``forward split-k 4``: ``[A·B_in | Δ·B_out]`` with the features cut in four (the chunks
+  copied);
+* ``transposed out``: ``[P | R]ᵀA`` and ``[P | R]ᵀΔ`` (the same products, output transposed);
+* ``one transposed``: ``[A | Δ]ᵀ[P | R]`` as one batched product (the concatenation timed too);
 * ``monitor tf32``: :meth:`LayerTracker.products` outside streamspec's IEEE guard with TF32
   allowed (for reference: the monitor runs them in IEEE float32).
 
     python -m bench.products --config gpu-base --device cuda
     python -m bench.products --config smoke --device cpu      # seconds; checks the script
 
-Writes ``products-<config>-<device>.{json,md}`` under ``--out``.
+Times are device times on a GPU (see :func:`_timer`), wall times on a CPU. Writes
+``products-<config>-<device>.{json,md}`` under ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,10 +40,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.harness import CONFIGS, Config
-from streamspec.sketch.linalg import ieee_float32
+from bench.harness import CONFIGS, Config, save
+from streamspec.sketch.linalg import ieee_float32, tbmm
 from streamspec.sketch.operators import DenseRows, sq_norms_pair
 from streamspec.sketch.tracker import LayerTracker, SketchWidths
+
+SLEEP_CYCLES = 200_000_000  # ≈ 0.1 s of a ≈ 2 GHz GPU: time for the host to queue the calls
 
 
 def layer_shapes(cfg: Config) -> dict[str, tuple[int, int, int]]:
@@ -49,21 +60,30 @@ def layer_shapes(cfg: Config) -> dict[str, tuple[int, int, int]]:
 
 
 def _timer(device: torch.device, repeats: int) -> Callable[[Callable[[], object]], float]:
-    """Median milliseconds of a callable (CUDA events on a GPU)."""
+    """Milliseconds of a callable: on a GPU its device time, on a CPU its wall time (medians).
+
+    On a GPU the calls are queued behind a ``torch.cuda._sleep`` kernel, so the host has
+    launched them all before the device reaches the first: the time between the events is the
+    device's alone, as in training, where the host runs ahead of the device (timing one call
+    at a time would time the host's Python and launches instead)."""
 
     def run(fn: Callable[[], object]) -> float:
         for _ in range(3):
             fn()
         times = []
-        for _ in range(repeats):
-            if device.type == "cuda":
+        if device.type == "cuda":
+            for _ in range(3):
+                torch.cuda.synchronize(device)
                 start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(True)
+                torch.cuda._sleep(SLEEP_CYCLES)
                 start.record()
-                fn()
+                for _ in range(repeats):
+                    fn()
                 stop.record()
                 stop.synchronize()
-                times.append(start.elapsed_time(stop))
-            else:
+                times.append(start.elapsed_time(stop) / repeats)
+        else:
+            for _ in range(repeats):
                 t0 = time.perf_counter()
                 fn()
                 times.append((time.perf_counter() - t0) * 1e3)
@@ -89,11 +109,42 @@ def _products(
     a: torch.Tensor, d: torch.Tensor, b_in: torch.Tensor, b_out: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """What :meth:`LayerTracker.products` computes (four products, the float64 Gram, the
-    squared norms), on stacked (batched) inputs."""
+    squared norms), on stacked (batched) inputs, split-K as the monitor runs them."""
     pr = torch.cat([torch.bmm(a, b_in), torch.bmm(d, b_out)], dim=2)
     pr64 = pr.to(torch.float64)
     norms = sq_norms_pair(DenseRows(a), d)
-    return torch.bmm(a.mT, pr), torch.bmm(d.mT, pr), torch.bmm(pr64.mT, pr64), norms
+    return tbmm(a, pr), tbmm(d, pr), tbmm(pr64, pr64), norms
+
+
+def _transposed_out(
+    a: torch.Tensor, d: torch.Tensor, pr: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[P | R]ᵀA`` and ``[P | R]ᵀΔ``: the transposed products with their outputs transposed
+    (another cuBLAS layout and tiling; the monitor would read them transposed)."""
+    return torch.bmm(pr.mT, a).mT, torch.bmm(pr.mT, d).mT
+
+
+def _forward_split(
+    a: torch.Tensor, d: torch.Tensor, b_in: torch.Tensor, b_out: torch.Tensor, chunks: int
+) -> torch.Tensor:
+    """``[A·B_in | Δ·B_out]`` with the feature dimension (the reduction) cut into ``chunks``
+    (a multiple of both widths; the chunked rows are copied)."""
+
+    def one(x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        c, m, h = x.shape
+        xs = x.unflatten(-1, (chunks, h // chunks)).transpose(1, 2).reshape(c * chunks, m, -1)
+        bs = b.reshape(c * chunks, h // chunks, -1)
+        return torch.bmm(xs, bs).view(c, chunks, m, -1).sum(1)
+
+    return torch.cat([one(a, b_in), one(d, b_out)], dim=2)
+
+
+def _one_transposed(
+    a: torch.Tensor, d: torch.Tensor, pr: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``Aᵀ[P | R]`` and ``Δᵀ[P | R]`` from one batched product of ``[A | Δ]``."""
+    both = torch.bmm(torch.cat([a, d], dim=2).mT, pr)
+    return both[:, : a.shape[2]], both[:, a.shape[2] :]
 
 
 def _gap(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -134,13 +185,25 @@ def _measure_shape(
         # Every variant computes the monitor's products (checked once, untimed).
         ref = tracker.products(a, d, exact=False)
         split = _transposed(a, d, pr, 4)
-        gaps = [_gap(x, y) for x, y in zip(split, (ref.s_in, ref.s_out), strict=True)]
+        one = _one_transposed(a, d, pr) + _transposed_out(a, d, pr)
+        gaps = [_gap(_forward_split(a, d, b_in, b_out, 4), pr)]
+        gaps += [_gap(x, y) for x, y in zip(split + one, (ref.s_in, ref.s_out) * 3, strict=True)]
         stacked = _products(*(t.repeat(2, 1, 1) for t in (a, d, b_in, b_out)))
         expected = (ref.s_in, ref.s_out, ref.gram, ref.norms)
         gaps += [_gap(x[c:], y) for x, y in zip(stacked, expected, strict=True)]
         row["max_gap"] = max(gaps)
         row["monitor"] = timer(lambda: tracker.products(a, d, exact=False))
-        for chunks in (1, 2, 4, 8):
+        pr64 = pr.to(torch.float64)
+        row["only forward"] = timer(lambda: torch.cat([torch.bmm(a, b_in), torch.bmm(d, b_out)], 2))
+        row["forward split-k 4"] = timer(lambda: _forward_split(a, d, b_in, b_out, 4))
+        row["only transposed"] = timer(lambda: _transposed(a, d, pr, 1))
+        row["only gram+norms"] = timer(
+            lambda: (torch.bmm(pr64.mT, pr64), sq_norms_pair(DenseRows(a), d))
+        )
+        row["only gram split-k"] = timer(lambda: tbmm(pr64, pr64))
+        row["one transposed"] = timer(lambda: _one_transposed(a, d, pr))
+        row["transposed out"] = timer(lambda: _transposed_out(a, d, pr))
+        for chunks in (2, 4, 8):
             row[f"transposed split-k {chunks}"] = timer(
                 lambda chunks=chunks: _transposed(a, d, pr, chunks)
             )
@@ -164,7 +227,7 @@ def report(cfg: Config, device: torch.device, rows: dict[str, dict[str, float]])
     lines = [
         f"Row products per layer, config `{cfg.name}` on {name} (torch {torch.__version__}; "
         f"{cfg.groups} groups, {cfg.batch * cfg.seq // cfg.groups} rows each, k = {cfg.rank}; "
-        "medians, ms per layer)",
+        "medians, ms per layer" + (", device time" if device.type == "cuda" else "") + ")",
         "",
         "| layer (h_in → h_out, b_in/b_out) | × | " + " | ".join(variants) + " |",
         "|---|---|" + "---|" * len(variants),
@@ -195,11 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg, device = CONFIGS[args.config], torch.device(args.device)
     rows = measure(cfg, device, args.repeats)
     table = report(cfg, device, rows)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"products-{cfg.name}-{device.type}"
-    stem.with_suffix(".json").write_text(json.dumps(rows, indent=2))
-    stem.with_suffix(".md").write_text(table + "\n")
+    save(args.out, f"products-{cfg.name}-{device.type}", rows, table)
     print(table)
     return 0
 

@@ -135,9 +135,12 @@ def _check_config(
     return names
 
 
-def _sample_dims(model: nn.Module, sites: list[Site], batch_dim: BatchDim) -> dict[int, int]:
-    """The sample dimension of each watched module that takes it from ``watch(batch_dim=)``
-    (``id(module) → dim``); the others (:func:`_own_layout`) are absent.
+def _sample_dims(
+    model: nn.Module, sites: list[Site], batch_dim: BatchDim
+) -> tuple[dict[int, int], set[int]]:
+    """The sample dimension of each watched module's inputs (``id(module) → dim``; stepwise
+    modules, whose twins read their own layout, absent), and the modules that take it from
+    ``watch(batch_dim=)`` (the others follow their own layout: :func:`_own_layout`).
 
     A module registered under several names (shared) takes the dim they all resolve to, and is
     refused if they differ.
@@ -150,9 +153,13 @@ def _sample_dims(model: nn.Module, sites: list[Site], batch_dim: BatchDim) -> di
             parents.setdefault(id(child), module)
     check_batch_dim_names(batch_dim, {n for group in names.values() for n in group})
     dims: dict[int, int] = {}
+    mapped: set[int] = set()
     for site in sites:
         module = site.module
-        if _own_layout(module, parents.get(id(module))) is not None:
+        own = _own_layout(module, parents.get(id(module)))
+        if own is not None:
+            if own >= 0:
+                dims[id(module)] = own
             continue
         found = {n: batch_dim_of(n, batch_dim) for n in names.get(id(module), [""])}
         if len(set(found.values())) > 1:
@@ -163,7 +170,8 @@ def _sample_dims(model: nn.Module, sites: list[Site], batch_dim: BatchDim) -> di
                 "map all of its names to the same dim",
             )
         dims[id(module)] = next(iter(found.values()))
-    return dims
+        mapped.add(id(module))
+    return dims, mapped
 
 
 def _own_layout(module: nn.Module, parent: nn.Module | None) -> int | None:
@@ -268,13 +276,7 @@ class Monitor:
         self.sites = sites
         # Each watched module's sample dimension (watch(batch_dim=) may map parts of the model);
         # checked before the archive exists, so a typo leaves nothing behind.
-        self._batch_dims = _sample_dims(model, sites, config.batch_dim)
-        parents = {id(c): m for m in model.modules() for c in m.children()}
-        self._own_layout_dims = {
-            id(s.module): dim
-            for s in sites
-            if (dim := _own_layout(s.module, parents.get(id(s.module)))) is not None and dim >= 0
-        }
+        self._sample_dim, self._from_batch_dim = _sample_dims(model, sites, config.batch_dim)
         self.layout = RunLayout(
             layers=tuple(s.name for s in sites),
             groups=config.groups,
@@ -483,9 +485,7 @@ class Monitor:
             return None
         family = family_of(module)
         assert family is not None
-        bd = self._batch_dims.get(id(module), 0)
-        if id(module) in self._own_layout_dims:
-            bd = self._own_layout_dims[id(module)]
+        bd = self._sample_dim.get(id(module), 0)
         plan = self._plan
         if (
             getattr(family, "broadcasts", False)
@@ -503,7 +503,7 @@ class Monitor:
             output = output.expand(*output.shape[:bd], plan.batch_size, *output.shape[bd + 1 :])
             x = inputs[0]
             inputs = (x.expand(*x.shape[:bd], plan.batch_size, *x.shape[bd + 1 :]), *inputs[1:])
-            self._deliver(module, family.capture(module, inputs, output, bd))
+            self._deliver(module, self._capture(family, module, inputs, output, bd))
             return output
         if (
             getattr(family, "broadcasts", False)
@@ -524,8 +524,18 @@ class Monitor:
                 f"batch_dim={bd}): its output broadcasts the same way and streamspec records it "
                 "per sample",
             )
-        self._deliver(module, family.capture(module, inputs, output, bd))
+        self._deliver(module, self._capture(family, module, inputs, output, bd))
         return None
+
+    def _capture(
+        self, family: Any, module: nn.Module, inputs: tuple[Any, ...], output: Any, bd: int
+    ) -> list[Capture]:
+        """The family's captures of one call; a usage error names the module."""
+        try:
+            return family.capture(module, inputs, output, bd)
+        except StreamspecError as err:
+            name = next(s.name for s in self.sites if s.module is module)
+            raise StreamspecError(f"at {name}: {err}") from None
 
     def _deliver(self, module: nn.Module, captures: list[Capture]) -> None:
         """Take one module call's captures (from a forward hook or a stepwise module)."""
@@ -563,8 +573,8 @@ class Monitor:
             )
         if self._plan.batch_size != batch_size:
             name = next(s.name for s in self.sites if s.module is module)
-            if id(module) in self._batch_dims:
-                where = f"samples on dim {self._batch_dims[id(module)]} of its input (batch_dim)"
+            if id(module) in self._from_batch_dim:
+                where = f"samples on dim {self._sample_dim[id(module)]} of its input (batch_dim)"
                 fix = (
                     "call mon.label() with the labels of this batch before its forward (or set "
                     "batch_dim to the sample dimension: a mapping such as {'encoder': 1} for a "

@@ -44,49 +44,41 @@ def eigvalsh(x: np.ndarray) -> np.ndarray:
     ):
         return np.linalg.eigvalsh(x)
     n, b = x.shape[0], x.shape[-1]
-    padded_n = GIL_THRESHOLD // b + 1
-    if 3 * n < padded_n:
+    if 3 * n < GIL_THRESHOLD // b + 1:
         return np.linalg.eigh(x)[0]
-    padded = np.empty((padded_n, b, b), dtype=x.dtype)
-    padded[:n] = x
-    padded[n:] = np.eye(b, dtype=x.dtype)
-    return np.linalg.eigvalsh(padded)[:n]
+    return np.linalg.eigvalsh(_padded(x, b, np.eye(b, dtype=x.dtype)))[:n]
 
 
 def svdvals(x: np.ndarray) -> np.ndarray:
-    """Singular values (descending) of a batch ``[N, m, n]`` with the GIL released.
-
-    numpy releases it when outer iterations × the outputs' core sizes exceed
-    :data:`GIL_THRESHOLD`. A batch at or below it takes the SVD with its vectors (thin), whose
-    outputs count too (≈ 2× the cost of the values alone), or, where even those are too small
-    (thin matrices, e.g. a 1-wide head), is padded with zero matrices past the threshold.
-    """
-    if x.ndim != 3 or not min(x.shape[-2:]):
+    """Singular values (descending) of a batch ``[N, m, n]`` with the GIL released: a batch at
+    or below numpy's threshold (``N·min(m, n)`` values) goes through :func:`_thin_svd`, whose
+    vectors count too (≈ 2× the cost of the values alone)."""
+    if x.ndim != 3 or x.shape[0] * min(x.shape[-2:]) > GIL_THRESHOLD or not min(x.shape[-2:]):
         return np.linalg.svd(x, compute_uv=False)
-    n, (rows, cols) = x.shape[0], x.shape[-2:]
-    k = min(rows, cols)
-    if n * k > GIL_THRESHOLD:
-        return np.linalg.svd(x, compute_uv=False)
-    if n * (rows * k + k + k * cols) > GIL_THRESHOLD:
-        return np.linalg.svd(x, full_matrices=False)[1]
-    padded = np.zeros((GIL_THRESHOLD // k + 1, rows, cols), dtype=x.dtype)
-    padded[:n] = x
-    return np.linalg.svd(padded, compute_uv=False)[:n]
+    return _thin_svd(x)[1]
 
 
 def _thin_svd(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(U, S)`` of the thin SVD of a batch ``[N, m, n]``, padded with zero matrices past
-    numpy's GIL threshold where the batch's outputs are too small to release it."""
+    numpy's GIL threshold where the batch's outputs are too small to release it (thin matrices,
+    e.g. a 1-wide head)."""
     n, (rows, cols) = x.shape[0], x.shape[-2:]
     k = min(rows, cols)
     per = rows * k + k + k * cols  # the outputs' core sizes per matrix
     if not k or n * per > GIL_THRESHOLD:
         u, values, _ = np.linalg.svd(x, full_matrices=False)
         return u, values
-    padded = np.zeros((GIL_THRESHOLD // per + 1, rows, cols), dtype=x.dtype)
-    padded[:n] = x
-    u, values, _ = np.linalg.svd(padded, full_matrices=False)
+    u, values, _ = np.linalg.svd(_padded(x, per, 0.0), full_matrices=False)
     return u[:n], values[:n]
+
+
+def _padded(x: np.ndarray, per: int, fill: np.ndarray | float) -> np.ndarray:
+    """The batch ``x`` followed by ``fill`` matrices, past numpy's GIL threshold for a call whose
+    outputs' core size is ``per`` per matrix (numpy releases the GIL only for larger calls)."""
+    padded = np.empty((GIL_THRESHOLD // per + 1, *x.shape[1:]), dtype=x.dtype)
+    padded[: x.shape[0]] = x
+    padded[x.shape[0] :] = fill
+    return padded
 
 
 def exact_spectra(

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn import grad as nn_grad
 
-from streamspec.sketch.linalg import bmm
+from streamspec.sketch.linalg import bmm, tbmm
 
 
 class RowOperator(Protocol):
@@ -57,7 +57,7 @@ class DenseRows:
         return bmm(self.rows, x)
 
     def tmm(self, y: torch.Tensor) -> torch.Tensor:
-        return bmm(self.rows.mT, y)
+        return tbmm(self.rows, y)
 
     def dense(self) -> torch.Tensor:
         return self.rows

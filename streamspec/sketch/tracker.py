@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from streamspec.sketch.host import generalized_nystrom_values
-from streamspec.sketch.linalg import bmm, nystrom, orthonormalize
+from streamspec.sketch.linalg import nystrom, orthonormalize, tbmm
 from streamspec.sketch.operators import DenseRows, RowOperator, sq_norms_pair
 
 _SETUP_LOCK = threading.Lock()
@@ -158,7 +158,7 @@ def _orthonormal(generator: torch.Generator, n_groups: int, dim: int, width: int
 def _gram(x: torch.Tensor) -> torch.Tensor:
     """``XᵀX`` (called on float64 copies: the Gram of a float32 sketch keeps its small
     eigenvalues only in float64)."""
-    return bmm(x.mT, x)
+    return tbmm(x, x)
 
 
 @dataclass
@@ -549,8 +549,8 @@ class LayerTracker:
         pr64 = pr.to(torch.float64)
         products = StepProducts(
             s_in=a.tmm(pr),  # [AᵀA·B_in | G·B_out]
-            s_out=torch.bmm(d.mT, pr),  # [Gᵀ·B_in | ΔᵀΔ·B_out]
-            gram=torch.bmm(pr64.mT, pr64),
+            s_out=tbmm(d, pr),  # [Gᵀ·B_in | ΔᵀΔ·B_out]
+            gram=tbmm(pr64, pr64),
             norms=sq_norms_pair(a, d),
             route="exact" if exact else "sketch",
             counts=counts,

@@ -925,3 +925,21 @@ def test_a_saved_or_copied_attention_twin_keeps_what_was_set_on_it(tmp_path) -> 
         for other in (copy.deepcopy(model), torch.load(tmp_path / "m.pt", weights_only=False)):
             assert type(other[0]) is nn.MultiheadAttention
             assert other[0].dropout == 0.5 and not other[0].training
+
+
+def test_an_unbatched_input_names_the_module() -> None:
+    """A Linear called on one unbatched sample: a usage error naming the module, what it
+    expected, what it got and how to fix it (not a shape error deep in a hook)."""
+    import pytest
+
+    from streamspec import StreamspecError
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 3))
+    with streamspec.watch(model, ["a", "b"], rank=2, live=False) as mon:
+        mon.label(torch.tensor([0, 1]))
+        model(torch.randn(2, 4))  # batched: fine
+        with pytest.raises(StreamspecError) as err:
+            model[2](torch.randn(4))
+    text = str(err.value)
+    assert text.startswith("at 2.weight: expected a batched input to nn.Linear"), text
+    assert "shape (4,)" in text and "Fix:" in text

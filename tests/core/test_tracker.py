@@ -412,3 +412,48 @@ def test_bmm_falls_back_to_matmul_where_it_broadcasts() -> None:
     torch.testing.assert_close(bmm(x, y), x @ y)  # a broadcast batch
     empty = torch.randn(2, 0, 3, 4)
     assert bmm(empty, torch.randn(2, 0, 4, 5)).shape == (2, 0, 3, 5)
+
+
+def test_split_k_products_equal_unsplit_ones(monkeypatch) -> None:
+    """Split-K (CUDA only by default: forced here on the CPU) cuts long reductions into chunks
+    and sums their products: the same step outputs, blocks and epoch spectra as one product,
+    up to float32 rounding, and no split where the rows do not divide."""
+    from streamspec.sketch import linalg
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 64, 5, generator=gen, dtype=torch.float64)
+    y = torch.randn(2, 3, 64, 4, generator=gen, dtype=torch.float64)
+    for split in (1, 2, 8):
+        torch.testing.assert_close(linalg.tbmm(x, y, split), x.mT @ y, rtol=1e-13, atol=1e-13)
+    assert linalg.split_count(x, y) == 1  # not on a CPU
+    assert linalg.chunks_for(2048, 2 * 3072 * 80) == 8  # BERT-base's transposed products
+    assert linalg.chunks_for(768, 24 * 48 * 48) == 2
+    assert linalg.chunks_for(2047, 1) == 1 and linalg.chunks_for(256, 1) == 1
+    assert linalg.chunks_for(4096, linalg.SPLIT_OUTPUT + 1) == 1
+
+    def run(split: bool) -> list[np.ndarray]:
+        if split:
+            monkeypatch.setattr(linalg, "SPLIT_ROWS", 4)
+            monkeypatch.setattr(
+                linalg, "split_count", lambda x, y: linalg.chunks_for(x.shape[-2], 0)
+            )
+        tracker = LayerTracker(100, 80, 2, 8, 10, torch.Generator().manual_seed(0))
+        data = torch.Generator().manual_seed(1)
+        out = []
+        for _ in range(3):
+            a = torch.randn(2, 60, 100, generator=data)
+            d = torch.randn(2, 60, 80, generator=data)
+            products = tracker.products(a, d, exact=False)
+            out += [t.double().numpy() for t in (products.s_in, products.s_out, products.gram)]
+            out.append(tracker.bank.finish({tracker.slot: products}).numpy())
+        spectra = tracker.end_epoch()
+        return out + [spectra.activation, spectra.adjoint, spectra.gradient]
+
+    whole = run(False)
+    seen = []
+    real = linalg.chunks_for
+    monkeypatch.setattr(linalg, "chunks_for", lambda *a: seen.append(real(*a)) or seen[-1])
+    split = run(True)
+    assert {4, 8} <= set(seen)  # the step's 60 rows; the Grams' 100 and 80 (capped at 8)
+    for u, v in zip(whole, split, strict=True):
+        np.testing.assert_allclose(v, u, rtol=1e-4, atol=1e-5 * np.abs(u).max())

@@ -180,3 +180,32 @@ def test_fp16_amp_with_grad_scaler_records_the_loss_itself_without_sync() -> Non
             out[name] = mon.to_xarray()["sigma"].values[:, :, 1, :, 0]  # adjoint σ₁
     np.testing.assert_allclose(out["told"], out["unscaled"], rtol=2e-2)
     np.testing.assert_allclose(out["untold"] / out["unscaled"], 2.0**16, rtol=2e-2)
+
+
+def test_split_k_products_on_cuda_equal_the_cpu_ones() -> None:
+    """A layer with enough rows takes split-K on CUDA (long reductions cut into chunks): its
+    step products and the step's end equal the CPU's unsplit ones, without a host sync."""
+    from streamspec.sketch import linalg
+    from streamspec.sketch.tracker import LayerTracker
+
+    gen = torch.Generator().manual_seed(1)
+    a = torch.randn(2, 1024, 96, generator=gen)
+    d = torch.randn(2, 1024, 128, generator=gen)
+    assert linalg.split_count(a.cuda(), d.cuda()) == 4
+    out = {}
+    for device in ("cpu", "cuda"):
+        tracker = LayerTracker(96, 128, 2, 8, 10, torch.Generator().manual_seed(0))
+        rows = a.to(device), d.to(device)  # (a copy from pageable host memory synchronises)
+        tracker.products(*rows, exact=False)  # set up and seed
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            products = tracker.products(*rows, exact=False)
+            packed = tracker.bank.finish({tracker.slot: products})
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        out[device] = [t.double().cpu() for t in (products.s_in, products.s_out, products.gram)]
+        out[device].append(packed.cpu())
+    for cpu, cuda in zip(out["cpu"], out["cuda"], strict=True):
+        torch.testing.assert_close(cuda, cpu, rtol=1e-4, atol=1e-5 * float(cpu.abs().max()))

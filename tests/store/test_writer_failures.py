@@ -48,6 +48,19 @@ class FlakyStore(zarr.storage.MemoryStore):
         await super().set(key, value, byte_range)
 
 
+class BreakableStore(zarr.storage.LocalStore):
+    """A local store (reopened by path on resume) whose writes under ``prefix`` raise OSError
+    while ``broken``."""
+
+    broken = False
+    prefix = ""
+
+    async def set(self, key, value):  # type: ignore[no-untyped-def]
+        if self.broken and key.startswith(self.prefix):
+            raise OSError("injected: the disk went away")
+        await super().set(key, value)
+
+
 @pytest.fixture(autouse=True)
 def no_retry_delay(monkeypatch):
     """Retries without waiting, so that these tests stay fast (``raising=False``: the tests
@@ -496,22 +509,13 @@ def test_a_variable_added_on_resume_keeps_its_values_at_the_next_resume(
     assert (ds["sigma_bound"].values[3:6] == 7.0).all()
 
 
-def test_steps_of_a_lost_last_block_are_not_reused_by_a_resume(tmp_path, monkeypatch) -> None:
+def test_steps_of_a_lost_last_block_are_not_reused_by_a_resume(tmp_path) -> None:
     """A closed run whose last block was lost left its step numbers free: a resume numbered its
     steps from the last committed one, reusing the lost steps' numbers."""
-    monkeypatch.setattr(writer_module, "_RETRY_DELAYS", (0.0, 0.0))
-
-    class Failing(zarr.storage.LocalStore):
-        broken = False
-
-        async def set(self, key, value):  # type: ignore[no-untyped-def]
-            if self.broken and key.startswith("sigma/"):
-                raise OSError("injected: the disk went away")
-            await super().set(key, value)
-
     path = tmp_path / "run.zarr"
     path.mkdir()
-    store = Failing(str(path))
+    store = BreakableStore(str(path))
+    store.prefix = "sigma/"
     w = ArchiveWriter(store, _LAYOUT, flush_every=2, chunk_steps=2)
     for s in range(4):
         w.append_step(_row(s), step=s, epoch=0)
@@ -537,25 +541,14 @@ def _epoch_row() -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize("ending", ["close(next_step)", "close()", "kill"])
-def test_the_epoch_of_a_lost_epoch_row_is_not_reused_by_a_resume(
-    tmp_path, monkeypatch, ending
-) -> None:
+def test_the_epoch_of_a_lost_epoch_row_is_not_reused_by_a_resume(tmp_path, ending) -> None:
     """The row of epoch 1 is lost. A resume numbered its epochs from the last committed row:
     epoch 1 again, a label the archived steps of the lost epoch already carry (and after a
     kill with epoch 2's steps committed, a start the writer itself refused: epochs go back)."""
-    monkeypatch.setattr(writer_module, "_RETRY_DELAYS", (0.0, 0.0))
-
-    class Failing(zarr.storage.LocalStore):
-        broken = False
-
-        async def set(self, key, value):  # type: ignore[no-untyped-def]
-            if self.broken and key.startswith("sigma_epoch/"):
-                raise OSError("injected: the disk went away")
-            await super().set(key, value)
-
     path = tmp_path / "run.zarr"
     path.mkdir()
-    store = Failing(str(path))
+    store = BreakableStore(str(path))
+    store.prefix = "sigma_epoch/"
     w = ArchiveWriter(store, _LAYOUT, flush_every=2, chunk_steps=2)
     for s in range(4):
         w.append_step(_row(s), step=s, epoch=s // 2)
