@@ -99,6 +99,13 @@ _RETRY_DELAYS: tuple[float, ...] = (0.1, 0.5)
 # each wait (monkeypatched by the tests).
 _WRITE_TIMEOUT = 120.0
 
+# The background threads that close() gave up on while a store call of theirs hung, by store (a
+# local path or the store's label): that call may still land, over whatever a later writer of the
+# store wrote meanwhile (stale rows over its rows, or its commit counters set back), so a new writer
+# of the store waits for it first (see _await_abandoned).
+_ABANDONED: dict[str, threading.Thread] = {}
+_ABANDONED_LOCK = threading.Lock()
+
 # Group attributes a closed writer leaves, so that a resume never reuses an index whose row was
 # lost (or, for steps, not recorded: ``every > 1``). Archives older than them have none; a crash
 # leaves them stale, so a resume takes the larger of them and what the committed rows say.
@@ -205,9 +212,12 @@ class ArchiveWriter:
         if store is None:
             self._store: Store = zarr.storage.MemoryStore()
             self._label = repr(self._store)
+            self._key = self._label
             existing = None
         else:
             self._store, self._label, path = resolve_store(store, read_only=False)
+            self._key = os.path.abspath(path) if path is not None else self._label
+            _await_abandoned(self._key, self._label)
             existing = find_archive(self._store, self._label, path, incomplete_ok=True)
         if existing is None or is_incomplete(existing):
             self._group = self._create(chunk_steps, replace=existing is not None)
@@ -259,8 +269,10 @@ class ArchiveWriter:
         self._unwritten = 0
         self._written = threading.Condition()
         # The one background thread (None while idle: it ends when nothing is pending, so that
-        # a writer never closed leaves no thread behind). A daemon: a hung one must not keep the
-        # interpreter from exiting.
+        # a writer never closed leaves no thread behind). A daemon, so that it does not itself keep
+        # the interpreter from exiting; a store call blocked in the operating system (a local path
+        # on a stale NFS mount) still does: LocalStore does its file I/O on zarr's worker threads,
+        # which Python joins at exit.
         self._thread: threading.Thread | None = None
         self._next_seq = dict.fromkeys(COMMIT_ATTRS, 0)  # block numbers per row dimension
         self._tickets = 0  # blocks handed over (dropped ones aside)
@@ -270,6 +282,10 @@ class ArchiveWriter:
         self._lost: dict[str, list[_LostSpan]] = {d: [] for d in COMMIT_ATTRS}
         self._first_loss: str | None = None  # the error of the first failed block
         self._hang: str | None = None  # the rows of the first block found hung
+        # The store counts as hung from a wait that timed out until a block is written again:
+        # meanwhile submitters and flush() do not wait (a store whose every call runs past the
+        # timeout would otherwise hold training up once per call, for as long as it hangs).
+        self._hung = False
         self._abandoned = False  # close() gave up on a hung write: no more store calls
         # Row dimensions whose arrays a lost block may have left longer than the committed rows.
         self._ragged: set[str] = set()
@@ -392,7 +408,7 @@ class ArchiveWriter:
         if wait:
             with self._written:
                 target = self._tickets
-                self._wait_unless_hung(lambda: self._done >= target)
+                self._wait_unless_hung(lambda: self._done >= target, sticky=True)
 
     def close(self, next_step: int | None = None) -> None:
         """Write everything buffered, wait, stop the thread, then consolidate the metadata.
@@ -414,7 +430,11 @@ class ArchiveWriter:
         A hung store is waited for at most :data:`_WRITE_TIMEOUT` seconds (from the start of the
         store call under way, be it a block's or one of those above). Then the blocks not written
         are counted lost and ``close`` returns without writing anything more: the archive is left
-        as a run killed during the hung call leaves it, every committed row readable.
+        as a run killed during the hung call leaves it, every committed row readable. A new writer
+        of the store waits for the hung call (which may still land) and refuses the store while it
+        hangs. A call blocked in the operating system (a local path on a stale NFS mount) still
+        keeps the interpreter from exiting until it returns: Python joins zarr's I/O threads at
+        exit (``os._exit`` does not).
         """
         if self._closed:
             return
@@ -508,9 +528,11 @@ class ArchiveWriter:
             # host thread, whose full queue in turn slows training) instead of piling rows up in
             # memory, where a crash would lose them all; writing here, beside the thread, would
             # break the order of commits. Only a hung store drops rows: once the store call under
-            # way has run _WRITE_TIMEOUT seconds, a block that does not fit beside it is given up.
+            # way has run _WRITE_TIMEOUT seconds, a block that does not fit beside it is given up,
+            # and so is every such block (without waiting) until a block is written again.
             if self._wait_unless_hung(
-                lambda: self._unwritten == 0 or self._unwritten + len(rows) <= self._flush_every
+                lambda: self._unwritten == 0 or self._unwritten + len(rows) <= self._flush_every,
+                sticky=True,
             ):
                 self._tickets += 1
                 self._pending.append(_Block(row_dim, rows, (seq, seq), self._tickets))
@@ -554,19 +576,21 @@ class ArchiveWriter:
         thread = self._thread
         return thread is None or (thread.ident is not None and not thread.is_alive())
 
-    def _wait_unless_hung(self, ready: Callable[[], bool]) -> bool:
+    def _wait_unless_hung(self, ready: Callable[[], bool], *, sticky: bool = False) -> bool:
         """Wait (holding ``_written``) until ``ready()``, or until the store call under way has
         run :data:`_WRITE_TIMEOUT` seconds: a hung store is waited for once, never for ever.
+        With ``sticky``, not at all while the store counts as hung (``_hung``).
 
         Returns:
             Whether ``ready()`` came true (False: the store is hung, or was given up at close).
         """
         while not ready():
-            if self._abandoned or self._thread_ended():
-                return False  # nothing will ever make it true
+            if self._abandoned or self._thread_ended() or (sticky and self._hung):
+                return False  # nothing will ever make it true, or not soon
             since = self._writing_since
             left = _WRITE_TIMEOUT if since is None else since + _WRITE_TIMEOUT - time.monotonic()
             if left <= 0:
+                self._hung = True
                 return False
             # None: the thread is taking its next batch, and notifies as each block starts.
             self._written.wait(left)
@@ -589,6 +613,7 @@ class ArchiveWriter:
                     self._record_lost(block)
                 self._writing, self._pending, self._unwritten = [], [], 0
                 self._written.notify_all()
+                self._leave_behind(self._thread)
                 return False
             thread = self._thread
         if thread is not None:
@@ -627,11 +652,19 @@ class ArchiveWriter:
         with self._written:
             if not self._wait_unless_hung(lambda: bool(done)):
                 self._abandoned = True
+                self._leave_behind(thread)
                 return None
         thread.join()
         if errors:
             raise errors[0]
         return done[0]
+
+    def _leave_behind(self, thread: threading.Thread | None) -> None:
+        """close() gave up on ``thread``'s hung store call: a new writer of the store waits for
+        it (the call may still land)."""
+        if thread is not None and thread.is_alive():
+            with _ABANDONED_LOCK:
+                _ABANDONED[self._key] = thread
 
     def _record_lost(self, block: _Block) -> None:
         """Count a block's rows lost, in one span with the lost blocks just before and after it
@@ -682,7 +715,7 @@ class ArchiveWriter:
                 self._writing_since = time.monotonic()
                 self._written.notify_all()  # waiters time the hang from here on
             try:
-                self._write_rows(block)
+                written = self._write_rows(block)
             except _Abandoned:
                 return False
             except BaseException as exc:
@@ -698,14 +731,17 @@ class ArchiveWriter:
                     return False
                 self._finished(batch[i:])
                 return True
-            self._finished([block])
+            self._finished([block], written=written)
         return True
 
-    def _finished(self, blocks: list[_Block]) -> None:
-        """Blocks written or given up (the first ones of ``_writing``): release their rows."""
+    def _finished(self, blocks: list[_Block], *, written: bool = False) -> None:
+        """Blocks written or given up (the first ones of ``_writing``): release their rows.
+        A block ``written`` ends a hang (the store answers again)."""
         with self._written:
             if self._abandoned:  # close() counted them lost already
                 return
+            if written:
+                self._hung = False
             del self._writing[: len(blocks)]
             self._unwritten -= sum(len(block.rows) for block in blocks)
             self._done = max(self._done, *(block.ticket for block in blocks))
@@ -756,9 +792,13 @@ class ArchiveWriter:
         self._check_abandoned()
         self._writing_since = time.monotonic()
 
-    def _write_rows(self, block: _Block) -> None:
+    def _write_rows(self, block: _Block) -> bool:
         """Write one block, retried after each of :data:`_RETRY_DELAYS`; if every attempt fails,
-        give its rows up: the next block is written where this one would have been."""
+        give its rows up: the next block is written where this one would have been.
+
+        Returns:
+            Whether its rows are committed (False: given up).
+        """
         error: Exception | None = None
         for delay in (0.0, *_RETRY_DELAYS):
             time.sleep(delay)
@@ -768,9 +808,9 @@ class ArchiveWriter:
                 error = exc
             else:
                 self._ragged.discard(block.row_dim)
-                return
+                return True
         assert error is not None
-        self._lose(block, error)
+        return self._lose(block, error)
 
     def _write_block(self, row_dim: str, rows: list[dict[str, np.ndarray]]) -> None:
         """Grow each array of ``row_dim``, write the rows, then commit them (in that order).
@@ -819,15 +859,19 @@ class ArchiveWriter:
         except Exception:
             return None
 
-    def _lose(self, block: _Block, error: Exception) -> None:
-        """Record a block given up, warn the first time, and cut its arrays back if possible."""
+    def _lose(self, block: _Block, error: Exception) -> bool:
+        """Record a block given up, warn the first time, and cut its arrays back if possible.
+
+        Returns:
+            True if its commit landed after all (the block is written), else False.
+        """
         row_dim, rows = block.row_dim, block.rows
         self._store_call()
         stored = self._stored_counter(row_dim)
         if stored == self._committed[row_dim] + len(rows):  # its commit landed after all
             self._committed[row_dim] = stored
             self._ragged.discard(row_dim)
-            return
+            return True
         reason = f"{type(error).__name__}: {error}"
         with self._written:
             self._check_abandoned()  # close() counted it lost already
@@ -836,7 +880,7 @@ class ArchiveWriter:
         if stored is not None:  # never cut below a counter the store may hold
             self._trim(row_dim)
         if not first:
-            return
+            return False
         attempts = 1 + len(_RETRY_DELAYS)
         with contextlib.suppress(Warning):
             # From this thread a warning turned into an error (``-W error``) would only end the
@@ -848,6 +892,7 @@ class ArchiveWriter:
                 StreamspecWarning,
                 stacklevel=1,
             )
+        return False
 
     def _trim(self, row_dim: str) -> None:
         """Cut the arrays of ``row_dim`` back to the committed rows (best effort: the store may
@@ -1053,6 +1098,31 @@ class ArchiveWriter:
             finished = {k: v for k, v in group.attrs.asdict().items() if k != FILLING_ATTR}
             group.attrs.put({**finished, "extras": wanted["extras"]})
         return group
+
+
+def _await_abandoned(key: str, label: str) -> None:
+    """Before a writer touches a store: wait (at most :data:`_WRITE_TIMEOUT` seconds) for a hung
+    store call that an earlier writer's close() gave up on, since it may still land (over the
+    rows and commit counters the new writer writes).
+
+    Raises:
+        StreamspecError: if that call is still in flight.
+    """
+    with _ABANDONED_LOCK:
+        thread = _ABANDONED.get(key)
+    if thread is None:
+        return
+    thread.join(_WRITE_TIMEOUT)
+    if thread.is_alive():
+        raise StreamspecError.build(
+            expected=f"no store call of an earlier writer in flight to {label}",
+            got=f"one that has not returned for over {_WRITE_TIMEOUT:g} s (its close() gave up "
+            "on it; it may still land, over what a new writer writes)",
+            fix="open the writer once the store answers again, or write to a new path",
+        )
+    with _ABANDONED_LOCK:
+        if _ABANDONED.get(key) is thread:
+            del _ABANDONED[key]
 
 
 def _remove_partial_files(root: os.PathLike[str]) -> None:

@@ -26,7 +26,7 @@ from torch import nn
 
 import streamspec
 from streamspec import monitor as monitor_module
-from streamspec.errors import StreamspecWarning
+from streamspec.errors import StreamspecError, StreamspecWarning
 from streamspec.store import ArchiveWriter, open_archive
 from streamspec.store import writer as writer_module
 
@@ -324,3 +324,74 @@ def test_a_watched_run_trains_on_while_its_store_hangs(monkeypatch, released):
     assert "were not written" in messages(record)[-1]
     lost = mon._writer.lost_rows["step"]
     assert 0 < lost <= 40
+
+
+@pytest.mark.parametrize("prefix", ["sigma/c/", "zarr.json"], ids=["data", "commit"])
+def test_a_new_writer_of_the_store_waits_for_the_call_close_gave_up_on(
+    layout, step_row, released, prefix
+):
+    """close() gave up on a hung call, which may still land. A new writer of the store (a resume
+    in the same process, the store answering again) used to write at once, and the late call then
+    landed over its rows: stale rows over the resumed ones, or the commit counters set back (the
+    resumed rows cut off by the next resume), with check() seeing nothing wrong. A new writer now
+    waits for that call (at most the timeout), and refuses the store while it hangs."""
+    store = hanging_store(prefix)
+    released.append(store)
+    writer = ArchiveWriter(store, layout, flush_every=2)
+    with pytest.warns(StreamspecWarning):
+        hang_on_steps_2_3(store, writer, step_row)
+        closing, _ = in_thread(writer.close)
+        closing.join(DEADLINE)
+        assert not closing.is_alive()
+    store.hanging = False  # new calls are answered; the one close() gave up on is still hung
+    opening, took = in_thread(
+        lambda: pytest.raises(StreamspecError, ArchiveWriter, store, layout, resume=True)
+    )
+    opening.join(DEADLINE)
+    assert took and took[0] < TIMEOUT + SLACK, "the new writer did not refuse the store"
+    threading.Timer(TIMEOUT / 2, store.release.set).start()  # lands while the next one waits
+
+    def new_row(step: int) -> dict[str, np.ndarray]:
+        return {"sigma": step_row(step)["sigma"] + 1000, "count": step_row(step)["count"]}
+
+    with ArchiveWriter(store, layout, resume=True) as resumed:
+        start = resumed.start_step
+        for step in range(start, start + 4):
+            resumed.append_step(new_row(step), step=step, epoch=0)
+    archive = open_archive(store)
+    archive.check()
+    ds = archive.to_xarray()
+    np.testing.assert_array_equal(ds.step, range(start + 4))
+    for step in range(start + 4):
+        want = step_row(step) if step < start else new_row(step)
+        np.testing.assert_array_equal(ds.sigma[step], want["sigma"], err_msg=f"step {step}")
+
+
+def test_a_store_whose_every_call_times_out_holds_training_up_once(layout, step_row):
+    """A soft-mounted stale NFS share: each write hangs a little longer than the timeout, then
+    fails. Appending used to wait the timeout again for each new store call (each retry, each
+    block): training ran at a fraction of its speed for as long as the store hung. It now waits
+    once; the hang ends when a block is written again."""
+
+    class SlowFailing(zarr.storage.MemoryStore):
+        broken = False
+
+        async def set(self, key, value, byte_range=None):
+            if type(self).broken and key.startswith("sigma/c/"):
+                await asyncio.sleep(TIMEOUT + 0.2)
+                raise OSError(f"injected EIO writing {key} after the mount's timeout")
+            await super().set(key, value, byte_range)
+
+    writer = ArchiveWriter(SlowFailing(), layout, flush_every=2)
+    SlowFailing.broken = True
+    steps, step_time = 80, 0.05
+    with pytest.warns(StreamspecWarning):
+        start = time.monotonic()
+        for step in range(steps):
+            time.sleep(step_time)  # the training step
+            writer.append_step(step_row(step), step=step, epoch=0)
+        took = time.monotonic() - start
+        SlowFailing.broken = False
+        writer.close()
+    assert took < steps * step_time + TIMEOUT + SLACK, "training was held up again and again"
+    assert 0 < writer.lost_rows["step"] < steps
