@@ -39,7 +39,7 @@ import re
 import threading
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
@@ -1017,13 +1017,9 @@ class ArchiveWriter:
             return []
         self._store_call()
         try:
-            # Warning filters are process-wide (Python 3.11): close() waits meanwhile, and should
-            # it give up on a hung call, they are put back whenever that call returns.
-            with warnings.catch_warnings(), quiet_partial_files():
-                # "not part of the Zarr v3 specification": known, and readers never need it.
-                warnings.filterwarnings(
-                    "ignore", message="Consolidated metadata", category=UserWarning
-                )
+            # "not part of the Zarr v3 specification": known, and readers never need it; and the
+            # live writer's temporary files (as quiet_partial_files).
+            with _ignoring("Consolidated metadata", r"Object at .*\.partial is not recognized"):
                 zarr.consolidate_metadata(self._store)
         except Exception as exc:
             # Storage trouble at the very end: the rows are written, only a convenience is not.
@@ -1098,6 +1094,30 @@ class ArchiveWriter:
             finished = {k: v for k, v in group.attrs.asdict().items() if k != FILLING_ATTR}
             group.attrs.put({**finished, "extras": wanted["extras"]})
         return group
+
+
+@contextlib.contextmanager
+def _ignoring(*messages: str) -> Iterator[None]:
+    """Ignore the UserWarnings matching ``messages`` meanwhile (background thread, at close).
+
+    Warning filters are process-wide (Python 3.11), and a store call that close() gave up on
+    returns whenever it does: this removes only its own filters then, where ``catch_warnings``
+    would put back the filters (and ``showwarning``) of when the call began, undoing whatever
+    the process set meanwhile.
+    """
+    added = []
+    for message in messages:
+        warnings.filterwarnings("ignore", message=message, category=UserWarning)
+        added.append(warnings.filters[0])
+    try:
+        yield
+    finally:
+        for entry in added:
+            with contextlib.suppress(ValueError):
+                warnings.filters.remove(entry)
+        mutated = getattr(warnings, "_filters_mutated", None)  # as filterwarnings does
+        if mutated is not None:
+            mutated()
 
 
 def _await_abandoned(key: str, label: str) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -395,3 +396,29 @@ def test_a_store_whose_every_call_times_out_holds_training_up_once(layout, step_
         writer.close()
     assert took < steps * step_time + TIMEOUT + SLACK, "training was held up again and again"
     assert 0 < writer.lost_rows["step"] < steps
+
+
+def test_a_consolidation_close_gave_up_on_leaves_the_warning_filters_alone(
+    layout, step_row, released
+):
+    """close() gives up on its hung consolidation. That call used to put back, whenever it
+    returned, the process-wide warning filters (and showwarning) of when it began: the filters
+    set meanwhile were undone. It now removes only its own filters."""
+    store = hanging_store("zarr.json")
+    released.append(store)
+    writer = ArchiveWriter(store, layout, flush_every=2)
+    write(writer, step_row, range(4))
+    writer.flush()
+    store.hanging = True  # no next indices to record: the consolidation's write hangs
+    with warnings.catch_warnings():
+        with pytest.warns(StreamspecWarning, match=r"close\(\) stopped waiting"):
+            closing, _ = in_thread(writer.close)
+            closing.join(DEADLINE)
+        warnings.filterwarnings("error", message="the process's own filter")
+        thread = writer._thread
+        store.release.set()
+        assert thread is not None
+        thread.join(DEADLINE)
+        patterns = [f[1].pattern for f in warnings.filters if f[1] is not None]
+        assert "the process's own filter" in patterns
+        assert "Consolidated metadata" not in patterns
