@@ -15,7 +15,20 @@ Every chunk is written, even one holding only fill values, so a missing chunk al
 Storage trouble never stops training: a block whose write fails is retried, then given up alone
 (its rows are lost, the commit counters never count them, later blocks are written), with one
 warning when it happens and a summary at ``close()``. The background thread holds at most one
-block besides the buffer; a store slower than training makes ``append_*`` wait for it.
+block besides the buffer; a store slower than training makes ``append_*`` wait for it, but a
+store that hangs (a write that never returns, such as on a stale NFS mount) cannot make training
+wait for ever: once a store call of the thread has run :data:`_WRITE_TIMEOUT` seconds, the blocks
+that would have to wait for it are dropped (counted lost, warned once, summed up at ``close()``)
+and ``flush()``/``close()`` stop waiting for it.
+
+A thread blocked inside a store call cannot be stopped, so writes stay on that one background
+thread, strictly one after the other, and nobody else writes while one is in flight: a hung call
+that returns late finds the store as it left it, and its block goes on (written and committed, or
+failed and given up) before any later block; training only stopped waiting for it. Only a
+``close()`` that gave up on a hung call (a block's, or one of its own last ones, which run on a
+background thread too) leaves it behind: the thread then makes no further store call, and
+``close()`` writes nothing either, so the archive is what a run killed during that call leaves
+(every committed row readable; rows above the counters cut off by the next resume).
 """
 
 from __future__ import annotations
@@ -26,8 +39,7 @@ import re
 import threading
 import time
 import warnings
-from collections.abc import Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
@@ -80,6 +92,20 @@ _ARRAY_CONFIG: ArrayConfigParams = {"write_empty_chunks": True}
 # file server) costs no row; a broken store costs each block 0.6 s of the background thread.
 _RETRY_DELAYS: tuple[float, ...] = (0.1, 0.5)
 
+# Seconds one store call of the background thread (a resize, a chunk, a commit) may run before the
+# store counts as hung: the submitters then stop waiting for it (blocks that do not fit beside the
+# block under way are dropped), and so do flush() and close(). Generous: a slow store that answers
+# is waited for, as before; a hung one holds training up this long at most, once per hang. Read at
+# each wait (monkeypatched by the tests).
+_WRITE_TIMEOUT = 120.0
+
+# The background threads that close() gave up on while a store call of theirs hung, by store (a
+# local path or the store's label): that call may still land, over whatever a later writer of the
+# store wrote meanwhile (stale rows over its rows, or its commit counters set back), so a new writer
+# of the store waits for it first (see _await_abandoned).
+_ABANDONED: dict[str, threading.Thread] = {}
+_ABANDONED_LOCK = threading.Lock()
+
 # Group attributes a closed writer leaves, so that a resume never reuses an index whose row was
 # lost (or, for steps, not recorded: ``every > 1``). Archives older than them have none; a crash
 # leaves them stale, so a resume takes the larger of them and what the committed rows say.
@@ -92,19 +118,52 @@ _PARTIAL_FILE = re.compile(r"\.[0-9a-f]{32}\.partial$")
 
 @dataclass
 class _LostSpan:
-    """Rows given up one after the other (no row of their dimension committed in between).
+    """Rows of consecutive blocks given up (no block of their dimension written in between).
 
     Attributes:
-        committed: The commit counter when they were given up.
+        seqs: The first and last block number (per row dimension, in the order handed over).
         first: ``step`` (or ``epoch``) of the first row.
         last: ``step`` (or ``epoch``) of the last row.
         rows: How many rows.
     """
 
-    committed: int
+    seqs: tuple[int, int]
     first: int
     last: int
     rows: int
+
+
+@dataclass(eq=False)
+class _Block:
+    """Rows of one dimension handed to the background thread together.
+
+    Attributes:
+        row_dim: ``"step"`` or ``"epoch"``.
+        rows: The rows, in order.
+        seqs: The first and last block number it holds (consecutive blocks are merged).
+        ticket: The last hand-over it holds, among all blocks (``flush`` waits for a ticket).
+        counted_lost: Whether its rows are counted in ``_lost`` (once, whoever gives it up).
+    """
+
+    row_dim: str
+    rows: list[dict[str, np.ndarray]]
+    seqs: tuple[int, int]
+    ticket: int
+    counted_lost: bool = False
+
+    def span(self) -> _LostSpan:
+        first, last = int(self.rows[0][self.row_dim]), int(self.rows[-1][self.row_dim])
+        return _LostSpan(self.seqs, first, last, len(self.rows))
+
+    def span_text(self) -> str:
+        """``"2 step rows (steps 2..3)"``: the block's rows, for messages."""
+        return _rows_text(self.row_dim, [self.span()])
+
+
+class _Abandoned(BaseException):
+    """Raised in the background thread before a store call once ``close()`` gave up on it: a
+    hung write that returns late must not be followed by any other (a BaseException, so that no
+    ``except Exception`` takes it for a failed write and retries)."""
 
 
 class ArchiveWriter:
@@ -121,7 +180,8 @@ class ArchiveWriter:
             chunk stays under 64 MiB uncompressed).
         flush_every: Buffered steps that trigger a background write. At most ``2 *
             flush_every`` rows are unwritten at any time (the buffer and the block being
-            written): what a crash can lose.
+            written): what a crash can lose. While the store hangs (a store call running
+            :data:`_WRITE_TIMEOUT` seconds), blocks beyond that are dropped, not waited for.
 
     Raises:
         StreamspecError: if an archive exists and ``resume`` is False, if ``store`` holds
@@ -152,9 +212,12 @@ class ArchiveWriter:
         if store is None:
             self._store: Store = zarr.storage.MemoryStore()
             self._label = repr(self._store)
+            self._key = self._label
             existing = None
         else:
             self._store, self._label, path = resolve_store(store, read_only=False)
+            self._key = os.path.abspath(path) if path is not None else self._label
+            _await_abandoned(self._key, self._label)
             existing = find_archive(self._store, self._label, path, incomplete_ok=True)
         if existing is None or is_incomplete(existing):
             self._group = self._create(chunk_steps, replace=existing is not None)
@@ -193,18 +256,37 @@ class ArchiveWriter:
         self._last_epoch_row = self._start_epoch - 1
 
         self._buffer: list[dict[str, np.ndarray]] = []
-        # Blocks handed over but not yet written, oldest first. The thread drains all of them at
-        # once, merging consecutive blocks of one dimension (e.g. a partial step block and an
-        # epoch row). ``_unwritten`` counts their rows plus those being written; a submitter
-        # waits (``_written``) while it would exceed ``flush_every`` (see ``_submit``).
-        self._pending: list[tuple[str, list[dict[str, np.ndarray]]]] = []
+        # Everything below is shared with the background thread and guarded by ``_written``.
+        # Blocks handed over but not yet written, oldest first. The thread takes all of them at
+        # once (a batch), merging consecutive blocks of one dimension (e.g. a partial step block
+        # and an epoch row); ``_writing`` holds the batch's blocks not finished yet, the first
+        # one under way, its current store call since ``_writing_since``. ``_unwritten`` counts
+        # the rows of both; a
+        # submitter waits (``_written``) while it would exceed ``flush_every`` (see ``_submit``).
+        self._pending: list[_Block] = []
+        self._writing: list[_Block] = []
+        self._writing_since: float | None = None
         self._unwritten = 0
         self._written = threading.Condition()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamspec-writer")
-        self._last_future: Future[None] | None = None
-        # Blocks given up after their last attempt, per row dimension (background thread).
+        # The one background thread (None while idle: it ends when nothing is pending, so that
+        # a writer never closed leaves no thread behind). A daemon, so that it does not itself keep
+        # the interpreter from exiting; a store call blocked in the operating system (a local path
+        # on a stale NFS mount) still does: LocalStore does its file I/O on zarr's worker threads,
+        # which Python joins at exit.
+        self._thread: threading.Thread | None = None
+        self._next_seq = dict.fromkeys(COMMIT_ATTRS, 0)  # block numbers per row dimension
+        self._tickets = 0  # blocks handed over (dropped ones aside)
+        self._done = 0  # the last ticket finished (written or given up)
+        # Rows given up, per row dimension: after their last attempt (background thread), or
+        # dropped by a submitter or close() because the store hung.
         self._lost: dict[str, list[_LostSpan]] = {d: [] for d in COMMIT_ATTRS}
-        self._first_loss: str | None = None
+        self._first_loss: str | None = None  # the error of the first failed block
+        self._hang: str | None = None  # the rows of the first block found hung
+        # The store counts as hung from a wait that timed out until a block is written again:
+        # meanwhile submitters and flush() do not wait (a store whose every call runs past the
+        # timeout would otherwise hold training up once per call, for as long as it hangs).
+        self._hung = False
+        self._abandoned = False  # close() gave up on a hung write: no more store calls
         # Row dimensions whose arrays a lost block may have left longer than the committed rows.
         self._ragged: set[str] = set()
         self._closed = False
@@ -234,9 +316,11 @@ class ArchiveWriter:
 
     @property
     def lost_rows(self) -> dict[str, int]:
-        """Rows given up after their block failed every write attempt, per row dimension
-        (``{"step": 0, "epoch": 0}`` while none was lost); ``close()`` reports them."""
-        return {d: sum(span.rows for span in spans) for d, spans in self._lost.items()}
+        """Rows given up, per row dimension (``{"step": 0, "epoch": 0}`` while none was lost):
+        their block failed every write attempt, or was dropped because the store hung (see
+        :data:`_WRITE_TIMEOUT`); ``close()`` reports them."""
+        with self._written:
+            return {d: sum(span.rows for span in spans) for d, spans in self._lost.items()}
 
     def unfinished_epoch(self) -> EpochSteps:
         """The steps of epoch :attr:`start_epoch` that earlier sessions committed.
@@ -315,11 +399,16 @@ class ArchiveWriter:
         """Hand buffered steps to the background thread; with ``wait``, block until written.
 
         Never raises for storage trouble: a block that fails every attempt is lost alone, with a
-        :class:`~streamspec.errors.StreamspecWarning` the first time (:attr:`lost_rows`).
+        :class:`~streamspec.errors.StreamspecWarning` the first time (:attr:`lost_rows`). Never
+        waits for a hung store either: it returns once a store call has taken
+        :data:`_WRITE_TIMEOUT` seconds (the blocks handed over are written if the store answers
+        again, and ``close()`` reports them if it never does).
         """
         self._submit_steps()
-        if wait and self._last_future is not None:
-            self._last_future.result()
+        if wait:
+            with self._written:
+                target = self._tickets
+                self._wait_unless_hung(lambda: self._done >= target, sticky=True)
 
     def close(self, next_step: int | None = None) -> None:
         """Write everything buffered, wait, stop the thread, then consolidate the metadata.
@@ -337,6 +426,15 @@ class ArchiveWriter:
         Storage trouble is reported, never raised: a :class:`~streamspec.errors.StreamspecWarning`
         sums up the rows that were not written (:attr:`lost_rows`), and another one says if the
         metadata could not be consolidated. The rows written stay readable either way.
+
+        A hung store is waited for at most :data:`_WRITE_TIMEOUT` seconds (from the start of the
+        store call under way, be it a block's or one of those above). Then the blocks not written
+        are counted lost and ``close`` returns without writing anything more: the archive is left
+        as a run killed during the hung call leaves it, every committed row readable. A new writer
+        of the store waits for the hung call (which may still land) and refuses the store while it
+        hangs. A call blocked in the operating system (a local path on a stale NFS mount) still
+        keeps the interpreter from exiting until it returns: Python joins zarr's I/O threads at
+        exit (``os._exit`` does not).
         """
         if self._closed:
             return
@@ -344,33 +442,15 @@ class ArchiveWriter:
         try:
             self._submit_steps()
         finally:
-            self._executor.shutdown(wait=True)
-        if self._first_loss is not None:
-            self._repair()
-        # The indices after the last rows, also of rows lost at the end: never reused on resume.
-        # The next epoch goes along with the next step, and alone only if an epoch row was lost
-        # (otherwise the committed rows say it). One write of the root's metadata, like a commit
-        # (after _repair, the counters it holds in memory are the committed ones).
-        ends: dict[str, int] = {}
-        if next_step is not None:
-            ends[NEXT_STEP_ATTR] = int(next_step)
-        if ends or self._lost["epoch"]:
-            ends[NEXT_EPOCH_ATTR] = self._last_epoch_row + 1
-        if ends:
-            try:
-                self._group.update_attributes(ends)
-            except Exception as error:  # storage trouble is reported, never raised
-                warnings.warn(
-                    f"streamspec: could not record the next step and epoch indices in "
-                    f"{self._label} ({type(error).__name__}: {error}); a resume restarts the "
-                    "counts after the last recorded step and epoch",
-                    StreamspecWarning,
-                    stacklevel=2,
-                )
-        if not self._ragged:  # consolidated shapes must match the committed rows
-            self._consolidate()
-        if self._first_loss is not None:
+            finished = self._finish_writes()
+        # Its last store calls on a background thread too, so that a hung store cannot hold it.
+        notes = self._in_background(lambda: self._finish_archive(next_step)) if finished else None
+        for note in notes or []:
+            warnings.warn(note, StreamspecWarning, stacklevel=2)
+        if any(self._lost.values()):
             warnings.warn(self._loss_summary(), StreamspecWarning, stacklevel=2)
+        elif notes is None:
+            warnings.warn(f"streamspec: {self._abandoned_text()}", StreamspecWarning, stacklevel=2)
 
     def archive(self) -> Archive:
         """A reader over the same store, seeing the committed rows (follows the run)."""
@@ -439,70 +519,298 @@ class ArchiveWriter:
             self._submit("step", rows)
 
     def _submit(self, row_dim: str, rows: list[dict[str, np.ndarray]]) -> None:
+        thread, warning = None, None
         with self._written:
+            seq = self._next_seq[row_dim]
+            self._next_seq[row_dim] += 1
             # Back-pressure: hand over a block only while the thread holds at most one block's
             # rows. A store slower than training then slows the submitter (in a watched run the
             # host thread, whose full queue in turn slows training) instead of piling rows up in
-            # memory, where a crash would lose them all. Dropping rows is never the answer, and
-            # writing here, beside the thread, would break the order of commits.
-            self._written.wait_for(
-                lambda: self._unwritten == 0 or self._unwritten + len(rows) <= self._flush_every
+            # memory, where a crash would lose them all; writing here, beside the thread, would
+            # break the order of commits. Only a hung store drops rows: once the store call under
+            # way has run _WRITE_TIMEOUT seconds, a block that does not fit beside it is given up,
+            # and so is every such block (without waiting) until a block is written again.
+            if self._wait_unless_hung(
+                lambda: self._unwritten == 0 or self._unwritten + len(rows) <= self._flush_every,
+                sticky=True,
+            ):
+                self._tickets += 1
+                self._pending.append(_Block(row_dim, rows, (seq, seq), self._tickets))
+                self._unwritten += len(rows)
+                self._written.notify_all()
+                thread = self._new_thread()
+            else:
+                warning = self._drop(_Block(row_dim, rows, (seq, seq), ticket=0))
+        if thread is not None:
+            thread.start()  # without the lock: it takes the blocks pending now as one batch
+        if warning is not None:
+            with contextlib.suppress(Warning):  # as in _lose: close() repeats it in any case
+                warnings.warn(warning, StreamspecWarning, stacklevel=4)
+
+    def _drop(self, block: _Block) -> str | None:
+        """Count a block lost because the store hung (the caller holds ``_written``).
+
+        Returns:
+            The warning to give if this is the first block dropped, else None.
+        """
+        self._record_lost(block)
+        if self._hang is not None:
+            return None
+        self._hang = self._writing[0].span_text() if self._writing else "a block"
+        return (
+            f"streamspec: a write of {self._hang} to {self._label} has not returned after "
+            f"{_WRITE_TIMEOUT:g} s (the store looks hung); {block.span_text()} and the blocks "
+            "after them are dropped while it hangs, instead of making training wait (warned "
+            "once; writing goes on if the store answers again, and close() reports the total)"
+        )
+
+    def _new_thread(self) -> threading.Thread | None:
+        """The background thread to start, unless one runs (the caller holds ``_written``)."""
+        if not self._thread_ended():
+            return None
+        self._thread = threading.Thread(target=self._run, name="streamspec-writer", daemon=True)
+        return self._thread
+
+    def _thread_ended(self) -> bool:
+        """No background thread, or it ended (a thread not started yet is about to run)."""
+        thread = self._thread
+        return thread is None or (thread.ident is not None and not thread.is_alive())
+
+    def _wait_unless_hung(self, ready: Callable[[], bool], *, sticky: bool = False) -> bool:
+        """Wait (holding ``_written``) until ``ready()``, or until the store call under way has
+        run :data:`_WRITE_TIMEOUT` seconds: a hung store is waited for once, never for ever.
+        With ``sticky``, not at all while the store counts as hung (``_hung``).
+
+        Returns:
+            Whether ``ready()`` came true (False: the store is hung, or was given up at close).
+        """
+        while not ready():
+            if self._abandoned or self._thread_ended() or (sticky and self._hung):
+                return False  # nothing will ever make it true, or not soon
+            since = self._writing_since
+            left = _WRITE_TIMEOUT if since is None else since + _WRITE_TIMEOUT - time.monotonic()
+            if left <= 0:
+                self._hung = True
+                return False
+            # None: the thread is taking its next batch, and notifies as each block starts.
+            self._written.wait(left)
+        return True
+
+    def _finish_writes(self) -> bool:
+        """Let the thread write every block handed over and end; on a hung write, give up.
+
+        Returns:
+            True once everything is written (or given up after failing) and the thread is gone;
+            False if a write hung: its block and the ones after it are then counted lost, and
+            the thread makes no store call any more (see :class:`_Abandoned`).
+        """
+        with self._written:
+            if not self._wait_unless_hung(lambda: not self._pending and not self._writing):
+                self._abandoned = True
+                if self._hang is None:
+                    self._hang = self._writing[0].span_text() if self._writing else "a block"
+                for block in (*self._writing, *self._pending):
+                    self._record_lost(block)
+                self._writing, self._pending, self._unwritten = [], [], 0
+                self._written.notify_all()
+                self._leave_behind(self._thread)
+                return False
+            thread = self._thread
+        if thread is not None:
+            thread.join()  # it found nothing pending: it is ending
+        return True
+
+    def _in_background(self, job: Callable[[], list[str]]) -> list[str] | None:
+        """Run ``job`` on a background thread, timed like a block's write (:meth:`_store_call`).
+
+        Returns:
+            What ``job`` returned, or None if a store call of it hung: close() then gives up on
+            the thread, which makes no store call after the hung one (:class:`_Abandoned`).
+
+        Raises:
+            Whatever else ``job`` raised (a bug: storage trouble is returned).
+        """
+        done: list[list[str]] = []
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            notes: list[str] = []
+            try:
+                notes = job()
+            except _Abandoned:
+                return
+            except BaseException as exc:
+                errors.append(exc)
+            with self._written:
+                done.append(notes)
+                self._written.notify_all()
+
+        thread = threading.Thread(target=run, name="streamspec-writer", daemon=True)
+        with self._written:
+            self._thread, self._writing_since = thread, time.monotonic()
+        thread.start()
+        with self._written:
+            if not self._wait_unless_hung(lambda: bool(done)):
+                self._abandoned = True
+                self._leave_behind(thread)
+                return None
+        thread.join()
+        if errors:
+            raise errors[0]
+        return done[0]
+
+    def _leave_behind(self, thread: threading.Thread | None) -> None:
+        """close() gave up on ``thread``'s hung store call: a new writer of the store waits for
+        it (the call may still land)."""
+        if thread is not None and thread.is_alive():
+            with _ABANDONED_LOCK:
+                _ABANDONED[self._key] = thread
+
+    def _record_lost(self, block: _Block) -> None:
+        """Count a block's rows lost, in one span with the lost blocks just before and after it
+        (the caller holds ``_written``; blocks are given up out of order when the store hangs)."""
+        if block.counted_lost:  # e.g. by _lose, before close() gave up on its cutting back
+            return
+        block.counted_lost = True
+        spans = self._lost[block.row_dim]
+        new = block.span()
+        at = len(spans)
+        while at and spans[at - 1].seqs[0] > new.seqs[0]:
+            at -= 1
+        spans.insert(at, new)
+        if at + 1 < len(spans) and new.seqs[1] + 1 == spans[at + 1].seqs[0]:
+            after = spans.pop(at + 1)
+            new.seqs, new.last, new.rows = (
+                (new.seqs[0], after.seqs[1]),
+                after.last,
+                new.rows + after.rows,
             )
-            self._pending.append((row_dim, rows))
-            self._unwritten += len(rows)
-        # The thread runs tasks in order: when this one is done, every block before it is written.
-        self._last_future = self._executor.submit(self._drain)
+        if at and spans[at - 1].seqs[1] + 1 == new.seqs[0]:
+            before = spans[at - 1]
+            before.seqs, before.last = (before.seqs[0], new.seqs[1]), new.last
+            before.rows += new.rows
+            del spans[at]
 
     # ------------------------------------------------------------------ background thread
-    def _drain(self) -> None:
-        """Write every pending block, in order (a no-op if an earlier task took them all)."""
-        with self._written:
-            pending, self._pending = self._pending, []
-        merged: list[tuple[str, list[dict[str, np.ndarray]]]] = []
-        for row_dim, rows in pending:
-            if merged and merged[-1][0] == row_dim:
-                merged[-1][1].extend(rows)
-            else:
-                merged.append((row_dim, list(rows)))
-        done = 0
-        try:
-            for row_dim, rows in merged:
-                try:
-                    self._write_rows(row_dim, rows)
-                finally:
-                    done += 1
-                    with self._written:
-                        self._unwritten -= len(rows)
-                        self._written.notify_all()
-        except BaseException as exc:
-            # Not an Exception (those are retried and given up in _write_rows), e.g. an
-            # asyncio.CancelledError from the store: this block and the later ones are lost,
-            # counted, and stop holding the submitters' backpressure.
-            rest = merged[done:]
+    def _run(self) -> None:
+        """The background thread: write the pending blocks, a batch at a time, until none is
+        left (a later hand-over starts a new thread)."""
+        while True:
             with self._written:
-                self._unwritten -= sum(len(rows) for _, rows in rest)
-                self._written.notify_all()
-            error = RuntimeError(f"{type(exc).__name__}: {exc}")
-            for row_dim, rows in merged[done - 1 :]:
-                with contextlib.suppress(Exception):
-                    self._lose(row_dim, rows, error)
-            raise
+                if self._abandoned or not self._pending:
+                    if self._thread is threading.current_thread():
+                        self._thread = None
+                    return
+                batch = _merged(self._pending)
+                self._pending, self._writing = [], list(batch)
+            if not self._write_batch(batch):
+                return
 
-    def _write_rows(self, row_dim: str, rows: list[dict[str, np.ndarray]]) -> None:
+    def _write_batch(self, batch: list[_Block]) -> bool:
+        """Write the blocks of a batch in order; False once close() gave up on the thread."""
+        for i, block in enumerate(batch):
+            with self._written:
+                if self._abandoned:
+                    return False
+                self._writing_since = time.monotonic()
+                self._written.notify_all()  # waiters time the hang from here on
+            try:
+                written = self._write_rows(block)
+            except _Abandoned:
+                return False
+            except BaseException as exc:
+                # Not an Exception (those are retried and given up in _write_rows), e.g. an
+                # asyncio.CancelledError from the store: this block and the later ones of the
+                # batch are lost, counted, and stop holding the submitters' backpressure.
+                error = RuntimeError(f"{type(exc).__name__}: {exc}")
+                try:
+                    for lost in batch[i:]:
+                        with contextlib.suppress(Exception):
+                            self._lose(lost, error)
+                except _Abandoned:
+                    return False
+                self._finished(batch[i:])
+                return True
+            self._finished([block], written=written)
+        return True
+
+    def _finished(self, blocks: list[_Block], *, written: bool = False) -> None:
+        """Blocks written or given up (the first ones of ``_writing``): release their rows.
+        A block ``written`` ends a hang (the store answers again)."""
+        with self._written:
+            if self._abandoned:  # close() counted them lost already
+                return
+            if written:
+                self._hung = False
+            del self._writing[: len(blocks)]
+            self._unwritten -= sum(len(block.rows) for block in blocks)
+            self._done = max(self._done, *(block.ticket for block in blocks))
+            self._writing_since = None
+            self._written.notify_all()
+
+    def _finish_archive(self, next_step: int | None) -> list[str]:
+        """close()'s last store calls, after every block: cut back, next indices, consolidate.
+
+        Returns:
+            The warnings to give (storage trouble, reported and never raised).
+        """
+        notes: list[str] = []
+        if self._first_loss is not None:
+            self._repair()
+        # The indices after the last rows, also of rows lost at the end: never reused on resume.
+        # The next epoch goes along with the next step, and alone only if an epoch row was lost
+        # (otherwise the committed rows say it). One write of the root's metadata, like a commit
+        # (after _repair, the counters it holds in memory are the committed ones).
+        ends: dict[str, int] = {}
+        if next_step is not None:
+            ends[NEXT_STEP_ATTR] = int(next_step)
+        if ends or self._lost["epoch"]:
+            ends[NEXT_EPOCH_ATTR] = self._last_epoch_row + 1
+        if ends:
+            self._store_call()
+            try:
+                self._group.update_attributes(ends)
+            except Exception as error:  # storage trouble is reported, never raised
+                notes.append(
+                    f"streamspec: could not record the next step and epoch indices in "
+                    f"{self._label} ({type(error).__name__}: {error}); a resume restarts the "
+                    "counts after the last recorded step and epoch"
+                )
+        if not self._ragged:  # consolidated shapes must match the committed rows
+            notes.extend(self._consolidate())
+        return notes
+
+    def _check_abandoned(self) -> None:
+        """Raise :class:`_Abandoned` once close() gave up on the background thread."""
+        if self._abandoned:
+            raise _Abandoned
+
+    def _store_call(self) -> None:
+        """Before each store call of the background thread: none after a call close() gave up
+        on (:class:`_Abandoned`); the waiters time a hang from here (a slow store that answers
+        call after call is waited for)."""
+        self._check_abandoned()
+        self._writing_since = time.monotonic()
+
+    def _write_rows(self, block: _Block) -> bool:
         """Write one block, retried after each of :data:`_RETRY_DELAYS`; if every attempt fails,
-        give its rows up: the next block is written where this one would have been."""
+        give its rows up: the next block is written where this one would have been.
+
+        Returns:
+            Whether its rows are committed (False: given up).
+        """
         error: Exception | None = None
         for delay in (0.0, *_RETRY_DELAYS):
             time.sleep(delay)
             try:
-                self._write_block(row_dim, rows)
+                self._write_block(block.row_dim, block.rows)
             except Exception as exc:
                 error = exc
             else:
-                self._ragged.discard(row_dim)
-                return
+                self._ragged.discard(block.row_dim)
+                return True
         assert error is not None
-        self._lose(row_dim, rows, error)
+        return self._lose(block, error)
 
     def _write_block(self, row_dim: str, rows: list[dict[str, np.ndarray]]) -> None:
         """Grow each array of ``row_dim``, write the rows, then commit them (in that order).
@@ -515,8 +823,10 @@ class ArchiveWriter:
         variables = row_variables(row_dim, self._layout)
         blocks = {v.name: _stack(v, rows, self._layout) for v in variables}
         self._ragged.add(row_dim)
+        # Before each store call: a call that hung until close() gave up on it is the last.
         for v in variables:
             array = self._arrays[v.name]
+            self._store_call()
             array.resize((stop, *array.shape[1:]))
         for v in variables:
             array = self._arrays[v.name]
@@ -527,9 +837,11 @@ class ArchiveWriter:
             lo = start
             while lo < stop:
                 hi = min(stop, (lo // rows_per_chunk + 1) * rows_per_chunk)
+                self._store_call()
                 array[lo:hi] = blocks[v.name][lo - start : hi - start]
                 lo = hi
         counters = {**self._committed, row_dim: stop}
+        self._store_call()
         self._commit(counters)
         self._committed[row_dim] = stop
 
@@ -547,38 +859,40 @@ class ArchiveWriter:
         except Exception:
             return None
 
-    def _lose(self, row_dim: str, rows: list[dict[str, np.ndarray]], error: Exception) -> None:
-        """Record a block given up, warn the first time, and cut its arrays back if possible."""
+    def _lose(self, block: _Block, error: Exception) -> bool:
+        """Record a block given up, warn the first time, and cut its arrays back if possible.
+
+        Returns:
+            True if its commit landed after all (the block is written), else False.
+        """
+        row_dim, rows = block.row_dim, block.rows
+        self._store_call()
         stored = self._stored_counter(row_dim)
         if stored == self._committed[row_dim] + len(rows):  # its commit landed after all
             self._committed[row_dim] = stored
             self._ragged.discard(row_dim)
-            return
-        first, last = int(rows[0][row_dim]), int(rows[-1][row_dim])
-        spans = self._lost[row_dim]
-        committed = self._committed[row_dim]
-        if spans and spans[-1].committed == committed:  # nothing written since: one span
-            spans[-1].last = last
-            spans[-1].rows += len(rows)
-        else:
-            spans.append(_LostSpan(committed, first, last, len(rows)))
+            return True
+        reason = f"{type(error).__name__}: {error}"
+        with self._written:
+            self._check_abandoned()  # close() counted it lost already
+            self._record_lost(block)
+            first, self._first_loss = self._first_loss is None, self._first_loss or reason
         if stored is not None:  # never cut below a counter the store may hold
             self._trim(row_dim)
-        reason = f"{type(error).__name__}: {error}"
-        if self._first_loss is not None:
-            return
-        self._first_loss = reason
+        if not first:
+            return False
         attempts = 1 + len(_RETRY_DELAYS)
         with contextlib.suppress(Warning):
             # From this thread a warning turned into an error (``-W error``) would only end the
             # drain; close() repeats the loss in the caller's thread.
             warnings.warn(
-                f"streamspec: writing {_rows_text(row_dim, [_LostSpan(0, first, last, len(rows))])}"
+                f"streamspec: writing {block.span_text()}"
                 f" to {self._label} failed {attempts} times ({reason}); those rows are lost, "
                 "training and the later rows go on (warned once; close() reports the total)",
                 StreamspecWarning,
                 stacklevel=1,
             )
+        return False
 
     def _trim(self, row_dim: str) -> None:
         """Cut the arrays of ``row_dim`` back to the committed rows (best effort: the store may
@@ -587,6 +901,7 @@ class ArchiveWriter:
         try:
             for v in row_variables(row_dim, self._layout):
                 array = self._arrays[v.name]
+                self._store_call()
                 array.resize((stop, *array.shape[1:]))
         except Exception:
             return
@@ -596,16 +911,37 @@ class ArchiveWriter:
         """After a loss: arrays back to the committed rows, both counters saved anew."""
         for row_dim in sorted(self._ragged):
             self._trim(row_dim)
+        self._store_call()
         with contextlib.suppress(Exception):
             self._commit(dict(self._committed))
 
     def _loss_summary(self) -> str:
         parts = [_rows_text(d, spans) for d, spans in self._lost.items() if spans]
-        attempts = 1 + len(_RETRY_DELAYS)
+        causes = []
+        if self._first_loss is not None:
+            attempts = 1 + len(_RETRY_DELAYS)
+            causes.append(f"failed {attempts} times each, first error: {self._first_loss}")
+        if self._hang is not None:
+            causes.append(
+                f"the store hung: a write of {self._hang} did not return within "
+                f"{_WRITE_TIMEOUT:g} s, and the blocks that would have waited for it were dropped"
+            )
+        if self._abandoned:
+            outcome = self._abandoned_text()
+        else:
+            outcome = "every other row was written, and the commit counters count only those"
         return (
-            f"streamspec: {' and '.join(parts)} were not written to {self._label} after "
-            f"{attempts} attempts each (first error: {self._first_loss}); every other row was "
-            "written, and the commit counters count only those"
+            f"streamspec: {' and '.join(parts)} were not written to {self._label} "
+            f"({'; '.join(causes) or 'the background writer stopped'}); {outcome}"
+        )
+
+    def _abandoned_text(self) -> str:
+        return (
+            f"close() stopped waiting for a store call to {self._label} that did not return "
+            f"within {_WRITE_TIMEOUT:g} s, and wrote nothing more: the archive is as a run killed "
+            "then leaves it (every committed row readable; the next step and epoch indices and "
+            "the consolidated metadata not recorded; a resume cuts off the rows above the commit "
+            "counters)"
         )
 
     # ------------------------------------------------------------------ creation / resume
@@ -675,25 +1011,24 @@ class ArchiveWriter:
             overwrite=overwrite,
         )
 
-    def _consolidate(self) -> None:
+    def _consolidate(self) -> list[str]:
+        """Consolidate the metadata (background thread, at close); the warning to give, if any."""
         if not self._store.supports_consolidated_metadata:
-            return
+            return []
+        self._store_call()
         try:
-            with warnings.catch_warnings(), quiet_partial_files():
-                # "not part of the Zarr v3 specification": known, and readers never need it.
-                warnings.filterwarnings(
-                    "ignore", message="Consolidated metadata", category=UserWarning
-                )
+            # "not part of the Zarr v3 specification": known, and readers never need it; and the
+            # live writer's temporary files (as quiet_partial_files).
+            with _ignoring("Consolidated metadata", r"Object at .*\.partial is not recognized"):
                 zarr.consolidate_metadata(self._store)
         except Exception as exc:
             # Storage trouble at the very end: the rows are written, only a convenience is not.
-            warnings.warn(
+            return [
                 f"streamspec: could not consolidate the metadata of {self._label} at close "
                 f"({type(exc).__name__}: {exc}); streamspec.open() reads every written row, "
-                "xarray.open_zarr needs consolidated=False",
-                StreamspecWarning,
-                stacklevel=3,
-            )
+                "xarray.open_zarr needs consolidated=False"
+            ]
+        return []
 
     def _resume(
         self, existing: zarr.Group, chunk_steps: int, path: os.PathLike[str] | None
@@ -761,6 +1096,55 @@ class ArchiveWriter:
         return group
 
 
+@contextlib.contextmanager
+def _ignoring(*messages: str) -> Iterator[None]:
+    """Ignore the UserWarnings matching ``messages`` meanwhile (background thread, at close).
+
+    Warning filters are process-wide (Python 3.11), and a store call that close() gave up on
+    returns whenever it does: this removes only its own filters then, where ``catch_warnings``
+    would put back the filters (and ``showwarning``) of when the call began, undoing whatever
+    the process set meanwhile.
+    """
+    added = []
+    for message in messages:
+        warnings.filterwarnings("ignore", message=message, category=UserWarning)
+        added.append(warnings.filters[0])
+    try:
+        yield
+    finally:
+        for entry in added:
+            with contextlib.suppress(ValueError):
+                warnings.filters.remove(entry)
+        mutated = getattr(warnings, "_filters_mutated", None)  # as filterwarnings does
+        if mutated is not None:
+            mutated()
+
+
+def _await_abandoned(key: str, label: str) -> None:
+    """Before a writer touches a store: wait (at most :data:`_WRITE_TIMEOUT` seconds) for a hung
+    store call that an earlier writer's close() gave up on, since it may still land (over the
+    rows and commit counters the new writer writes).
+
+    Raises:
+        StreamspecError: if that call is still in flight.
+    """
+    with _ABANDONED_LOCK:
+        thread = _ABANDONED.get(key)
+    if thread is None:
+        return
+    thread.join(_WRITE_TIMEOUT)
+    if thread.is_alive():
+        raise StreamspecError.build(
+            expected=f"no store call of an earlier writer in flight to {label}",
+            got=f"one that has not returned for over {_WRITE_TIMEOUT:g} s (its close() gave up "
+            "on it; it may still land, over what a new writer writes)",
+            fix="open the writer once the store answers again, or write to a new path",
+        )
+    with _ABANDONED_LOCK:
+        if _ABANDONED.get(key) is thread:
+            del _ABANDONED[key]
+
+
 def _remove_partial_files(root: os.PathLike[str]) -> None:
     """Delete the temporary files of atomic writes that a killed writer left under ``root``.
 
@@ -771,6 +1155,19 @@ def _remove_partial_files(root: os.PathLike[str]) -> None:
             if _PARTIAL_FILE.search(name):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(directory, name))
+
+
+def _merged(blocks: list[_Block]) -> list[_Block]:
+    """Consecutive blocks of one dimension as one (none was dropped in between): one write."""
+    merged: list[_Block] = []
+    for block in blocks:
+        last = merged[-1] if merged else None
+        if last is not None and last.row_dim == block.row_dim and last.seqs[1] + 1 == block.seqs[0]:
+            rows = [*last.rows, *block.rows]
+            merged[-1] = _Block(block.row_dim, rows, (last.seqs[0], block.seqs[1]), block.ticket)
+        else:
+            merged.append(block)
+    return merged
 
 
 def _rows_text(row_dim: str, spans: list[_LostSpan]) -> str:
