@@ -927,7 +927,11 @@ class ArchiveWriter:
                 f"{_WRITE_TIMEOUT:g} s, and the blocks that would have waited for it were dropped"
             )
         if self._abandoned:
-            outcome = self._abandoned_text()
+            # The hung call itself may still land (a commit too) if the store answers later.
+            outcome = (
+                f"{self._abandoned_text()}; the block whose store call hung is counted here, "
+                "though it may yet land if the store answers"
+            )
         else:
             outcome = "every other row was written, and the commit counters count only those"
         return (
