@@ -1116,9 +1116,10 @@ def _ignoring(*messages: str) -> Iterator[None]:
     try:
         yield
     finally:
+        filters = cast(list[Any], warnings.filters)  # a list (typed as a Sequence)
         for entry in added:
             with contextlib.suppress(ValueError):
-                warnings.filters.remove(entry)
+                filters.remove(entry)
         mutated = getattr(warnings, "_filters_mutated", None)  # as filterwarnings does
         if mutated is not None:
             mutated()
