@@ -879,6 +879,8 @@ class ArchiveWriter:
             first, self._first_loss = self._first_loss is None, self._first_loss or reason
         if stored is not None:  # never cut below a counter the store may hold
             self._trim(row_dim)
+            if row_dim == "epoch":
+                self._save_next_epoch(int(rows[-1]["epoch"]) + 1)
         if not first:
             return False
         attempts = 1 + len(_RETRY_DELAYS)
@@ -893,6 +895,16 @@ class ArchiveWriter:
                 stacklevel=1,
             )
         return False
+
+    def _save_next_epoch(self, next_epoch: int) -> None:
+        """After a lost epoch row, record the epoch after it at once (best effort), with the
+        committed counters (a failed commit may have left its own in memory): a process killed
+        before it commits a step of the next epoch or closes would otherwise resume into the
+        lost epoch, whose row is gone but whose steps are committed."""
+        self._store_call()
+        with contextlib.suppress(Exception):
+            counters = {COMMIT_ATTRS[d]: n for d, n in self._committed.items()}
+            self._group.update_attributes({**counters, NEXT_EPOCH_ATTR: next_epoch})
 
     def _trim(self, row_dim: str) -> None:
         """Cut the arrays of ``row_dim`` back to the committed rows (best effort: the store may
