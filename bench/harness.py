@@ -135,10 +135,12 @@ class ModeResult:
         }
 
 
-MODES = ("plain", "watch", "watch10", "paper", "lowrank", "hostless")
+MODES = ("plain", "watch", "watch10", "paper", "lowrank", "hostless", "batched")
 """``hostless`` is a diagnostic, not a usable mode: ``watch`` with the host thread's spectra,
 statistics and writes skipped (it only waits for the copies), so that ``watch − hostless`` is
-what the host thread costs the training thread (Python's GIL, CPU cores)."""
+what the host thread costs the training thread (Python's GIL, CPU cores). ``batched`` is
+``watch`` with ``STREAMSPEC_BATCH_LAYERS=4`` (a candidate default on GPUs: the products of
+four same-shape layers in one batched call)."""
 
 
 def _wait_only(rec: Any) -> None:
@@ -169,12 +171,21 @@ def run_mode(cfg: Config, mode: str, device: torch.device, result: ModeResult) -
     sync()
     start = time.perf_counter()
     monitor: Any = None
-    if mode in ("watch", "watch10", "hostless"):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            monitor = streamspec.watch(
-                model, groups, rank=cfg.rank, live=False, every=10 if mode == "watch10" else 1
-            )
+    if mode in ("watch", "watch10", "hostless", "batched"):
+        saved = os.environ.get("STREAMSPEC_BATCH_LAYERS")
+        if mode == "batched":
+            os.environ["STREAMSPEC_BATCH_LAYERS"] = "4"
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                monitor = streamspec.watch(
+                    model, groups, rank=cfg.rank, live=False, every=10 if mode == "watch10" else 1
+                )
+        finally:
+            if saved is None:
+                os.environ.pop("STREAMSPEC_BATCH_LAYERS", None)
+            else:
+                os.environ["STREAMSPEC_BATCH_LAYERS"] = saved
         if mode == "hostless":
             monitor._pipeline._on_step = _wait_only
     elif mode in ("paper", "lowrank"):

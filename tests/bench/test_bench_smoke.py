@@ -33,3 +33,16 @@ def test_products_bench_smoke(tmp_path, capsys) -> None:
         assert row["max_gap"] < 1e-5
         assert row["monitor"] > 0 and row["layers 4"] > 0 and row["transposed split-k 8"] > 0
     assert "largest relative gap" in capsys.readouterr().out
+
+
+def test_bench_diagnostic_modes_smoke(tmp_path, monkeypatch) -> None:
+    """``hostless`` and ``batched`` run end to end; ``batched`` leaves the environment as it
+    found it."""
+    import os
+
+    monkeypatch.delenv("STREAMSPEC_BATCH_LAYERS", raising=False)
+    args = ["--config", "smoke", "--device", "cpu", "--out", str(tmp_path), "--no-accuracy"]
+    assert main([*args, "--modes", "plain,hostless,batched"]) == 0
+    data = json.loads((tmp_path / "smoke-cpu.json").read_text())
+    assert set(data["modes"]) == {"plain", "hostless", "batched"}
+    assert "STREAMSPEC_BATCH_LAYERS" not in os.environ

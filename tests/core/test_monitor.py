@@ -943,3 +943,43 @@ def test_an_unbatched_input_names_the_module() -> None:
     text = str(err.value)
     assert text.startswith("at 2.weight: expected a batched input to nn.Linear"), text
     assert "shape (4,)" in text and "Fix:" in text
+
+
+def test_batched_layer_products_record_what_layer_by_layer_products_record(monkeypatch) -> None:
+    """``STREAMSPEC_BATCH_LAYERS=3``: a bank's sketched-route products run three layers at a
+    time (the fourth, and a shorter layer's call pattern, alone at the end of the backward);
+    the recorded step and epoch spectra, error estimates and t-statistics are those of the
+    layer-by-layer products, and a model's exact-route and first (seeding) steps are unchanged."""
+    from streamspec import monitor as monitor_module
+    from streamspec.sketch import tracker as tracker_module
+
+    calls: list[int] = []
+    real = tracker_module.products_of_layers
+
+    def counted(trackers, *args):  # type: ignore[no-untyped-def]
+        calls.append(len(trackers))
+        return real(trackers, *args)
+
+    monkeypatch.setattr(monitor_module, "products_of_layers", counted)
+    out = {}
+    for batch in ("1", "3"):
+        monkeypatch.setenv("STREAMSPEC_BATCH_LAYERS", batch)
+        calls.clear()
+        torch.manual_seed(0)
+        model = nn.Sequential(*[nn.Linear(40, 40) for _ in range(4)], nn.Linear(40, 8))
+        gen = torch.Generator().manual_seed(1)
+        with streamspec.watch(model, ["a", "b"], rank=4, live=False, exact_rows=0) as mon:
+            for _epoch in range(2):
+                for _ in range(3):
+                    x = torch.randn(48, 40, generator=gen)
+                    mon.label(torch.arange(48) % 2)
+                    model(x).pow(2).mean().backward()
+                mon.end_epoch()
+            ds = mon.to_xarray()
+        out[batch] = [ds[v].values for v in ("sigma", "sigma_err", "sigma_epoch", "welch_t")]
+        # Batched: from the second step on, the four 40 × 40 layers as 3 + 1 (the head alone
+        # is a bank of its own and never batched).
+        assert calls == ([] if batch == "1" else [3, 1] * 5), calls
+    for a, b in zip(out["1"], out["3"], strict=True):
+        assert np.isfinite(a).any()
+        np.testing.assert_allclose(b, a, rtol=2e-4, atol=1e-6 * np.nanmax(np.abs(a)))

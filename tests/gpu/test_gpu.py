@@ -23,9 +23,12 @@ def encoder(device: str) -> nn.Module:
     ).to(device)
 
 
-def test_monitored_steps_do_not_synchronise() -> None:
+@pytest.mark.parametrize("batch", ["1", "2"])
+def test_monitored_steps_do_not_synchronise(batch, monkeypatch) -> None:
     """Every op of a monitored step (hooks, gathers, sketches, async copies) runs under
-    ``torch.cuda.set_sync_debug_mode("error")``: any host-device sync raises."""
+    ``torch.cuda.set_sync_debug_mode("error")``: any host-device sync raises. Also with the
+    products of two same-shape layers batched (``STREAMSPEC_BATCH_LAYERS``)."""
+    monkeypatch.setenv("STREAMSPEC_BATCH_LAYERS", batch)
     model = encoder("cuda")
     opt = torch.optim.Adam(model.parameters())
     x = torch.randn(8, 16, 64, device="cuda")
@@ -46,11 +49,15 @@ def test_monitored_steps_do_not_synchronise() -> None:
     assert np.isfinite(ds["sigma"].values[:, :, :, :, 0]).all()
 
 
-def test_gpu_spectra_equal_cpu_spectra() -> None:
+@pytest.mark.parametrize("batch", ["1", "2"])
+def test_gpu_spectra_equal_cpu_spectra(batch, monkeypatch) -> None:
+    """CUDA records what the CPU records (layer by layer there; on CUDA also with two layers'
+    products batched)."""
     x = torch.randn(8, 16, 64)
     labels = torch.arange(8) % 2
     out = {}
     for device in ("cpu", "cuda"):
+        monkeypatch.setenv("STREAMSPEC_BATCH_LAYERS", batch if device == "cuda" else "1")
         model = encoder(device)
         with streamspec.watch(model, ["a", "b"], rank=4, live=False) as mon:
             for _ in range(3):
