@@ -406,6 +406,7 @@ class Monitor:
     def end_epoch(self) -> None:
         """Close the epoch: epoch spectra from the sketches, Welch tests of its recorded steps."""
         self._check_open()
+        self._drop_failed_backward()  # a dead step's held rows go now, not at the next label()
         self._finish_epoch()
         self._raise_worker_error()
 
@@ -432,6 +433,7 @@ class Monitor:
             return
         try:
             self._remove_hooks()
+            self._drop_failed_backward()  # a closed monitor holds no dead step's rows
             if self._epoch_steps:
                 self._finish_epoch()
             self._pipeline.drain()
@@ -674,16 +676,23 @@ class Monitor:
             state.n_positions += tie[1]
 
     def _queue(self, index: int, rows: torch.Tensor, adjoint: torch.Tensor) -> None:
-        """Hold a layer's gathered rows until :data:`batch_layers` layers of its bank (or
-        :data:`BATCH_BYTES` of rows) are there, then run their products together."""
+        """Hold a layer's gathered rows until :data:`batch_layers` layers of its bank are there,
+        then run their products together; a bank never holds more than :data:`BATCH_BYTES` of
+        rows (a batch runs early rather than take more; a layer whose rows alone reach it runs
+        at once)."""
         key = id(self._trackers[index].bank)
         queue = self._queued.setdefault(key, [])
-        if queue and (queue[0][1].shape != rows.shape or queue[0][2].shape != adjoint.shape):
-            self._run_queue(key)  # another row count (another call pattern): not batched together
+        size = rows.nbytes + adjoint.nbytes
+        if queue and (
+            queue[0][1].shape != rows.shape
+            or queue[0][2].shape != adjoint.shape
+            # these rows would take the bank past BATCH_BYTES: the batch so far runs first
+            or sum(a.nbytes + d.nbytes for _, a, d in queue) + size > BATCH_BYTES
+        ):
+            self._run_queue(key)  # (or another row count, another call pattern: not batched)
             queue = self._queued.setdefault(key, [])
         queue.append((index, rows, adjoint))
-        held = sum(a.nbytes + d.nbytes for _, a, d in queue)
-        if len(queue) >= self._batch_layers or held >= BATCH_BYTES:
+        if len(queue) >= self._batch_layers or size >= BATCH_BYTES:
             self._run_queue(key)
 
     def _run_queue(self, key: int) -> None:

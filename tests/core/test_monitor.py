@@ -983,3 +983,58 @@ def test_batched_layer_products_record_what_layer_by_layer_products_record(monke
     for a, b in zip(out["1"], out["3"], strict=True):
         assert np.isfinite(a).any()
         np.testing.assert_allclose(b, a, rtol=2e-4, atol=1e-6 * np.nanmax(np.abs(a)))
+
+
+def test_batched_rows_of_a_failed_backward_are_released_by_end_epoch_and_close(
+    monkeypatch,
+) -> None:
+    """``STREAMSPEC_BATCH_LAYERS``: a backward that raises mid-way (caught by the user) leaves
+    layers' gathered rows in their bank's queue; ``end_epoch()`` and ``close()`` drop that dead
+    step (as ``label()`` does), so a closed monitor pins no rows."""
+    monkeypatch.setenv("STREAMSPEC_BATCH_LAYERS", "4")
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Sequential(nn.Linear(32, 32), nn.Tanh()) for _ in range(6)])
+
+    def boom(grad: torch.Tensor) -> None:
+        raise RuntimeError("boom")
+
+    def failing_step(mon: streamspec.Monitor) -> None:
+        mon.label(torch.arange(12) % 2)
+        x = model[:3](torch.randn(12, 5, 32))
+        x.register_hook(boom)
+        with pytest.raises(RuntimeError, match="boom"):
+            model[3:](x).pow(2).mean().backward()
+
+    for finish in ("end_epoch", "close"):
+        mon = streamspec.watch(model, ["a", "b"], rank=4, live=False)
+        mon.label(torch.arange(12) % 2)
+        model(torch.randn(12, 5, 32)).pow(2).mean().backward()  # seeds: batched from now on
+        failing_step(mon)
+        assert mon._queued, "the dead step's rows are queued (the test's premise)"
+        getattr(mon, finish)()
+        assert not mon._queued
+        mon.close()
+
+
+def test_batched_rows_held_per_bank_stay_within_batch_bytes(monkeypatch) -> None:
+    """A bank's queue runs before a layer's rows would take it past ``BATCH_BYTES``."""
+    from streamspec import monitor as monitor_module
+
+    monkeypatch.setenv("STREAMSPEC_BATCH_LAYERS", "4")
+    # One layer's rows: A and Δ [3, 20, 32] float32, 15360 bytes: room for one and a half.
+    monkeypatch.setattr(monitor_module, "BATCH_BYTES", 23040)
+    held: list[int] = []
+    real = monitor_module.Monitor._run_queue
+
+    def run_queue(self, key):  # type: ignore[no-untyped-def]
+        held.append(sum(a.nbytes + d.nbytes for _, a, d in self._queued.get(key, [])))
+        return real(self, key)
+
+    monkeypatch.setattr(monitor_module.Monitor, "_run_queue", run_queue)
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Sequential(nn.Linear(32, 32), nn.Tanh()) for _ in range(4)])
+    with streamspec.watch(model, ["a", "b", "c"], rank=4, live=False) as mon:
+        for _ in range(3):
+            mon.label(torch.arange(12) % 3)
+            model(torch.randn(12, 5, 32)).pow(2).mean().backward()
+    assert held and max(held) <= 23040, held
