@@ -682,12 +682,12 @@ class Monitor:
         at once)."""
         key = id(self._trackers[index].bank)
         queue = self._queued.setdefault(key, [])
-        size = rows.nbytes + adjoint.nbytes
+        size = (rows.numel() + adjoint.numel()) * 4  # float32, as the products read them
         if queue and (
             queue[0][1].shape != rows.shape
             or queue[0][2].shape != adjoint.shape
             # these rows would take the bank past BATCH_BYTES: the batch so far runs first
-            or sum(a.nbytes + d.nbytes for _, a, d in queue) + size > BATCH_BYTES
+            or sum((a.numel() + d.numel()) * 4 for _, a, d in queue) + size > BATCH_BYTES
         ):
             self._run_queue(key)  # (or another row count, another call pattern: not batched)
             queue = self._queued.setdefault(key, [])
@@ -704,12 +704,17 @@ class Monitor:
         plan = self._step_plan
         counts = plan.counts_on(device) if plan is not None else None
         with as_written({device}, conv=False), _profiled("streamspec.fold"):
-            products = products_of_layers(
-                [self._trackers[i] for i, _, _ in queue],
-                [a for _, a, _ in queue],
-                [d for _, _, d in queue],
-                counts,
-            )
+            if len(queue) == 1:  # alone after all: no stacking copy
+                index, rows, adjoint = queue[0]
+                tracker = self._trackers[index]
+                products = [tracker.products(DenseRows(rows), adjoint, False, None, counts)]
+            else:
+                products = products_of_layers(
+                    [self._trackers[i] for i, _, _ in queue],
+                    [a for _, a, _ in queue],
+                    [d for _, _, d in queue],
+                    counts,
+                )
         for (index, _, _), p in zip(queue, products, strict=True):
             self._state[index].products = p
 
