@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import dataclasses
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -509,13 +510,19 @@ def test_a_variable_added_on_resume_keeps_its_values_at_the_next_resume(
     assert (ds["sigma_bound"].values[3:6] == 7.0).all()
 
 
-def test_steps_of_a_lost_last_block_are_not_reused_by_a_resume(tmp_path) -> None:
-    """A closed run whose last block was lost left its step numbers free: a resume numbered its
-    steps from the last committed one, reusing the lost steps' numbers."""
+def _breakable(tmp_path, prefix: str) -> tuple[Path, BreakableStore]:
+    """A run directory and a :class:`BreakableStore` over it, breaking writes under ``prefix``."""
     path = tmp_path / "run.zarr"
     path.mkdir()
     store = BreakableStore(str(path))
-    store.prefix = "sigma/"
+    store.prefix = prefix
+    return path, store
+
+
+def test_steps_of_a_lost_last_block_are_not_reused_by_a_resume(tmp_path) -> None:
+    """A closed run whose last block was lost left its step numbers free: a resume numbered its
+    steps from the last committed one, reusing the lost steps' numbers."""
+    path, store = _breakable(tmp_path, "sigma/")
     w = ArchiveWriter(store, _LAYOUT, flush_every=2, chunk_steps=2)
     for s in range(4):
         w.append_step(_row(s), step=s, epoch=0)
@@ -547,10 +554,7 @@ def test_the_epoch_of_a_lost_epoch_row_is_not_reused_by_a_resume(tmp_path, endin
     kill with epoch 2's steps committed, a start the writer itself refused: epochs go back).
     Killed at once, before any step of epoch 2, the archive's rows alone cannot say that epoch
     1 ended: the writer records the next epoch when it gives the row up."""
-    path = tmp_path / "run.zarr"
-    path.mkdir()
-    store = BreakableStore(str(path))
-    store.prefix = "sigma_epoch/"
+    path, store = _breakable(tmp_path, "sigma_epoch/")
     w = ArchiveWriter(store, _LAYOUT, flush_every=2, chunk_steps=2)
     for s in range(4):
         w.append_step(_row(s), step=s, epoch=s // 2)
@@ -603,11 +607,7 @@ def test_a_base_exception_in_a_write_does_not_wedge_the_writer(monkeypatch) -> N
         return real(self, row_dim, rows)
 
     monkeypatch.setattr(ArchiveWriter, "_write_block", write_block)
-    epoch_row = {
-        "sigma_epoch": np.zeros(_LAYOUT.step_shape, np.float32),
-        "welch_t": np.zeros(_LAYOUT.pair_shape),
-        "welch_p": np.zeros(_LAYOUT.pair_shape),
-    }
+    epoch_row = _epoch_row()
     for s in range(2):
         w.append_step(_row(s), step=s, epoch=0)
     w.flush(wait=False)

@@ -52,7 +52,7 @@ class HangingStore(zarr.storage.MemoryStore):
     The hung write awaits, so zarr's event loop and the other keys keep working; ``keys`` lists
     every key written, ``hung`` is set once a write hangs. The events, the key list and ``skip``
     live on the class (zarr may copy a store, e.g. read-only), so each test makes its own subclass
-    with :func:`hanging_store`.
+    with the ``hanging_store`` fixture.
     """
 
     prefix = ""
@@ -77,20 +77,22 @@ class HangingStore(zarr.storage.MemoryStore):
         self.keys.append(key)
 
 
-def hanging_store(prefix: str) -> HangingStore:
-    cls = type(
-        "Store",
-        (HangingStore,),
-        {"prefix": prefix, "hung": threading.Event(), "release": threading.Event(), "keys": []},
-    )
-    return cls()
-
-
 @pytest.fixture
-def released() -> Iterator[list[HangingStore]]:
-    """Stores to release at the end of the test, whatever happens."""
+def hanging_store() -> Iterator[Callable[[str], HangingStore]]:
+    """Makes stores whose writes of keys starting with a prefix can hang; every one is hanging_store
+    at the end of the test, whatever happens."""
     stores: list[HangingStore] = []
-    yield stores
+
+    def make(prefix: str) -> HangingStore:
+        cls = type(
+            "Store",
+            (HangingStore,),
+            {"prefix": prefix, "hung": threading.Event(), "release": threading.Event(), "keys": []},
+        )
+        stores.append(cls())
+        return stores[-1]
+
+    yield make
     for store in stores:
         store.release.set()
 
@@ -137,11 +139,10 @@ def hang_on_steps_2_3(store: HangingStore, writer: ArchiveWriter, step_row) -> N
     assert store.hung.wait(DEADLINE)
 
 
-def test_appending_waits_at_most_the_timeout_for_a_hung_store(layout, step_row, released):
+def test_appending_waits_at_most_the_timeout_for_a_hung_store(layout, step_row, hanging_store):
     """Once a block's worth of rows waits behind the hung write, appending used to block for
     ever (and with it training). It waits the timeout once, then drops blocks instead."""
     store = hanging_store("sigma/c/")
-    released.append(store)
     writer = ArchiveWriter(store, layout, flush_every=2)
     with pytest.warns(StreamspecWarning) as record:
         hang_on_steps_2_3(store, writer, step_row)
@@ -158,10 +159,9 @@ def test_appending_waits_at_most_the_timeout_for_a_hung_store(layout, step_row, 
 
 
 def test_rows_dropped_while_hung_are_reported_and_the_archive_checks_clean(
-    layout, step_row, epoch_row, released
+    layout, step_row, epoch_row, hanging_store
 ):
     store = hanging_store("sigma/c/")
-    released.append(store)
     writer = ArchiveWriter(store, layout, flush_every=2)
     with pytest.warns(StreamspecWarning) as record:
         hang_on_steps_2_3(store, writer, step_row)
@@ -185,11 +185,10 @@ def test_rows_dropped_while_hung_are_reported_and_the_archive_checks_clean(
     np.testing.assert_array_equal(ds.welch_p[0], epoch_row(0)["welch_p"])
 
 
-def test_writing_resumes_with_later_blocks_once_the_store_answers(layout, step_row, released):
+def test_writing_resumes_with_later_blocks_once_the_store_answers(layout, step_row, hanging_store):
     """The hung write finishes first, then the next blocks are written after the committed rows:
     nothing lands on a row committed later, and the commit counters count every row there."""
     store = hanging_store("sigma/c/")
-    released.append(store)
     writer = ArchiveWriter(store, layout, flush_every=2)
     with pytest.warns(StreamspecWarning) as record:
         hang_on_steps_2_3(store, writer, step_row)
@@ -217,13 +216,14 @@ def test_writing_resumes_with_later_blocks_once_the_store_answers(layout, step_r
 @pytest.mark.parametrize(
     "prefix", ["sigma/zarr.json", "sigma/c/", "zarr.json"], ids=["grow", "data", "commit"]
 )
-def test_close_gives_up_on_a_hung_write_which_is_then_the_last(layout, step_row, released, prefix):
+def test_close_gives_up_on_a_hung_write_which_is_then_the_last(
+    layout, step_row, hanging_store, prefix
+):
     """close() used to wait for ever on a hung write. It now waits the timeout, reports the rows
     as lost and returns; when the hung call lands later, the writer makes no other store call,
     so the archive is as a run killed during that call leaves it: it checks clean, and its
     counters count only rows that are there (the hung commit, landing, counts its own rows)."""
     store = hanging_store(prefix)
-    released.append(store)
     writer = ArchiveWriter(store, layout, flush_every=2)
     with pytest.warns(StreamspecWarning) as record:
         hang_on_steps_2_3(store, writer, step_row)
@@ -254,12 +254,11 @@ def test_close_gives_up_on_a_hung_write_which_is_then_the_last(layout, step_row,
         assert resumed.start_step == len(steps)
 
 
-def test_close_gives_up_on_a_store_that_hangs_after_the_last_block(layout, step_row, released):
+def test_close_gives_up_on_a_store_that_hangs_after_the_last_block(layout, step_row, hanging_store):
     """Every row is committed, then the store hangs as close() records the next indices (its
     last calls: next indices, consolidated metadata): it returns, saying so, and writes nothing
     after the hung call."""
     store = hanging_store("zarr.json")
-    released.append(store)
     writer = ArchiveWriter(store, layout, flush_every=2)
     write(writer, step_row, range(4))
     writer.flush()
@@ -283,13 +282,12 @@ def test_close_gives_up_on_a_store_that_hangs_after_the_last_block(layout, step_
     assert archive.n_steps == 4
 
 
-def test_a_failed_block_whose_cut_back_hangs_is_counted_once(layout, step_row, released):
+def test_a_failed_block_whose_cut_back_hangs_is_counted_once(layout, step_row, hanging_store):
     """Steps 2..3 fail every attempt and are counted lost; cutting their arrays back then hangs.
     close() gives up on it, counting the blocks it did not finish, but these rows only once."""
     store = hanging_store("step/zarr.json")
     store.fail = "sigma/c/"
     type(store).skip = 3  # each attempt grows the arrays; the cut-back after the third hangs
-    released.append(store)
     writer = ArchiveWriter(store, layout, flush_every=2)
     with pytest.warns(StreamspecWarning) as record:
         hang_on_steps_2_3(store, writer, step_row)
@@ -302,13 +300,12 @@ def test_a_failed_block_whose_cut_back_hangs_is_counted_once(layout, step_row, r
     open_archive(store).check()
 
 
-def test_a_watched_run_trains_on_while_its_store_hangs(monkeypatch, released):
+def test_a_watched_run_trains_on_while_its_store_hangs(monkeypatch, hanging_store):
     """Training waits on the host thread's full queue, the host thread on the writer: with the
     store hung, training used to stop. It now goes on, and close() returns."""
     monkeypatch.setattr(monitor_module, "FLUSH_EVERY", 4)
     monkeypatch.setattr(monitor_module, "QUEUED_STEPS", 4)
     store = hanging_store("sigma/c/")
-    released.append(store)
     model = nn.Linear(4, 2)
     with pytest.warns(StreamspecWarning) as record:
         mon = streamspec.watch(model, ["a", "b"], rank=2, live=False, store=store)
@@ -330,7 +327,7 @@ def test_a_watched_run_trains_on_while_its_store_hangs(monkeypatch, released):
 
 @pytest.mark.parametrize("prefix", ["sigma/c/", "zarr.json"], ids=["data", "commit"])
 def test_a_new_writer_of_the_store_waits_for_the_call_close_gave_up_on(
-    layout, step_row, released, prefix
+    layout, step_row, hanging_store, prefix
 ):
     """close() gave up on a hung call, which may still land. A new writer of the store (a resume
     in the same process, the store answering again) used to write at once, and the late call then
@@ -338,7 +335,6 @@ def test_a_new_writer_of_the_store_waits_for_the_call_close_gave_up_on(
     resumed rows cut off by the next resume), with check() seeing nothing wrong. A new writer now
     waits for that call (at most the timeout), and refuses the store while it hangs."""
     store = hanging_store(prefix)
-    released.append(store)
     writer = ArchiveWriter(store, layout, flush_every=2)
     with pytest.warns(StreamspecWarning):
         hang_on_steps_2_3(store, writer, step_row)
@@ -407,13 +403,12 @@ def test_a_store_whose_every_call_times_out_holds_training_up_once(layout, step_
 
 
 def test_a_consolidation_close_gave_up_on_leaves_the_warning_filters_alone(
-    layout, step_row, released
+    layout, step_row, hanging_store
 ):
     """close() gives up on its hung consolidation. That call used to put back, whenever it
     returned, the process-wide warning filters (and showwarning) of when it began: the filters
     set meanwhile were undone. It now removes only its own filters."""
     store = hanging_store("zarr.json")
-    released.append(store)
     writer = ArchiveWriter(store, layout, flush_every=2)
     write(writer, step_row, range(4))
     writer.flush()
