@@ -17,6 +17,7 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import torch
@@ -172,20 +173,12 @@ def run_mode(cfg: Config, mode: str, device: torch.device, result: ModeResult) -
     start = time.perf_counter()
     monitor: Any = None
     if mode in ("watch", "watch10", "hostless", "batched"):
-        saved = os.environ.get("STREAMSPEC_BATCH_LAYERS")
-        if mode == "batched":
-            os.environ["STREAMSPEC_BATCH_LAYERS"] = "4"
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                monitor = streamspec.watch(
-                    model, groups, rank=cfg.rank, live=False, every=10 if mode == "watch10" else 1
-                )
-        finally:
-            if saved is None:
-                os.environ.pop("STREAMSPEC_BATCH_LAYERS", None)
-            else:
-                os.environ["STREAMSPEC_BATCH_LAYERS"] = saved
+        batched = {"STREAMSPEC_BATCH_LAYERS": "4"} if mode == "batched" else {}
+        with mock.patch.dict(os.environ, batched), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            monitor = streamspec.watch(
+                model, groups, rank=cfg.rank, live=False, every=10 if mode == "watch10" else 1
+            )
         if mode == "hostless":
             monitor._pipeline._on_step = _wait_only
     elif mode in ("paper", "lowrank"):

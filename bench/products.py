@@ -43,7 +43,7 @@ import torch
 from bench.harness import CONFIGS, Config, save
 from streamspec.sketch.linalg import ieee_float32, tbmm
 from streamspec.sketch.operators import DenseRows, sq_norms_pair
-from streamspec.sketch.tracker import LayerTracker, SketchWidths
+from streamspec.sketch.tracker import LayerTracker, SketchWidths, row_products
 
 SLEEP_CYCLES = 200_000_000  # ≈ 0.1 s of a ≈ 2 GHz GPU: time for the host to queue the calls
 
@@ -97,12 +97,7 @@ def _transposed(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``Aᵀ[P | R]`` and ``Δᵀ[P | R]`` with the ``m`` rows cut into ``chunks`` blocks (``m`` a
     multiple of ``chunks``: the monitor would pad its gathered rows with zero rows)."""
-    c, m, _ = a.shape
-    if chunks == 1:
-        return torch.bmm(a.mT, pr), torch.bmm(d.mT, pr)
-    a_, d_, p_ = (t.reshape(c * chunks, m // chunks, -1) for t in (a, d, pr))
-    s_in, s_out = (torch.bmm(x.mT, p_).view(c, chunks, x.shape[-1], -1).sum(1) for x in (a_, d_))
-    return s_in, s_out
+    return tbmm(a, pr, chunks), tbmm(d, pr, chunks)
 
 
 def _products(
@@ -110,10 +105,7 @@ def _products(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """What :meth:`LayerTracker.products` computes (four products, the float64 Gram, the
     squared norms), on stacked (batched) inputs, split-K as the monitor runs them."""
-    pr = torch.cat([torch.bmm(a, b_in), torch.bmm(d, b_out)], dim=2)
-    pr64 = pr.to(torch.float64)
-    norms = sq_norms_pair(DenseRows(a), d)
-    return tbmm(a, pr), tbmm(d, pr), tbmm(pr64, pr64), norms
+    return row_products(DenseRows(a), d, b_in, b_out)
 
 
 def _transposed_out(

@@ -654,8 +654,6 @@ class Monitor:
         rows_per_group = activation.shape[1]
         exact = rows_per_group <= self.config.exact_threshold
         adjoint = self._unscaled(adjoint)
-        plan = self._step_plan  # the step's labels: what its epoch counts are made of
-        counts = plan.counts_on(adjoint.device) if plan is not None else None
         tracker = self._trackers[index]
         if (
             self._batch_layers > 1
@@ -670,7 +668,9 @@ class Monitor:
             # Sketches accumulate in float32 even when the step runs under autocast (the
             # autocast state reaches tensor hooks).
             with as_written({adjoint.device}, convolves(activation)), _profiled("streamspec.fold"):
-                state.products = tracker.products(activation, adjoint, exact, tie, counts)
+                state.products = tracker.products(
+                    activation, adjoint, exact, tie, self._step_counts(adjoint.device)
+                )
         state.positions += positions
         if tie is not None:
             state.n_positions += tie[1]
@@ -701,8 +701,7 @@ class Monitor:
         if not queue:
             return
         device = queue[0][2].device
-        plan = self._step_plan
-        counts = plan.counts_on(device) if plan is not None else None
+        counts = self._step_counts(device)
         with as_written({device}, conv=False), _profiled("streamspec.fold"):
             if len(queue) == 1:  # alone after all: no stacking copy
                 index, rows, adjoint = queue[0]
@@ -717,6 +716,11 @@ class Monitor:
                 )
         for (index, _, _), p in zip(queue, products, strict=True):
             self._state[index].products = p
+
+    def _step_counts(self, device: torch.device) -> torch.Tensor | None:
+        """The step's samples per group on ``device`` (what its epoch counts are made of)."""
+        plan = self._step_plan
+        return plan.counts_on(device) if plan is not None else None
 
     def _unscaled(self, adjoint: torch.Tensor) -> torch.Tensor:
         """The adjoint of the loss itself: ``scaler.scale(loss).backward()`` multiplies every

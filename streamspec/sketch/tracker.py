@@ -162,7 +162,7 @@ def _gram(x: torch.Tensor) -> torch.Tensor:
     return tbmm(x, x)
 
 
-def _row_products(
+def row_products(
     a: RowOperator, d: torch.Tensor, b_in: torch.Tensor, b_out: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """A step's products with the rows ``a`` ``[N, m, h_in]``, ``d`` ``[N, m, h_out]`` and the
@@ -197,7 +197,7 @@ def products_of_layers(
     d = torch.stack([x.to(torch.float32) for x in adjoints]).flatten(0, 1)
     b_in = torch.stack([t._block("in") for t in trackers]).flatten(0, 1)
     b_out = torch.stack([t._block("out") for t in trackers]).flatten(0, 1)
-    s_in, s_out, gram, norms = _row_products(DenseRows(a), d, b_in, b_out)
+    s_in, s_out, gram, norms = row_products(DenseRows(a), d, b_in, b_out)
     out = []
     for i, tracker in enumerate(trackers):
         part = slice(i * c, (i + 1) * c)
@@ -589,7 +589,7 @@ class LayerTracker:
         # whenever either changes), so the epoch part stays exactly Ω (linear epoch sketches) and
         # the host needs no basis Gram.
         b_in, b_out = self._block("in"), self._block("out")
-        s_in, s_out, gram, norms = _row_products(a, d, b_in, b_out)
+        s_in, s_out, gram, norms = row_products(a, d, b_in, b_out)
         products = StepProducts(
             s_in, s_out, gram, norms, route="exact" if exact else "sketch", counts=counts
         )

@@ -845,10 +845,12 @@ class ArchiveWriter:
         self._commit(counters)
         self._committed[row_dim] = stop
 
-    def _commit(self, counters: dict[str, int]) -> None:
-        """Save both commit counters in one write of the root's metadata (``attrs.update`` saves
-        once per key: a failure in between left the step counter ahead of its rows)."""
-        self._group.update_attributes({COMMIT_ATTRS[d]: n for d, n in counters.items()})
+    def _commit(self, counters: dict[str, int], extra: Mapping[str, int] | None = None) -> None:
+        """Save both commit counters (and ``extra`` attributes) in one write of the root's
+        metadata (``attrs.update`` saves once per key: a failure in between left the step
+        counter ahead of its rows)."""
+        attrs = {COMMIT_ATTRS[d]: n for d, n in counters.items()}
+        self._group.update_attributes({**attrs, **(extra or {})})
 
     def _stored_counter(self, row_dim: str) -> int | None:
         """The commit counter of ``row_dim`` as the store holds it (None if unreadable): a
@@ -903,8 +905,7 @@ class ArchiveWriter:
         lost epoch, whose row is gone but whose steps are committed."""
         self._store_call()
         with contextlib.suppress(Exception):
-            counters = {COMMIT_ATTRS[d]: n for d, n in self._committed.items()}
-            self._group.update_attributes({**counters, NEXT_EPOCH_ATTR: next_epoch})
+            self._commit(dict(self._committed), {NEXT_EPOCH_ATTR: next_epoch})
 
     def _trim(self, row_dim: str) -> None:
         """Cut the arrays of ``row_dim`` back to the committed rows (best effort: the store may
