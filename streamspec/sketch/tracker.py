@@ -347,8 +347,12 @@ class SketchBank:
         # Epoch sketches: the Ω columns only (Ω is fixed within an epoch: linear sketches), of
         # the groups whose products are all finite: one overflowing step (fp16 AMP, which the
         # GradScaler then skips) would otherwise leave the whole epoch NaN. Every product enters
-        # a float64 Gram's diagonal as squares, so the packed row is finite exactly when they are.
-        finite = torch.isfinite(packed).all(dim=-1)  # [L, C]
+        # a float64 Gram's diagonal as squares, so the packed row is finite exactly when they are,
+        # and so is its sum: its entries come from float32 values (≤ 1e83 with any realistic
+        # reduction length), far from float64's overflow, while NaN and ±Inf carry through a sum
+        # (Inf − Inf is NaN). One reduction instead of ``isfinite`` on every element, whose
+        # temporaries took ≈ 3 ms per step on a CPU for 24 layers of width 128.
+        finite = torch.isfinite(packed.sum(dim=-1))  # [L, C]
         keep = finite[..., None, None].to(s_in.dtype)
         for epoch, s in ((self.epoch_in, s_in), (self.epoch_out, s_out)):
             # In place on the whole stacked copy (the packed row already holds its Grams): ×0,
