@@ -402,3 +402,32 @@ def test_two_monitors_on_one_lstm_both_record_and_close_in_any_order() -> None:
         for i in order:
             monitors[i].close()
         assert model[0] is lstm
+
+
+@pytest.mark.parametrize("kind", ["rnn_tanh", "lstm", "gru"])
+def test_twin_backward_work_is_linear_in_the_sequence_length(kind: str) -> None:
+    """The twin's backward allocates O(T) elements, not O(T²): indexing the all-steps input
+    projection once per time step made each step's backward zero-fill and add a whole
+    ``[T, B, G·H]`` gradient (an LSTM over 200 steps trained ≈ 4× slower on a CPU)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Written(TorchDispatchMode):
+        elements = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    Written.elements += t.numel()
+            return out
+
+    def backward_elements(steps: int) -> int:
+        twin = twin_of(make_rnn(kind, num_layers=1))
+        output = flat(twin(torch.randn(steps, BATCH, IN)))[0]
+        Written.elements = 0
+        with Written():
+            output.sum().backward()
+        return Written.elements
+
+    short, long = backward_elements(16), backward_elements(128)
+    assert long < 12 * short, (long, short)  # 8× the steps: ≈ 8× the work (quadratic: ≈ 30×)
