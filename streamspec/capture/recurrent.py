@@ -12,10 +12,12 @@ Rows are stacked over time steps, the "dimension of tying" of Baker, Calhoun & P
 
 * ``weight_ih_l{k}``: activations ``x_t`` ``[B, T, h_in]`` (one product for all steps), adjoints
   ``∂L/∂(x_t W_ihᵀ)`` ``[B, T, G·H]``: the gate pre-activation gradients.
-* ``weight_hh_l{k}``: activations ``h_{t−1}`` ``[B, 1, H]``, one call per step (``h_{−1} = h0``,
-  zeros by default), adjoints ``∂L/∂(h_{t−1} W_hhᵀ)``: the gate pre-activation gradients for RNN and
-  LSTM; for GRU's ``n`` block ``r_t ⊙ ∂L/∂n̂_t``, which autograd yields by itself because the reset
-  gate multiplies the product's output.
+* ``weight_hh_l{k}``: activations ``h_{t−1}`` ``[B, T, H]`` (``h_{−1} = h0``, zeros by default),
+  one product for all steps, delivered after the recurrence; adjoints ``∂L/∂(h_{t−1} W_hhᵀ)``: the
+  gate pre-activation gradients for RNN and LSTM, read off the input projection's gradient (both
+  products enter the gates only through their sum); for GRU's ``n`` block ``r_t ⊙ ∂L/∂n̂_t``
+  (the reset gate multiplies the product's output). One capture per time step where the input
+  projection has no gradient (input and ``W_ih`` both frozen).
 * ``weight_hr_l{k}`` (LSTM with ``proj_size > 0``): activations ``o_t ⊙ tanh(c_t)`` ``[B, 1, H]``,
   adjoints ``∂L/∂h_t``.
 
@@ -42,6 +44,18 @@ from streamspec.errors import StreamspecError
 def _time_major(g: torch.Tensor) -> torch.Tensor:
     """``[T, B, w]`` gradient of a product over all steps → ``[B, T, w]`` samples first."""
     return g.transpose(0, 1)
+
+
+def _gru_hh_adjoint(resets: torch.Tensor) -> Any:
+    """GRU ``W_hh``'s adjoints from the gradient of the input projection ``[T, B, 3H]``: the
+    ``r`` and ``z`` blocks as they are, the ``n`` block times the reset gate ``r_t`` (``resets``
+    ``[T, B, H]``), as ``n_t = tanh(i_n + r_t ⊙ h_n)``; samples first."""
+
+    def adjoint(g: torch.Tensor) -> torch.Tensor:
+        cut = 2 * resets.shape[-1]
+        return torch.cat([g[..., :cut], g[..., cut:] * resets], dim=-1).transpose(0, 1)
+
+    return adjoint
 
 
 def _one_position(g: torch.Tensor) -> torch.Tensor:
@@ -196,11 +210,20 @@ class _Stepwise(nn.RNNBase):
             self._deliver([Capture(key_ih, rows, gi, _time_major)])
 
         mode = self.mode
+        # W_hh's products of all steps in one capture, delivered after the recurrence: its rows
+        # are the states h_{t−1} (known once it has run) and its adjoints come from gi's
+        # gradient, the gate pre-activation gradients (gi and W_hh's product enter the gates only
+        # through their sum; GRU's n block is then scaled by r_t). One hook and one gather per
+        # step instead of one per time step. Without a gradient for gi (x and W_ih both frozen),
+        # one capture per time step.
+        all_steps = key_hh in watched and gi.requires_grad
+        resets: list[torch.Tensor] = []
+        h_init = h
         outputs: list[torch.Tensor] = [x] * x.shape[0]  # placeholders, all overwritten
         order = range(x.shape[0] - 1, -1, -1) if reverse else range(x.shape[0])
         for t in order:
             gh = F.linear(h, w_hh, b_hh)  # [B, G·H]
-            if key_hh in watched:
+            if key_hh in watched and not all_steps:
                 self._deliver(
                     [Capture(key_hh, DenseSource(h.detach().unsqueeze(1)), gh, _one_position)]
                 )
@@ -221,6 +244,8 @@ class _Stepwise(nn.RNNBase):
                 h_r, h_z, h_n = gh.chunk(3, -1)
                 r = torch.sigmoid(i_r + h_r)
                 z = torch.sigmoid(i_z + h_z)
+                if all_steps:
+                    resets.append(r.detach())  # in the order of ``order``
                 n = torch.tanh(i_n + r * h_n)
                 h = (1 - z) * n + z * h
             elif mode == "RNN_TANH":
@@ -228,7 +253,17 @@ class _Stepwise(nn.RNNBase):
             else:  # RNN_RELU
                 h = torch.relu(gi_steps[t] + gh)
             outputs[t] = h
-        return torch.stack(outputs), h, c
+        out = torch.stack(outputs)
+        if all_steps:
+            states = out.detach()
+            first = h_init.detach().unsqueeze(0)
+            # the state each step read: h_{t−1} (h_{t+1} in reverse), the initial one first
+            prev = torch.cat([states[1:], first]) if reverse else torch.cat([first, states[:-1]])
+            adjoint = _time_major
+            if mode == "GRU":
+                adjoint = _gru_hh_adjoint(torch.stack(resets[::-1] if reverse else resets))
+            self._deliver([Capture(key_hh, DenseSource(prev.transpose(0, 1)), gi, adjoint)])
+        return out, h, c
 
 
 _TWIN_CLASSES: dict[type[nn.Module], type[_Stepwise]] = {}

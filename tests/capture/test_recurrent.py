@@ -149,18 +149,27 @@ def weight_names(model: nn.Module) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    ("kind", "bidirectional", "batch_first"),
+    ("kind", "bidirectional", "batch_first", "frozen_ih"),
     [
-        ("rnn_tanh", False, False),
-        ("rnn_relu", True, True),
-        ("lstm", True, True),
-        ("gru", True, False),
-        ("lstm_proj", True, False),
+        ("rnn_tanh", False, False, False),
+        ("rnn_relu", True, True, False),
+        ("lstm", True, True, False),
+        ("gru", True, False, False),
+        ("lstm_proj", True, False, False),
+        # the first layer's input projection without a gradient: W_hh captured step by step
+        ("lstm", True, False, True),
+        ("gru", False, True, True),
     ],
 )
-def test_gradient_spectra_equal_masked_loss_gradients(kind, bidirectional, batch_first) -> None:
+def test_gradient_spectra_equal_masked_loss_gradients(
+    kind, bidirectional, batch_first, frozen_ih
+) -> None:
     model = Tagger(kind, bidirectional=bidirectional, batch_first=batch_first)
-    names = weight_names(model)
+    if frozen_ih:
+        for name, p in model.rnn.named_parameters():
+            if name.startswith(("weight_ih_l0", "bias_ih_l0")):
+                p.requires_grad_(False)
+    names = [n for n in weight_names(model) if model.get_parameter(n).requires_grad]
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     exact = []  # per step: [layer, group, rank]
     rank = 8
