@@ -13,9 +13,8 @@ of a bench config:
 * ``layers L``: the products of ``L`` same-shape layers in one batched call each, split-K on
   CUDA as the monitor runs them (what holding rows until a bank's layers are all there would
   allow; stacking their rows not counted), time per layer;
-* ``only forward``, ``only transposed``, ``only gram+norms``: the monitor's three parts alone,
-  unsplit (``[A·B_in | Δ·B_out]``; ``Aᵀ[P | R]`` and ``Δᵀ[P | R]``; the float64 Gram and the
-  norms); ``only gram split-k``: the Gram as the monitor computes it;
+* ``only forward``, ``only transposed``, ``only norms``: the monitor's three parts alone,
+  unsplit (``[A·B_in | Δ·B_out]``; ``Aᵀ[P | R]`` and ``Δᵀ[P | R]``; the rows' squared norms);
 * ``forward split-k 4``: ``[A·B_in | Δ·B_out]`` with the features cut in four (the chunks
   copied);
 * ``transposed out``: ``[P | R]ᵀA`` and ``[P | R]ᵀΔ`` (the same products, output transposed);
@@ -102,9 +101,9 @@ def _transposed(
 
 def _products(
     a: torch.Tensor, d: torch.Tensor, b_in: torch.Tensor, b_out: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """What :meth:`LayerTracker.products` computes (four products, the float64 Gram, the
-    squared norms), on stacked (batched) inputs, split-K as the monitor runs them."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What :meth:`LayerTracker.products` computes (four products, the squared norms), on
+    stacked (batched) inputs, split-K as the monitor runs them."""
     return row_products(DenseRows(a), d, b_in, b_out)
 
 
@@ -181,18 +180,14 @@ def _measure_shape(
         gaps = [_gap(_forward_split(a, d, b_in, b_out, 4), pr)]
         gaps += [_gap(x, y) for x, y in zip(split + one, (ref.s_in, ref.s_out) * 3, strict=True)]
         stacked = _products(*(t.repeat(2, 1, 1) for t in (a, d, b_in, b_out)))
-        expected = (ref.s_in, ref.s_out, ref.gram, ref.norms)
+        expected = (ref.s_in, ref.s_out, ref.norms)
         gaps += [_gap(x[c:], y) for x, y in zip(stacked, expected, strict=True)]
         row["max_gap"] = max(gaps)
         row["monitor"] = timer(lambda: tracker.products(a, d, exact=False))
-        pr64 = pr.to(torch.float64)
         row["only forward"] = timer(lambda: torch.cat([torch.bmm(a, b_in), torch.bmm(d, b_out)], 2))
         row["forward split-k 4"] = timer(lambda: _forward_split(a, d, b_in, b_out, 4))
         row["only transposed"] = timer(lambda: _transposed(a, d, pr, 1))
-        row["only gram+norms"] = timer(
-            lambda: (torch.bmm(pr64.mT, pr64), sq_norms_pair(DenseRows(a), d))
-        )
-        row["only gram split-k"] = timer(lambda: tbmm(pr64, pr64))
+        row["only norms"] = timer(lambda: sq_norms_pair(DenseRows(a), d))
         row["one transposed"] = timer(lambda: _one_transposed(a, d, pr))
         row["transposed out"] = timer(lambda: _transposed_out(a, d, pr))
         for chunks in (2, 4, 8):

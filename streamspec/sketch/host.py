@@ -16,6 +16,10 @@ _ROUNDING = 16 * float(np.finfo(np.float32).eps)  # relative rounding of float32
 # pseudo-inverse's ``rtol`` cut-off) takes the Cholesky pseudo-inverse; the others the
 # eigendecomposition, which truncates.
 _WELL_POSED = 1e-8
+# Shift of the per-step Nyström cores, relative to the sketch's Frobenius norm (≥ ‖Y‖₂): well
+# above the rounding of a float32 sketch (Tropp et al. 2017 take √h·eps(‖Y‖₂)), well below the
+# values recorded; removed from the values again (see :func:`nystrom_values`).
+_NYSTROM_SHIFT = 1e-6
 _DEFINITE = 1e-12  # relative shift that keeps a computed Gram's Cholesky factorisation defined
 _TRI_BLOCK = 8  # diagonal block of :func:`_tril_inverse`
 
@@ -174,20 +178,49 @@ def _tril_inverse(lower: np.ndarray) -> np.ndarray:
     return out
 
 
-def nystrom_values(core: np.ndarray, gram: np.ndarray, rtol: float = 1e-7) -> np.ndarray:
-    """Batched Nyström eigenvalues of PSD ``H`` from ``core = BᵀHB``, ``gram = (HB)ᵀ(HB)``.
+def nystrom_values(core: np.ndarray, gram: np.ndarray, shift: float = _NYSTROM_SHIFT) -> np.ndarray:
+    """The values of :func:`nystrom_spectra` (see there)."""
+    return nystrom_spectra(core, gram, shift)[0]
 
-    ``[N, b, b]`` each → ``[N, b]`` descending: the eigenvalues of ``L⁻¹ N L⁻ᵀ`` with
-    ``LLᵀ = M + νI`` (``M = core``, ``N = gram``; the small shift ``ν`` keeps the factorisation
-    defined when ``M`` is singular and only lowers the values). The approximation is ⪯ ``H``, so
-    every value is a lower bound of the true one.
+
+def nystrom_spectra(
+    core: np.ndarray, gram: np.ndarray, shift: float = _NYSTROM_SHIFT
+) -> tuple[np.ndarray, np.ndarray]:
+    """Batched Nyström eigenvalues of PSD ``H`` from a float32 sketch ``Y = HB`` (``B``
+    orthonormal): ``core = BᵀY``, ``gram = YᵀY``, ``[N, b, b]`` each → ``[N, b]`` descending.
+
+    The stable Nyström of Tropp, Yurtsever, Udell & Cevher (2017, Alg. 3), in Gram form: with
+    ``Y_ν = Y + νB``, ``M_ν = BᵀY_ν = sym(core) + νI`` and ``Y_νᵀY_ν = gram + 2ν·sym(core) + ν²I``,
+    the values are the eigenvalues of ``L⁻¹ Y_νᵀY_ν L⁻ᵀ`` (``LLᵀ = M_ν``) minus ``ν``, clipped at 0:
+    those of ``Y_ν M_ν⁻¹ Y_νᵀ − νI ⪯ H``, so each is a lower bound of the true one, exact when
+    ``B`` spans ``H``'s range. ``ν = shift·‖Y‖_F`` lifts the core past the rounding of the float32
+    sketch it is read from (which can leave it indefinite); a core still not definite (a
+    sketch far noisier than float32 rounding) takes the eigendecomposition, dropping its
+    non-positive directions.
+
+    Returns:
+        The values ``[N, b]``, and ``[N]`` the trace of the approximation (``Σ`` of the values
+        before clipping: ``tr(H)`` minus it bounds every value's error, see
+        :func:`sketched_spectra`).
     """
-    inv = _tril_inverse(_cholesky(core, rtol))
-    inner = (inv @ gram) @ np.ascontiguousarray(np.swapaxes(inv, -1, -2))
+    sym = 0.5 * (core + np.swapaxes(core, -1, -2))
+    b = core.shape[-1]
+    nu = shift * np.sqrt(np.clip(np.trace(gram, axis1=-2, axis2=-1), 0.0, None)) + _TINY  # [N]
+    eye = np.eye(b)
+    lifted = sym + nu[..., None, None] * eye
+    gram_nu = gram + (2 * nu)[..., None, None] * sym + (nu * nu)[..., None, None] * eye
+    try:
+        inv = _tril_inverse(np.linalg.cholesky(lifted))
+    except np.linalg.LinAlgError:
+        lam, vec = np.linalg.eigh(lifted)
+        keep = lam > np.finfo(np.float64).eps * b * np.abs(lam).max(axis=-1, keepdims=True)
+        scale = np.where(keep, 1.0 / np.sqrt(np.where(keep, lam, 1.0)), 0.0)
+        inv = np.swapaxes(vec * scale[..., None, :], -1, -2)  # the batch: rare, not the fast path
+    inner = (inv @ gram_nu) @ np.ascontiguousarray(np.swapaxes(inv, -1, -2))
     inner += np.swapaxes(inner, -1, -2)
     inner *= 0.5
-    values = eigvalsh(inner)  # ascending
-    return np.clip(values[..., ::-1], 0.0, None)
+    values = eigvalsh(inner)[..., ::-1] - nu[..., None]
+    return np.clip(values, 0.0, None), values.sum(axis=-1)
 
 
 def core_factors(core: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -313,8 +346,8 @@ def sketched_spectra(t: dict[str, np.ndarray]) -> tuple[list[np.ndarray], list[n
     """
     spectra, errors = [], []
     for kind in ("a", "d"):
-        lam = nystrom_values(t[f"core_{kind}"], t[f"gram_{kind}"])
-        residual = np.clip(t[f"norm_{kind}"] - lam.sum(axis=-1), 0.0, None)[:, None]
+        lam, trace = nystrom_spectra(t[f"core_{kind}"], t[f"gram_{kind}"])
+        residual = np.clip(t[f"norm_{kind}"] - trace, 0.0, None)[:, None]
         # The sketches are float32: eigenvalues carry an absolute rounding error ≈ ε₃₂·λ₁,
         # which dominates for the smallest recorded values (both directions).
         rounding = _ROUNDING * lam[:, :1]

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from streamspec.sketch.host import generalized_nystrom_values
-from streamspec.sketch.linalg import nystrom, orthonormalize, tbmm
+from streamspec.sketch.linalg import bmm, nystrom, orthonormalize, tbmm
 from streamspec.sketch.operators import DenseRows, RowOperator, sq_norms_pair
 
 _SETUP_LOCK = threading.Lock()
@@ -164,14 +164,17 @@ def _gram(x: torch.Tensor) -> torch.Tensor:
 
 def row_products(
     a: RowOperator, d: torch.Tensor, b_in: torch.Tensor, b_out: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A step's products with the rows ``a`` ``[N, m, h_in]``, ``d`` ``[N, m, h_out]`` and the
     blocks ``B_in``, ``B_out`` (``N``: groups, or layers × groups): ``[AᵀA·B_in | G·B_out]``,
-    ``[Gᵀ·B_in | ΔᵀΔ·B_out]``, the float64 Gram of ``[A·B_in | Δ·B_out]`` and the squared
-    norms (see :class:`StepProducts`)."""
+    ``[Gᵀ·B_in | ΔᵀΔ·B_out]`` and the squared norms (see :class:`StepProducts`).
+
+    Nothing here grows with ``m`` beyond these products: the small cores ``BᵀHB`` are read off
+    them at the step's end (:meth:`SketchBank._fold`), not from a Gram of ``[A·B_in | Δ·B_out]``,
+    whose ``m·(b_in + b_out)²`` float64 work cost as much as the other products together for
+    convolutions and recurrent layers (many rows, few columns)."""
     pr = torch.cat([a.mm(b_in), torch.bmm(d, b_out)], dim=2)  # [N, m, b_in + b_out]
-    pr64 = pr.to(torch.float64)
-    return a.tmm(pr), tbmm(d, pr), tbmm(pr64, pr64), sq_norms_pair(a, d)
+    return a.tmm(pr), tbmm(d, pr), sq_norms_pair(a, d)
 
 
 def products_of_layers(
@@ -197,12 +200,12 @@ def products_of_layers(
     d = torch.stack([x.to(torch.float32) for x in adjoints]).flatten(0, 1)
     b_in = torch.stack([t._block("in") for t in trackers]).flatten(0, 1)
     b_out = torch.stack([t._block("out") for t in trackers]).flatten(0, 1)
-    s_in, s_out, gram, norms = row_products(DenseRows(a), d, b_in, b_out)
+    s_in, s_out, norms = row_products(DenseRows(a), d, b_in, b_out)
     out = []
     for i, tracker in enumerate(trackers):
         part = slice(i * c, (i + 1) * c)
         tracker._steps += 1
-        out.append(StepProducts(s_in[part], s_out[part], gram[part], norms[part], "sketch", counts))
+        out.append(StepProducts(s_in[part], s_out[part], norms[part], "sketch", counts))
     return out
 
 
@@ -214,8 +217,6 @@ class StepProducts:
     Attributes:
         s_in: ``Aᵀ[P | R] = [AᵀA·B_in | G·B_out]`` ``[C, h_in, b_in + b_out]`` float32.
         s_out: ``Δᵀ[P | R] = [Gᵀ·B_in | ΔᵀΔ·B_out]`` ``[C, h_out, b_in + b_out]`` float32.
-        gram: ``[P | R]ᵀ[P | R]`` ``[C, b_in + b_out, b_in + b_out]`` float64 (holds the cores
-            ``B_inᵀAᵀAB_in``, ``B_outᵀΔᵀΔB_out`` and ``B_inᵀGB_out``).
         norms: ``[C, 2]`` float64 ``‖A_c‖²_F``, ``‖Δ_c‖²_F``.
         counts: ``[C]`` float64 samples per group in the step (on the device), or None.
         rows: for the exact route, the padded group rows (``activation``, ``adjoint``; and
@@ -225,7 +226,6 @@ class StepProducts:
 
     s_in: torch.Tensor
     s_out: torch.Tensor
-    gram: torch.Tensor
     norms: torch.Tensor
     route: str
     counts: torch.Tensor | None = None
@@ -302,7 +302,6 @@ class SketchBank:
         self._zeros = StepProducts(
             torch.zeros(c, self.h_in, width, **f32),
             torch.zeros(c, self.h_out, width, **f32),
-            torch.zeros(c, width, width, dtype=torch.float64, device=device),
             torch.zeros(c, 2, dtype=torch.float64, device=device),
             "sketch",
         )
@@ -318,7 +317,6 @@ class SketchBank:
         parts = [present.get(i, self._zeros) for i in range(self.capacity)]
         s_in = torch.stack([p.s_in for p in parts])  # [L, C, h_in, b_in + b_out]
         s_out = torch.stack([p.s_out for p in parts])  # [L, C, h_out, b_in + b_out]
-        gram = torch.stack([p.gram for p in parts])  # [L, C, b, b] float64
         norms = torch.stack([p.norms for p in parts])  # [L, C, 2]
         # Warm blocks: one subspace-iteration step each, kept orthogonal to Ω.
         warm = []
@@ -329,29 +327,35 @@ class SketchBank:
             block = self.block_out
             warm.append(_WarmUpdate(block[..., eo:], s_out[..., bi + eo :], block[..., :eo]))
         # Grams of the diagonal blocks only, in float64: (AᵀAB_in), (GB_out) of s_in; (GᵀB_in),
-        # (ΔᵀΔB_out) of s_out.
+        # (ΔᵀΔB_out) of s_out. The cores are the sketches seen through the blocks they were
+        # taken with (the streaming Nyström's ``ΩᵀY``, Tropp et al. 2017): B_inᵀ[AᵀAB_in | GB_out]
+        # and B_outᵀ(ΔᵀΔB_out), float64 products of the float32 sketches. (The warm blocks are
+        # advanced only after this, below.)
         s_in64, s_out64 = s_in.to(torch.float64), s_out.to(torch.float64)
+        cores = bmm(self.block_in.to(torch.float64).mT, s_in64)  # [L, C, b_in, b_in + b_out]
+        core_d = bmm(self.block_out.to(torch.float64).mT, s_out64[..., bi:])
         packed = torch.cat(
             [
-                gram[..., :bi, :bi].flatten(-2),  # core_a
+                cores[..., :bi].flatten(-2),  # core_a
                 _gram(s_in64[..., :bi]).flatten(-2),  # gram_a
-                gram[..., bi:, bi:].flatten(-2),  # core_d
+                core_d.flatten(-2),  # core_d
                 _gram(s_out64[..., bi:]).flatten(-2),  # gram_d
                 _gram(s_in64[..., bi:]).flatten(-2),  # gram_y
                 _gram(s_out64[..., :bi]).flatten(-2),  # gram_x
-                gram[..., :bi, bi:].flatten(-2),  # core_g
+                cores[..., bi:].flatten(-2),  # core_g
                 norms,
             ],
             dim=-1,
         )
         # Epoch sketches: the Ω columns only (Ω is fixed within an epoch: linear sketches), of
         # the groups whose products are all finite: one overflowing step (fp16 AMP, which the
-        # GradScaler then skips) would otherwise leave the whole epoch NaN. Every product enters
-        # a float64 Gram's diagonal as squares, so the packed row is finite exactly when they are,
-        # and so is its sum: its entries come from float32 values (≤ 1e83 with any realistic
-        # reduction length), far from float64's overflow, while NaN and ±Inf carry through a sum
-        # (Inf − Inf is NaN). One reduction instead of ``isfinite`` on every element, whose
-        # temporaries took ≈ 3 ms per step on a CPU for 24 layers of width 128.
+        # GradScaler then skips) would otherwise leave the whole epoch NaN. Every sketch entry
+        # enters a float64 Gram's diagonal as a square and the rows' norms are packed too, so the
+        # packed row is finite exactly when they are, and so is its sum: its entries come from
+        # float32 values (≤ 1e83 with any realistic reduction length), far from float64's
+        # overflow, while NaN and ±Inf carry through a sum (Inf − Inf is NaN). One reduction
+        # instead of ``isfinite`` on every element, whose temporaries took ≈ 3 ms per step on a
+        # CPU for 24 layers of width 128.
         finite = torch.isfinite(packed.sum(dim=-1))  # [L, C]
         keep = finite[..., None, None].to(s_in.dtype)
         for epoch, s in ((self.epoch_in, s_in), (self.epoch_out, s_out)):
@@ -361,7 +365,7 @@ class SketchBank:
             s.mul_(keep).nan_to_num_(0.0, 0.0, 0.0)
             epoch[..., :ei] += s[..., :ei]
             epoch[..., ei:] += s[..., bi : bi + eo]
-        core = gram[..., :ei, bi : bi + eo]
+        core = cores[..., :ei, bi : bi + eo]  # Ω_inᵀGΩ_out
         self.epoch_core += core.mul(keep.to(core.dtype)).nan_to_num_(0.0, 0.0, 0.0)
         counts = next((p.counts for p in present.values() if p.counts is not None), None)
         if counts is not None:  # one step, one labelling: every layer's counts are the same
@@ -593,9 +597,9 @@ class LayerTracker:
         # whenever either changes), so the epoch part stays exactly Ω (linear epoch sketches) and
         # the host needs no basis Gram.
         b_in, b_out = self._block("in"), self._block("out")
-        s_in, s_out, gram, norms = row_products(a, d, b_in, b_out)
+        s_in, s_out, norms = row_products(a, d, b_in, b_out)
         products = StepProducts(
-            s_in, s_out, gram, norms, route="exact" if exact else "sketch", counts=counts
+            s_in, s_out, norms, route="exact" if exact else "sketch", counts=counts
         )
         self._steps += 1
         if exact:

@@ -4,28 +4,70 @@ from __future__ import annotations
 
 import numpy as np
 
+from streamspec.sketch import host
 from streamspec.sketch.host import nystrom_values
 
 
-def test_nystrom_values_are_the_eigenvalues_of_the_nystrom_approximation() -> None:
-    """``eig((HB)(BᵀHB)⁻¹(HB)ᵀ)`` computed directly, for a batch of PSD ``H`` with decaying
-    spectra and orthonormal ``B``."""
-    rng = np.random.default_rng(1)
-    n, h, b = 5, 120, 48
+def _psd_problems(n: int, h: int, b: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` PSD ``H`` ``[n, h, h]`` with spectra decaying over 6 decades, orthonormal ``B``."""
+    rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, 300, h)) * np.logspace(0, -3, h)
-    hessian = np.swapaxes(x, -1, -2) @ x
-    basis = np.linalg.qr(rng.standard_normal((n, h, b)))[0]
+    return np.swapaxes(x, -1, -2) @ x, np.linalg.qr(rng.standard_normal((n, h, b)))[0]
+
+
+def test_nystrom_values_are_the_eigenvalues_of_the_shifted_nystrom_approximation() -> None:
+    """``eig(Y_ν (BᵀY_ν)⁻¹ Y_νᵀ) − ν`` computed directly (``Y_ν = HB + νB``, Tropp et al. 2017),
+    for a batch of PSD ``H`` with decaying spectra and orthonormal ``B``: lower bounds of the
+    true values, within 1e-4 of the unshifted Nyström's."""
+    hessian, basis = _psd_problems(5, 120, 48)
     y = hessian @ basis
     core, gram = np.swapaxes(basis, -1, -2) @ y, np.swapaxes(y, -1, -2) @ y
     values = nystrom_values(core, gram)
-    for i in range(n):
-        approx = y[i] @ np.linalg.inv(core[i]) @ y[i].T
-        expected = np.sort(np.linalg.eigvalsh(0.5 * (approx + approx.T)))[::-1][:b]
+    for i in range(len(y)):
+        nu = host._NYSTROM_SHIFT * np.linalg.norm(y[i])
+        y_nu = y[i] + nu * basis[i]
+        approx = y_nu @ np.linalg.inv(basis[i].T @ y_nu) @ y_nu.T
+        expected = np.sort(np.linalg.eigvalsh(0.5 * (approx + approx.T)))[::-1][:48] - nu
         top = expected[0]
         np.testing.assert_allclose(values[i, :16], expected[:16], rtol=1e-6, atol=1e-9 * top)
-        # A Nyström approximation is ⪯ H: every value is a lower bound.
-        exact = np.sort(np.linalg.eigvalsh(hessian[i]))[::-1][:b]
+        plain = y[i] @ np.linalg.inv(core[i]) @ y[i].T
+        unshifted = np.sort(np.linalg.eigvalsh(0.5 * (plain + plain.T)))[::-1][:16]
+        np.testing.assert_allclose(values[i, :16], unshifted, rtol=1e-4)
+        # The approximation is ⪯ H: every value is a lower bound.
+        exact = np.sort(np.linalg.eigvalsh(hessian[i]))[::-1][:48]
         assert (values[i] <= exact * (1 + 1e-9) + 1e-9 * top).all()
+
+
+def test_nystrom_values_are_exact_from_a_spanning_float32_sketch() -> None:
+    """With ``B`` spanning ``H`` (the identity: a layer no wider than its sketch) and the sketch
+    rounded to float32, as the device sends it, the values are ``H``'s own within float32
+    rounding, and the trace is ``tr(H)``'s; the core read off the rounded sketch is not
+    symmetric (and may be indefinite), which the shift absorbs."""
+    hessian, _ = _psd_problems(4, 40, 40, seed=3)
+    basis = np.broadcast_to(np.eye(40), hessian.shape)
+    y = (hessian @ basis).astype(np.float32).astype(np.float64)
+    values, trace = host.nystrom_spectra(np.swapaxes(basis, -1, -2) @ y, np.swapaxes(y, -1, -2) @ y)
+    for i in range(len(y)):
+        exact = np.sort(np.linalg.eigvalsh(hessian[i]))[::-1]
+        np.testing.assert_allclose(values[i], exact, rtol=0, atol=1e-5 * exact[0])
+        np.testing.assert_allclose(trace[i], np.trace(hessian[i]), rtol=1e-5)
+
+
+def test_nystrom_values_of_an_indefinite_core_are_finite_lower_bounds() -> None:
+    """A core noisier than the shift (here: −1e-3·‖Y‖ on one direction) takes the
+    eigendecomposition route: finite values, the others' batch unchanged."""
+    hessian, basis = _psd_problems(3, 60, 24, seed=4)
+    y = hessian @ basis
+    core, gram = np.swapaxes(basis, -1, -2) @ y, np.swapaxes(y, -1, -2) @ y
+    clean = nystrom_values(core, gram)
+    noisy = core.copy()
+    v = np.linalg.eigh(noisy[1])[1][:, 0]  # its weakest direction, pushed below zero
+    noisy[1] -= 1e-3 * np.linalg.norm(y[1]) * np.outer(v, v)
+    values = nystrom_values(noisy, gram)
+    assert np.isfinite(values).all()
+    np.testing.assert_allclose(values[[0, 2]], clean[[0, 2]], rtol=1e-9, atol=1e-12)
+    exact = np.sort(np.linalg.eigvalsh(hessian[1]))[::-1][:24]
+    assert (values[1] <= exact * (1 + 1e-9)).all()
 
 
 def test_triangular_inverse_equals_the_inverse() -> None:
