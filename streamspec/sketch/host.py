@@ -192,8 +192,10 @@ def nystrom_spectra(
     The stable Nyström of Tropp, Yurtsever, Udell & Cevher (2017, Alg. 3), in Gram form: with
     ``Y_ν = Y + νB``, ``M_ν = BᵀY_ν = sym(core) + νI`` and ``Y_νᵀY_ν = gram + 2ν·sym(core) + ν²I``,
     the values are the eigenvalues of ``L⁻¹ Y_νᵀY_ν L⁻ᵀ`` (``LLᵀ = M_ν``) minus ``ν``, clipped at 0:
-    those of ``Y_ν M_ν⁻¹ Y_νᵀ − νI ⪯ H``, so each is a lower bound of the true one, exact when
-    ``B`` spans ``H``'s range. ``ν = shift·‖Y‖_F`` lifts the core past the rounding of the float32
+    those of ``Y_ν M_ν⁻¹ Y_νᵀ − νI ⪯ H``, so each is a lower bound of the true one (up to the
+    float32 rounding of the sketch, ≈ 1e-7·λ₁ absolute, which ``sigma_err`` includes: values far
+    below it, σ ≲ 1e-3·σ₁, can come out above the true ones), exact when ``B`` spans ``H``'s
+    range. ``ν = shift·‖Y‖_F`` lifts the core past the rounding of the float32
     sketch it is read from (which can leave it indefinite); a core still not definite (a
     sketch far noisier than float32 rounding) takes the eigendecomposition, dropping its
     non-positive directions.

@@ -11,7 +11,9 @@ Per step, four products with the rows give everything:
 
 * ``P = A·B_in``, ``R = Δ·B_out``;
 * ``Aᵀ[P | R] = [AᵀA·B_in | G·B_out]`` and ``Δᵀ[P | R] = [Gᵀ·B_in | ΔᵀΔ·B_out]`` (``G = AᵀΔ``);
-* small Gram matrices of these, and the core ``C = PᵀR = B_inᵀ·G·B_out``.
+* small Gram matrices of these, and the cores read off them at the step's end: ``B_inᵀAᵀAB_in``,
+  ``B_outᵀΔᵀΔB_out`` and ``C = B_inᵀ·(G·B_out)``. (A side whose block is the identity skips
+  its product; with both, the two are one Gram of ``[A | Δ]``.)
 
 Only those products need the layer's rows; they run in its backward hook. Everything after them
 runs once per :class:`SketchBank` (all layers of one weight shape) at the step's end.
@@ -79,6 +81,10 @@ class SketchWidths:
         # core is unstable (Nakatsukasa 2020 recommends 1.5×).
         e_in, e_out = min(width + width // 2, h_in), min(width, h_out)
         warm = max(rank // 2, 1)  # the step-to-step block: accuracy on flat spectra vs cost
+        # A side that its Ω and warm block would cover anyway takes the identity: exact, no
+        # wider, no warm block to advance, and the cheaper products of identity blocks.
+        e_in = h_in if e_in + warm >= h_in else e_in
+        e_out = h_out if e_out + warm >= h_out else e_out
         v_in, v_out = _aligned_warm(e_in, warm, h_in), _aligned_warm(e_out, warm, h_out)
         # The warm blocks are columns of the gradient's sketches too: alignment must not shrink
         # the co-range side's excess over the range side.
