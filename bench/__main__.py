@@ -3,6 +3,8 @@
     python -m bench --config cpu                     # the issue's CPU target (2 threads)
     python -m bench --config gpu-base --device cuda  # BERT-base size on one GPU
     python -m bench --config smoke                   # seconds; checks the harness itself
+    python -m bench --config cnn3d --modes plain,watch,watch10,hostless   # the paper's 3-D CNN
+    python -m bench --config lstm --modes plain,watch,watch10,hostless    # an LSTM, 200 steps
 
 Writes ``bench/results/<config>-<device>.json`` and ``.md`` (or ``--out DIR``).
 """
@@ -31,7 +33,9 @@ def main(argv: list[str] | None = None) -> int:
         default="plain,watch,watch10,paper,lowrank",
         help=f"comma-separated subset of {MODES}",
     )
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (CPU configs)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: the config's, 2)"
+    )
     p.add_argument("--no-accuracy", action="store_true")
     p.add_argument("--profile", type=int, default=0, help="profile N monitored steps too")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
@@ -39,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = CONFIGS[args.config]
     device = torch.device(args.device)
     if device.type == "cpu":
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(args.threads or cfg.threads)
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     unknown = set(modes) - set(MODES)
     if unknown:

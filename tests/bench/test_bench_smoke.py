@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from bench.__main__ import main
 
 
@@ -46,3 +48,22 @@ def test_bench_diagnostic_modes_smoke(tmp_path, monkeypatch) -> None:
     data = json.loads((tmp_path / "smoke-cpu.json").read_text())
     assert set(data["modes"]) == {"plain", "hostless", "batched"}
     assert "STREAMSPEC_BATCH_LAYERS" not in os.environ
+
+
+def test_bench_model_families_smoke() -> None:
+    """The 3-D CNN and LSTM families train, time and pass the exact-route accuracy check at a
+    tiny size (correctness of the harness only)."""
+    from bench.harness import Config, ModeResult, accuracy, run_mode
+
+    device = torch.device("cpu")
+    for cfg in (
+        Config("t3d", 1, 3, 0, 8, 4, 8, steps=2, warmup=1, repetitions=1, rank=4, family="cnn3d"),
+        Config("tlstm", 5, 1, 0, 12, 6, 7, steps=2, warmup=1, repetitions=1, rank=4, family="lstm"),
+    ):
+        for mode in ("plain", "watch"):
+            result = ModeResult(mode)
+            run_mode(cfg, mode, device, result)
+            assert len(result.step_ms) == 1 and result.step_ms[0] > 0
+        acc = accuracy(cfg, device, steps=2)
+        assert set(acc["sigma_err_coverage"]) == {"activation", "adjoint", "gradient"}
+        assert acc["per_class"], cfg.family
