@@ -257,7 +257,7 @@ class Monitor:
         self._closed = True
         self._handles: list[Any] = []
         self._view: LiveView | None = None
-        self._swaps = swap_stepwise(model, self._deliver)
+        self._swaps = swap_stepwise(model, _StepwiseSink(self))
         try:
             self._build(model, config, store=store, live=live, resume=resume)
         except BaseException:
@@ -556,7 +556,7 @@ class Monitor:
             # checkpointing its gradients arrive in a nested backward, whose end is not the step's
             # end; queue the end-of-step callback now, on the enclosing (outer) backward.
             self._queue_end_of_backward()
-        recording = self._step % self.config.every == 0 and self._failed is None
+        recording = self._records_step()
         for cap in captures:
             index = self._index.get((id(module), cap.key))
             if index is None or not cap.output.requires_grad:  # frozen, or no graph
@@ -571,6 +571,10 @@ class Monitor:
                 )
             else:
                 cap.output.register_hook(self._count_only_hook)
+
+    def _records_step(self) -> bool:
+        """Whether the current step is recorded (``every``, and no failure so far)."""
+        return self._step % self.config.every == 0 and self._failed is None
 
     def _plan_for(self, batch_size: int, module: nn.Module) -> GroupPlan:
         if self._plan is None:
@@ -760,8 +764,7 @@ class Monitor:
                 if state.products is not None and plan is not None:
                     present.append(index)
                     self._epoch_counts[index] += plan.counts
-            recorded = self._step % self.config.every == 0 and self._failed is None
-            send = recorded and plan is not None
+            send = self._records_step() and plan is not None
             with _profiled("streamspec.end_step"):
                 layers, ready = self._finish_step(present, send) if present else ([], None)
             if send:
@@ -903,6 +906,24 @@ class Monitor:
                 "a closed one",
                 "call streamspec.watch() again (resume=True appends)",
             )
+
+
+class _StepwiseSink:
+    """What the stepwise twins report to: the monitor's :meth:`Monitor._deliver`, and whether it
+    records the current step (a recurrent twin runs the fused kernel on the steps it does not:
+    ``every > 1``)."""
+
+    __slots__ = ("_monitor",)
+
+    def __init__(self, monitor: Monitor) -> None:
+        self._monitor = monitor
+
+    def __call__(self, module: nn.Module, captures: list[Capture]) -> None:
+        self._monitor._deliver(module, captures)
+
+    def recording(self) -> bool:
+        monitor = self._monitor
+        return not monitor._closed and monitor._records_step()
 
 
 class _Unwatched:

@@ -46,6 +46,12 @@ def _time_major(g: torch.Tensor) -> torch.Tensor:
     return g.transpose(0, 1)
 
 
+def _records(sink: Any) -> bool:
+    """Whether ``sink`` records the current step (a sink without ``recording()``: always)."""
+    recording = getattr(sink, "recording", None)
+    return True if recording is None else bool(recording())
+
+
 def _gru_hh_adjoint(resets: torch.Tensor) -> Any:
     """GRU ``W_hh``'s adjoints from the gradient of the input projection ``[T, B, 3H]``: the
     ``r`` and ``z`` blocks as they are, the ``n`` block times the reset gate ``r_t`` (``resets``
@@ -98,7 +104,22 @@ class _Stepwise(nn.RNNBase):
                 "pass the padded batch instead (torch.nn.utils.rnn.pad_packed_sequence), "
                 "or run this module under torch.no_grad()",
             )
+        if not any(_records(sink) for sink, _ in self.__dict__["_streamspec_sinks"]):
+            return self._fused_forward(input, hx, watched)
         return self._stepwise_forward(input, hx, watched)
+
+    def _fused_forward(self, input: torch.Tensor, hx: Any, watched: set[str]) -> Any:
+        """A step no monitor records (``every > 1``): the fused kernel, as fast as the plain
+        module. The monitors still see the call (one capture, its output's gradient only counts
+        the step, and the batch size is checked as on recorded steps)."""
+        result = super().forward(input, hx)
+        output = result[0]
+        if output.requires_grad:
+            x = input if input.dim() == 3 else input.unsqueeze(0 if self.batch_first else 1)
+            rows = DenseSource(x.detach() if self.batch_first else x.detach().transpose(0, 1))
+            key = min(watched)
+            self._deliver([Capture(key, rows, output, _time_major)])
+        return result
 
     def __reduce_ex__(self, protocol: SupportsIndex) -> str | tuple[Any, ...]:
         # deepcopy and pickle (torch.save(model)) yield a plain, unwatched module of the original

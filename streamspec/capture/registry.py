@@ -94,6 +94,9 @@ class Capture:
 
 
 Sink = Callable[[nn.Module, list[Capture]], None]
+"""Where a stepwise twin sends its captures. A sink may also have a ``recording()`` method
+saying whether the current step is recorded (without one, every step is); a twin may skip its
+stepwise products on steps no sink records."""
 
 
 class Family(Protocol):

@@ -440,3 +440,43 @@ def test_twin_backward_work_is_linear_in_the_sequence_length(kind: str) -> None:
 
     short, long = backward_elements(16), backward_elements(128)
     assert long < 12 * short, (long, short)  # 8× the steps: ≈ 8× the work (quadratic: ≈ 30×)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_unrecorded_steps_run_the_fused_kernel(kind: str, monkeypatch) -> None:
+    """With ``every=3`` the twin runs step by step only on the recorded steps (the others take
+    the fused kernel, as fast as the plain module) and the records are those of a run stepping
+    through every step; the step count stays right with the RNN the only watched module."""
+    from streamspec.capture import recurrent
+
+    def run(always_stepwise: bool) -> tuple[np.ndarray, list[int], int]:
+        torch.manual_seed(0)
+        model = nn.Sequential(make_rnn(kind, num_layers=1, batch_first=True))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        calls = []
+        stepwise = recurrent._Stepwise._stepwise_forward
+
+        def spy(self, *args):  # type: ignore[no-untyped-def]
+            calls.append(1)
+            return stepwise(self, *args)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(recurrent._Stepwise, "_stepwise_forward", spy)
+            if always_stepwise:
+                patch.setattr(recurrent, "_records", lambda sink: True)
+            with streamspec.watch(model, ["a", "b"], rank=4, every=3, live=False) as mon:
+                gen = torch.Generator().manual_seed(1)
+                for _ in range(7):
+                    mon.label(torch.arange(BATCH) % 2)
+                    out, _ = model(torch.randn(BATCH, STEPS, IN, generator=gen))
+                    opt.zero_grad()
+                    out.square().mean().backward()
+                    opt.step()
+                ds = mon.to_xarray()
+        return ds["sigma"].values, ds["step"].values.tolist(), len(calls)
+
+    sigma, steps, stepwise_calls = run(always_stepwise=False)
+    reference, reference_steps, all_calls = run(always_stepwise=True)
+    assert steps == reference_steps == [0, 3, 6]
+    assert (stepwise_calls, all_calls) == (3, 7)
+    np.testing.assert_allclose(sigma, reference, rtol=1e-4, atol=1e-6)
