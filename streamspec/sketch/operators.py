@@ -95,6 +95,16 @@ class StackedRows:
         return torch.stack([p.sq_norm() for p in self.parts]).sum(dim=0)
 
 
+def gram_with(a: RowOperator, d: torch.Tensor) -> torch.Tensor:
+    """``[A | Δ]ᵀ[A | Δ]`` ``[C, h + h_out, h + h_out]`` with the rows ``d`` ``[C, m, h_out]``:
+    convolution patches in their own channel-major layout (:meth:`ConvRows.gram_with`), other
+    rows made explicit."""
+    if isinstance(a, ConvRows):
+        return a.gram_with(d)
+    x = torch.cat([a.dense(), d], dim=2)
+    return tbmm(x, x)
+
+
 def sq_norms_pair(a: RowOperator, d: torch.Tensor) -> torch.Tensor:
     """``[C, 2]`` float64 ``(‖A_c‖²_F, ‖Δ_c‖²_F)``: what :func:`sq_norms` gives for each, with
     one stacked conversion and sum when ``A`` is explicit rows (they have ``Δ``'s row count)."""

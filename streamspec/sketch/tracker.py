@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from streamspec.sketch.host import generalized_nystrom_values
 from streamspec.sketch.linalg import bmm, nystrom, orthonormalize, tbmm
-from streamspec.sketch.operators import ConvRows, DenseRows, RowOperator, sq_norms_pair
+from streamspec.sketch.operators import DenseRows, RowOperator, gram_with, sq_norms_pair
 
 _SETUP_LOCK = threading.Lock()
 WARMUP_ITERATIONS = 4  # power iterations of the warm blocks on the run's first step
@@ -195,11 +195,7 @@ def row_products(
     whose ``m·(b_in + b_out)²`` float64 work cost as much as the other products together for
     convolutions and recurrent layers (many rows, few columns)."""
     if all(identity):
-        if isinstance(a, ConvRows):
-            gram = a.gram_with(d)
-        else:
-            x = torch.cat([a.dense(), d], dim=2)  # [N, m, h_in + h_out]
-            gram = tbmm(x, x)
+        gram = gram_with(a, d)
         h_in = b_in.shape[-2]
         return gram[:, :h_in], gram[:, h_in:], sq_norms_pair(a, d)
     p = a.dense() if identity[0] and isinstance(a, DenseRows) else a.mm(b_in)
