@@ -248,7 +248,8 @@ def test_tied_spectra_beyond_the_sketch_width(monkeypatch, exact_tying: bool) ->
 def test_conv_patches_equal_the_convolution_products(spatial, kernel, stride, padding, dilation):
     """The patches cut out of strided views of the input (``dense``, and the Gram of
     ``[A | Δ]`` of a first convolution) equal what the convolution routines compute with them:
-    ``A·X`` as a convolution with ``X`` as filters, for strides, padding and dilation."""
+    ``A·X`` as a convolution with ``X`` as filters, for strides, padding and dilation; and the
+    squared norms weighted by window counts equal the patches' own."""
     from streamspec.sketch.operators import ConvRows
 
     gen = torch.Generator().manual_seed(7)
@@ -259,3 +260,5 @@ def test_conv_patches_equal_the_convolution_products(spatial, kernel, stride, pa
     d = torch.randn(c, m, 4, generator=gen)
     both = torch.cat([a.dense(), d], dim=2).double()
     torch.testing.assert_close(a.gram_with(d).double(), both.mT @ both, rtol=1e-5, atol=1e-4)
+    squares = a.dense().double().square().sum(dim=(1, 2))
+    torch.testing.assert_close(a.sq_norm(), squares, rtol=1e-7, atol=0)
