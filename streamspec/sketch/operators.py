@@ -9,7 +9,6 @@ for an embedding ``A`` is one-hot rows, so the products are a gather and a scatt
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -259,35 +258,41 @@ class ConvRows:
         # patches covering the entry, a product over the spatial dims of 1-D counts (a patch
         # picks its window in each dim independently): one weighted sum over the input, where a
         # convolution of x² with a ones kernel took 4 ms on this project's CPU for a
-        # Conv3d(16, 32, 3) on 8 volumes of 15³.
-        squares = self.inputs.square()  # [C, n, in, *spatial]
+        # Conv3d(16, 32, 3) on 8 volumes of 15³. The counts are integers (≤ ∏ kernel), exact in
+        # float32, so the weighting rounds once.
+        weight: torch.Tensor | None = None
         geometry = zip(
             self.inputs.shape[3:],
             self.kernel,
             self.stride,
             self.padding,
             self.dilation,
+            self.out_spatial,
             strict=True,
         )
-        for i, (size, k, s, p, d) in enumerate(geometry):
-            counts = _window_counts(size, k, s, p, d, self.out_spatial[i], squares.device)
-            squares.mul_(counts.view(size, *([1] * (self.dims - 1 - i))))
+        for i, (size, k, s, p, d, out) in enumerate(geometry):
+            counts = _window_counts(size, k, s, p, d, out, self.inputs.device)
+            counts = counts.view(size, *([1] * (self.dims - 1 - i)))
+            weight = counts if weight is None else weight * counts
+        assert weight is not None
+        squares = self.inputs.square().mul_(weight)  # [C, n, in, *spatial]
         return squares.flatten(1).sum(dim=1, dtype=torch.float64)
 
 
-@functools.lru_cache(maxsize=256)
 def _window_counts(
     size: int, kernel: int, stride: int, pad: int, dilation: int, out: int, device: torch.device
 ) -> torch.Tensor:
-    """How many of a convolution's windows cover each input index along one dim (float32, on
-    ``device``; cached, so that steps after the first copy nothing to the device)."""
-    counts = [0] * size
-    for o in range(out):
-        for t in range(kernel):
-            i = o * stride + t * dilation - pad
-            if 0 <= i < size:
-                counts[i] += 1
-    return torch.tensor(counts, dtype=torch.float32, device=device)
+    """How many of a convolution's windows cover each input index along one dim: ``[size]``
+    float32, computed on ``device`` (no copy to it, no host sync, whatever the input's size
+    from step to step): index ``i`` is tap ``t`` of window ``o`` when ``i + pad − t·dilation
+    = o·stride`` with ``0 ≤ o < out``."""
+    i = torch.arange(pad, size + pad, dtype=torch.int32, device=device).unsqueeze(1)
+    t = torch.arange(0, kernel * dilation, dilation, dtype=torch.int32, device=device)
+    q = i - t  # [size, kernel]: o·stride where a window's tap t lands on i
+    valid = (q >= 0) & (q < out * stride)
+    if stride > 1:
+        valid &= q.remainder(stride) == 0
+    return valid.sum(dim=1, dtype=torch.float32)
 
 
 class OneHotRows:

@@ -49,6 +49,26 @@ def test_monitored_steps_do_not_synchronise(batch, monkeypatch) -> None:
     assert np.isfinite(ds["sigma"].values[:, :, :, :, 0]).all()
 
 
+def test_convolutions_on_inputs_of_changing_size_do_not_synchronise() -> None:
+    """A new input length (audio, variable-length sequences) costs no host sync either: the
+    patches' squared norms weigh the input by window counts computed on the device, never
+    copied to it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(1, 8, 10, stride=5), nn.ReLU(), nn.Conv1d(8, 8, 3, 2)).cuda()
+    with streamspec.watch(model, ["a", "b"], rank=4, live=False) as mon:
+        for step, length in enumerate([1600, 2300, 3100, 1600, 4000]):
+            mon.label(torch.arange(4) % 2)
+            x = torch.randn(4, 1, length, device="cuda")
+            if step >= 1:
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                model(x).pow(2).mean().backward()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        ds = mon.to_xarray()
+    assert np.isfinite(ds["sigma"].values[:, :, :, :, 0]).all()
+
+
 @pytest.mark.parametrize("batch", ["1", "2"])
 def test_gpu_spectra_equal_cpu_spectra(batch, monkeypatch) -> None:
     """CUDA records what the CPU records (layer by layer there; on CUDA also with two layers'
