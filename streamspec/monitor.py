@@ -205,6 +205,7 @@ class _LayerStepState:
     """Per layer, within the current step."""
 
     calls: int = 0  # forward calls captured (grad enabled)
+    shared: bool = False  # a call on ids shared by the batch: the step is not recorded
     pending: list[tuple[RowOperator, torch.Tensor, int]] = field(default_factory=list)
     positions: int = 0
     n_positions: int = 0
@@ -314,6 +315,7 @@ class Monitor:
         self._lock = threading.Lock()  # hooks of a multi-device backward run on several threads
         self._failed: BaseException | None = None
         self._warned_nonfinite = False
+        self._warned_shared: set[int] = set()  # modules warned about ids shared by the batch
 
         interactive = sys.stdout.isatty()
         use_live = interactive if live is None else bool(live)
@@ -495,45 +497,49 @@ class Monitor:
         assert family is not None
         bd = self._sample_dim.get(id(module), 0)
         plan = self._plan
+        ids = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else None
         if (
             getattr(family, "broadcasts", False)
             and plan is not None
-            and plan.batch_size > 1
-            and output.dim() > bd
-            and output.shape[bd] == 1
-            and isinstance(inputs[0], torch.Tensor)
-            and inputs[0].dim() > bd
-            and inputs[0].shape[bd] == 1
+            and ids is not None
+            and (ids.dim() <= bd or ids.shape[bd] != plan.batch_size)
         ):
-            # A call shared by the whole batch (e.g. BERT's position ids [1, T]): its output is
-            # broadcast, so each sample's gradient is summed away. Expand it (a view, same
-            # values) and record per sample.
-            output = output.expand(*output.shape[:bd], plan.batch_size, *output.shape[bd + 1 :])
-            x = inputs[0]
-            inputs = (x.expand(*x.shape[:bd], plan.batch_size, *x.shape[bd + 1 :]), *inputs[1:])
-            self._deliver(module, self._capture(family, module, inputs, output, bd))
-            return output
-        if (
-            getattr(family, "broadcasts", False)
-            and plan is not None
-            and isinstance(inputs[0], torch.Tensor)
-            and inputs[0].dim() == 1
-            and inputs[0].shape[0] != plan.batch_size
-        ):
-            # nanoGPT's wpe(torch.arange(T)): ids shared by the batch without a batch dimension.
-            # Their output broadcasts over the samples, so no per-sample gradient reaches it.
-            name = next(s.name for s in self.sites if s.module is module)
-            raise StreamspecError.build(
-                f"one index per sample ({plan.batch_size}) for 1-D ids, or ids shared by the "
-                "batch with a batch dimension of 1",
-                f"1-D ids of length {inputs[0].shape[0]} at {name} (positions shared by the "
-                "batch, e.g. wpe(torch.arange(T))?)",
-                f"call the embedding on ids.unsqueeze({bd}) (a batch dimension of 1 on "
-                f"batch_dim={bd}): its output broadcasts the same way and streamspec records it "
-                "per sample",
-            )
+            self._shared_call(module, ids, output, plan.batch_size, bd)
+            return None
         self._deliver(module, self._capture(family, module, inputs, output, bd))
         return None
+
+    def _shared_call(
+        self, module: nn.Module, ids: torch.Tensor, output: torch.Tensor, batch: int, bd: int
+    ) -> None:
+        """An embedding called on ids without one entry per sample on the sample dim: ids shared
+        by the batch (BERT's and GPT's position ids ``[1, T]``, nanoGPT's ``wpe(arange(T))``, T5's
+        relative-position buckets ``[T, T]``). Its output broadcasts over the samples, so what
+        reaches it is the sum of every sample's gradient, which no group split can recover. The
+        layer's step is left unrecorded (NaN) rather than changing the module's output (an
+        expanded ``[B, …]`` view changed what the model computed wherever the output was not
+        simply broadcast: a penalty on the table, a squeeze, an einsum); one warning says how to
+        record it."""
+        self._drop_failed_backward()
+        for index, site in enumerate(self.sites):
+            if site.module is module:
+                self._state[index].shared = True
+        output.register_hook(self._count_only_hook)  # the step still ends and counts
+        if id(module) in self._warned_shared:
+            return
+        self._warned_shared.add(id(module))
+        name = next(s.name for s in self.sites if s.module is module)
+        warnings.warn(
+            f"streamspec: {name} was called on ids of shape {tuple(ids.shape)}, with no entry per "
+            f"sample on dim {bd} (the batch has {batch}): ids shared by the batch (positions, "
+            "relative-position buckets), whose gradient is summed over all samples. Its steps "
+            "are recorded as NaN (the model is left as it is). To record it per sample, call it "
+            f"on ids expanded to the batch, ids.expand({batch}, -1) (Hugging Face models: "
+            f"position_ids=torch.arange(T).expand({batch}, T)); or, if these ids are per "
+            "sample, call mon.label() with this batch's labels",
+            StreamspecWarning,
+            stacklevel=2,
+        )
 
     def _capture(
         self, family: Any, module: nn.Module, inputs: tuple[Any, ...], output: Any, bd: int
@@ -649,6 +655,9 @@ class Monitor:
     def _fold(self, index: int) -> None:
         """Fold a layer's captured calls of this step into its tracker (device products only)."""
         state = self._state[index]
+        if state.shared:  # a call's per-sample gradients were summed away: not recordable
+            state.pending.clear()
+            return
         activation = stack_rows([p[0] for p in state.pending])
         adjoints = [p[1] for p in state.pending]  # gathered copies: no aliasing of grad
         adjoint = adjoints[0] if len(adjoints) == 1 else torch.cat(adjoints, dim=1)

@@ -41,7 +41,9 @@ class IndexSource:
 class EmbeddingFamily:
     module_types = (nn.Embedding,)
     stepwise = False
-    broadcasts = True  # a [1, T] index tensor shared by the batch is recorded per sample
+    # Ids without one entry per sample (shared by the batch, e.g. [1, T] positions) are not
+    # recordable per group: the monitor leaves such a call's steps NaN (Monitor._shared_call).
+    broadcasts = True
 
     @staticmethod
     def sites(module: nn.Module, prefix: str) -> list[Site]:

@@ -130,22 +130,44 @@ def test_bert_spectra_match_masked_loss_autograd() -> None:
 
 
 def test_bert_default_position_ids() -> None:
-    """BERT's [1, T] position ids are broadcast over the batch: recorded per sample."""
+    """BERT's default position ids are ``[1, T]``, shared by the batch: the model is left as it
+    is, the position table's steps are NaN (with a warning giving the fix), the other layers
+    are recorded. With the fix, ``position_ids`` expanded to the batch, the table is recorded
+    per sample and matches autograd of the group-masked loss."""
     torch.manual_seed(0)
     model = small_bert()
     twin = copy.deepcopy(model)
     labels = torch.tensor([0, 1, 1, 0, -1, 1])
     ids = torch.randint(0, 50, (BATCH, LENGTH))
+    name = "embeddings.position_embeddings.weight"
+    with (
+        pytest.warns(streamspec.StreamspecWarning, match="position_ids=torch.arange"),
+        streamspec.watch(
+            model, GROUPS, rank=RANK, live=False, normalize="sum", on_unsupported="skip"
+        ) as mon,
+    ):
+        mon.label(labels)
+        model(input_ids=ids).pooler_output.pow(2).sum().backward()
+        twin(input_ids=ids).pooler_output.pow(2).sum().backward()
+        ds = mon.to_xarray()
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad)  # watching changed nothing in training
+    query = ds["sigma"].sel(layer="encoder.layer.0.attention.self.query.weight")
+    assert np.isfinite(query.values[0, :, :, 0]).all()
+    if name not in ds["layer"]:
+        return  # embeddings not watched
+    assert np.isnan(ds["sigma"].sel(layer=name).values).all()
+
+    positions = torch.arange(LENGTH).expand(BATCH, LENGTH)
+    model = small_bert()
+    twin = copy.deepcopy(model)
     with streamspec.watch(
         model, GROUPS, rank=RANK, live=False, normalize="sum", on_unsupported="skip"
     ) as mon:
         mon.label(labels)
-        model(input_ids=ids).pooler_output.pow(2).sum().backward()
+        model(input_ids=ids, position_ids=positions).pooler_output.pow(2).sum().backward()
         ds = mon.to_xarray()
-    query = ds["sigma"].sel(layer="encoder.layer.0.attention.self.query.weight")
-    assert np.isfinite(query.values[0, :, :, 0]).all()
-    name = "embeddings.position_embeddings.weight"
-    per_sample = twin(input_ids=ids).pooler_output.pow(2).sum(dim=1)
+    per_sample = twin(input_ids=ids, position_ids=positions).pooler_output.pow(2).sum(dim=1)
     reference = masked_loss_gradients(twin, per_sample, labels, len(GROUPS), names=[name])
     got = ds["sigma"].sel(layer=name, kind="gradient").values[0]
     for c in range(len(GROUPS)):

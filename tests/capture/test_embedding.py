@@ -104,32 +104,87 @@ def test_scale_grad_by_freq_is_reported_not_recorded_wrong() -> None:
 
 
 class TinyGPT(nn.Module):
-    """nanoGPT's embeddings: token ids [B, T] plus positions shared by the batch."""
+    """nanoGPT's embeddings: token ids [B, T] plus positions shared by the batch (``[T]``,
+    ``[1, T]``) or expanded to it (``[B, T]``)."""
 
-    def __init__(self, positions_2d: bool) -> None:
+    def __init__(self, positions: str) -> None:
         super().__init__()
         self.wte, self.wpe = nn.Embedding(11, 8), nn.Embedding(16, 8)
         self.head = nn.Linear(8, 11)
-        self.positions_2d = positions_2d
+        self.positions = positions
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         pos = torch.arange(idx.shape[1])
-        pos_emb = self.wpe(pos[None] if self.positions_2d else pos)
-        return self.head(self.wte(idx) + pos_emb)
+        ids = {"1d": pos, "2d": pos[None], "expanded": pos.expand(idx.shape[0], -1)}
+        return self.head(self.wte(idx) + self.wpe(ids[self.positions]))
 
 
-def test_positions_shared_by_the_batch_without_a_batch_dimension() -> None:
-    """``wpe(torch.arange(T))`` ([T] ids, output broadcast over the batch) used to fail with a
-    misleading batch-size error (or, with T == B, record positions as samples). It is refused
-    with the fix; ``wpe(arange(T)[None])`` records the positions' gradient per sample."""
+@pytest.mark.parametrize("positions", ["1d", "2d"])
+def test_positions_shared_by_the_batch_leave_the_model_unchanged(positions: str) -> None:
+    """``wpe(arange(T))`` or ``wpe(arange(T)[None])``: ids shared by the batch, whose output
+    broadcasts over the samples (so only the sum of the samples' gradients reaches it). The
+    model computes exactly what it computes unwatched; the shared layer's steps are NaN, with
+    one warning saying how to record it; the other layers are recorded."""
     torch.manual_seed(0)
     idx, labels = torch.randint(0, 11, (4, 6)), torch.tensor([0, 1, 0, 1])
-    model = TinyGPT(positions_2d=False)
-    with streamspec.watch(model, ["a", "b"], rank=3, live=False) as mon:
-        mon.label(labels)
-        with pytest.raises(streamspec.StreamspecError, match=r"ids\.unsqueeze\(0\)"):
-            model(idx)
-    model = TinyGPT(positions_2d=True)
+    model = TinyGPT(positions)
+    twin = copy.deepcopy(model)
+    with (
+        pytest.warns(streamspec.StreamspecWarning, match=r"wpe\.weight .*expand\(4, -1\)"),
+        streamspec.watch(model, ["a", "b"], rank=3, live=False) as mon,
+    ):
+        for _ in range(2):
+            mon.label(labels)
+            out = model(idx)
+            assert out.shape == twin(idx).shape == (4, 6, 11)
+            out.pow(2).mean().backward()
+            twin(idx).pow(2).mean().backward()
+        ds = mon.to_xarray()
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)
+    sigma = ds["sigma"]
+    assert np.isnan(sigma.sel(layer="wpe.weight").values).all()
+    assert np.isfinite(sigma.sel(layer="wte.weight").values[..., 0]).all()
+
+
+class NormPenalty(nn.Module):
+    """A position table used other than by broadcasting: a penalty on its rows, and a
+    squeeze. (Expanding the output to the batch, as streamspec once did, raised here, and made
+    the penalty B times larger.)"""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(10, 4), nn.Embedding(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pos = self.pos(torch.arange(x.shape[1])[None])  # [1, T, d]
+        scores = torch.einsum("btd,sd->bts", self.tok(x), pos.squeeze(0))
+        return scores.mean() + 1e-2 * pos.pow(2).sum()
+
+
+def test_a_shared_position_table_used_other_than_by_broadcasting() -> None:
+    torch.manual_seed(0)
+    model = NormPenalty()
+    twin = copy.deepcopy(model)
+    x = torch.randint(0, 10, (6, 5))
+    with (
+        pytest.warns(streamspec.StreamspecWarning, match="shared by the batch"),
+        streamspec.watch(model, ["a", "b"], rank=2, live=False) as mon,
+    ):
+        mon.label([0, 1, 0, 1, 0, 1])
+        loss = model(x)
+        loss.backward()
+    plain = twin(x)
+    plain.backward()
+    assert loss.item() == plain.item()
+    torch.testing.assert_close(model.pos.weight.grad, twin.pos.weight.grad, rtol=0, atol=0)
+
+
+def test_positions_expanded_to_the_batch_are_recorded_per_sample() -> None:
+    """``wpe(arange(T).expand(B, -1))``, the warning's fix: the positions' gradient per group."""
+    torch.manual_seed(0)
+    idx, labels = torch.randint(0, 11, (4, 6)), torch.tensor([0, 1, 0, 1])
+    model = TinyGPT("expanded")
     with streamspec.watch(model, ["a", "b"], rank=3, live=False, normalize="sum") as mon:
         mon.label(labels)
         model(idx).pow(2).mean().backward()
