@@ -206,6 +206,9 @@ class _LayerStepState:
 
     calls: int = 0  # forward calls captured (grad enabled)
     shared: bool = False  # a call on ids shared by the batch: the step is not recorded
+    # The labellings (mon.label() calls) of the calls whose gradient arrived, by id: usually
+    # one; several when labelled batches go through separate forwards before one backward.
+    plans: dict[int, GroupPlan] = field(default_factory=dict)
     pending: list[tuple[RowOperator, torch.Tensor, int]] = field(default_factory=list)
     positions: int = 0
     n_positions: int = 0
@@ -310,7 +313,8 @@ class Monitor:
         self._batch_layers = batch_layers()
         # Per bank: layers of the step whose products wait for a batch (index, A rows, Δ rows).
         self._queued: dict[int, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
-        self._step_plan: GroupPlan | None = None
+        self._step_plans: dict[int, GroupPlan] = {}  # every labelling with a gradient this step
+        self._warned_partial: set[int] = set()  # layers warned about a partial labelling
         self._callback_queued = False
         self._lock = threading.Lock()  # hooks of a multi-device backward run on several threads
         self._failed: BaseException | None = None
@@ -620,8 +624,8 @@ class Monitor:
     ) -> Any:
         def hook(grad: torch.Tensor) -> None:
             self._queue_end_of_backward()
-            if self._step_plan is None:
-                self._step_plan = plan
+            self._step_plans.setdefault(id(plan), plan)
+            self._state[index].plans.setdefault(id(plan), plan)
             if self._failed is not None or plan.n_max == 0:
                 return  # a step without grouped samples is still recorded: counts 0, σ NaN
             try:
@@ -675,6 +679,7 @@ class Monitor:
             and isinstance(activation, DenseRows)
             and tracker.bank.capacity > 1
             and tracker.warm_started(adjoint.device)
+            and len(state.plans) == 1
         ):
             self._queue(index, activation.rows, adjoint)
         else:
@@ -682,7 +687,7 @@ class Monitor:
             # autocast state reaches tensor hooks).
             with as_written({adjoint.device}, convolves(activation)), _profiled("streamspec.fold"):
                 state.products = tracker.products(
-                    activation, adjoint, exact, tie, self._step_counts(adjoint.device)
+                    activation, adjoint, exact, tie, self._layer_counts(state, adjoint.device)
                 )
         state.positions += positions
         if tie is not None:
@@ -699,6 +704,8 @@ class Monitor:
         if queue and (
             queue[0][1].shape != rows.shape
             or queue[0][2].shape != adjoint.shape
+            # another labelling (its counts): the products of a batch share one
+            or self._state[queue[0][0]].plans.keys() != self._state[index].plans.keys()
             # these rows would take the bank past BATCH_BYTES: the batch so far runs first
             or sum((a.numel() + d.numel()) * 4 for _, a, d in queue) + size > BATCH_BYTES
         ):
@@ -714,7 +721,7 @@ class Monitor:
         if not queue:
             return
         device = queue[0][2].device
-        counts = self._step_counts(device)
+        counts = self._layer_counts(self._state[queue[0][0]], device)
         with as_written({device}, conv=False), _profiled("streamspec.fold"):
             if len(queue) == 1:  # alone after all: no stacking copy
                 index, rows, adjoint = queue[0]
@@ -730,10 +737,11 @@ class Monitor:
         for (index, _, _), p in zip(queue, products, strict=True):
             self._state[index].products = p
 
-    def _step_counts(self, device: torch.device) -> torch.Tensor | None:
-        """The step's samples per group on ``device`` (what its epoch counts are made of)."""
-        plan = self._step_plan
-        return plan.counts_on(device) if plan is not None else None
+    def _layer_counts(self, state: _LayerStepState, device: torch.device) -> torch.Tensor | None:
+        """A layer's samples per group in the step on ``device`` (what its epoch counts are made
+        of): its labellings' counts, summed."""
+        counts = [plan.counts_on(device) for plan in state.plans.values()]
+        return None if not counts else counts[0] if len(counts) == 1 else torch.stack(counts).sum(0)
 
     def _unscaled(self, adjoint: torch.Tensor) -> torch.Tensor:
         """The adjoint of the loss itself: ``scaler.scale(loss).backward()`` multiplies every
@@ -762,7 +770,10 @@ class Monitor:
     def _end_of_backward(self) -> None:
         self._callback_queued = False
         try:
-            plan = self._step_plan
+            plans = self._step_plans
+            # Labelled batches through separate forwards before one backward (a labelled and
+            # an unlabelled batch, summed micro-batches): the step's samples are all of theirs.
+            counts = sum((p.counts for p in plans.values()), np.zeros(len(self.groups), np.int64))
             present: list[int] = []
             for index, state in enumerate(self._state):
                 if state.pending:
@@ -770,16 +781,19 @@ class Monitor:
             for key in list(self._queued):  # batches not full at the end of the backward
                 self._run_queue(key)
             for index, state in enumerate(self._state):
-                if state.products is not None and plan is not None:
-                    present.append(index)
-                    self._epoch_counts[index] += plan.counts
-            send = self._records_step() and plan is not None
+                if state.products is None or not plans:
+                    continue
+                if state.plans.keys() != plans.keys():
+                    self._warn_partial(index)
+                    continue
+                present.append(index)
+                self._epoch_counts[index] += counts
+            send = self._records_step() and bool(plans)
             with _profiled("streamspec.end_step"):
                 layers, ready = self._finish_step(present, send) if present else ([], None)
             if send:
-                assert plan is not None
                 self._pipeline.submit(
-                    StepRecord(self._step, self._epoch, plan.counts.copy(), layers, ready)
+                    StepRecord(self._step, self._epoch, counts.copy(), layers, ready)
                 )
                 self._epoch_steps += 1
         except StreamspecError:
@@ -790,6 +804,22 @@ class Monitor:
             self._reset_step()
             self._step += 1
         self._emit_warnings()
+
+    def _warn_partial(self, index: int) -> None:
+        """A layer that only some of the step's labelled batches went through: its rows cover
+        fewer samples than the step's counts, by which its spectra would be normalised and its
+        epoch counted, so its step is left out (NaN), with one warning per layer."""
+        if index in self._warned_partial:
+            return
+        self._warned_partial.add(index)
+        warnings.warn(
+            f"streamspec: {self.sites[index].name} was called in only some of the step's "
+            "labelled batches (mon.label() was called again before the backward); its steps "
+            "are recorded as NaN when that happens. Steps whose batches all go through a layer "
+            "are recorded, with all their samples",
+            StreamspecWarning,
+            stacklevel=2,
+        )
 
     def _finish_step(
         self, present: list[int], send: bool
@@ -837,7 +867,7 @@ class Monitor:
     def _reset_step(self) -> None:
         self._state = [_LayerStepState() for _ in self.sites]
         self._queued = {}
-        self._step_plan = None
+        self._step_plans = {}
 
     def _discard_step(self) -> None:
         self._reset_step()

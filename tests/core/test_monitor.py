@@ -1039,3 +1039,55 @@ def test_batched_rows_held_per_bank_stay_within_batch_bytes(monkeypatch) -> None
             mon.label(torch.arange(12) % 3)
             model(torch.randn(12, 5, 32)).pow(2).mean().backward()
     assert held and max(held) <= 23040, held
+
+
+@pytest.mark.parametrize("exact_rows", [None, 0], ids=["exact", "sketched"])
+def test_labelled_batches_through_separate_forwards_before_one_backward(exact_rows) -> None:
+    """``label(g1); model(x1); label(g2); model(x2); backward()`` (a labelled and an unlabelled
+    batch, summed micro-batches): the step holds both batches' samples, as one forward of
+    both would. (The counts once came from one labelling only: a group of the other batch
+    vanished, and σ was normalised by the wrong counts.)"""
+    gen = torch.Generator().manual_seed(0)
+    x1, x2 = torch.randn(10, 10, generator=gen), torch.randn(12, 10, generator=gen)
+    g1 = torch.tensor([0] * 10)
+    g2 = torch.tensor([1, 0] * 6)
+    out = {}
+    for how in ("separate", "together"):
+        model = mlp()
+        with streamspec.watch(model, ["a", "b"], rank=4, live=False, exact_rows=exact_rows) as m:
+            for _ in range(2):
+                if how == "separate":
+                    m.label(g1)
+                    y1 = model(x1)
+                    m.label(g2)
+                    loss = y1.pow(2).sum() + model(x2).pow(2).sum()
+                else:
+                    m.label(torch.cat([g1, g2]))
+                    loss = model(torch.cat([x1, x2])).pow(2).sum()
+                loss.backward()
+            out[how] = m.to_xarray()
+    assert out["separate"]["count"].values.tolist() == [[16, 6], [16, 6]]
+    np.testing.assert_array_equal(out["separate"]["count"], out["together"]["count"])
+    sigma = out["separate"]["sigma"].values
+    assert np.isfinite(sigma[..., 0]).all()
+    np.testing.assert_allclose(sigma, out["together"]["sigma"].values, rtol=1e-4, atol=1e-6)
+
+
+def test_a_layer_in_only_some_of_the_steps_labelled_batches_is_left_out() -> None:
+    """A head applied to one of two labelled batches covers fewer samples than the step's
+    counts: that layer's step is NaN (one warning), the shared layers' steps are recorded."""
+    torch.manual_seed(0)
+    body, head = nn.Linear(6, 6), nn.Linear(6, 2)
+    model = nn.ModuleDict({"body": body, "head": head})
+    with (
+        pytest.warns(streamspec.StreamspecWarning, match="head.weight was called in only some"),
+        streamspec.watch(model, ["a", "b"], rank=2, live=False) as mon,
+    ):
+        mon.label(torch.tensor([0, 1, 0, 1]))
+        y1 = head(body(torch.randn(4, 6)))
+        mon.label(torch.tensor([1, 1, 0]))
+        (y1.sum() + body(torch.randn(3, 6)).pow(2).sum()).backward()
+        ds = mon.to_xarray()
+    assert ds["count"].values.tolist() == [[3, 4]]
+    assert np.isfinite(ds["sigma"].sel(layer="body.weight").values[..., 0]).all()
+    assert np.isnan(ds["sigma"].sel(layer="head.weight").values).all()
