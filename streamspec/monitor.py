@@ -268,6 +268,7 @@ class Monitor:
             self._abort()
             raise
         self._closed = False
+        self._torn_down = False  # close() has joined the threads and closed the writer
 
     def _build(
         self,
@@ -434,21 +435,27 @@ class Monitor:
         return self._writer.archive().to_xarray()
 
     def close(self) -> None:
-        """Finish a partial epoch, write everything, remove every hook. Safe to call twice."""
-        if self._closed:
+        """Finish a partial epoch, write everything, remove every hook. Safe to call twice; a
+        close interrupted while it waits for the background threads (a second Ctrl-C) is
+        finished by calling it again."""
+        if self._torn_down:
             return
         try:
-            self._remove_hooks()
-            self._drop_failed_backward()  # a closed monitor holds no dead step's rows
-            if self._epoch_steps:
-                self._finish_epoch()
-            self._pipeline.drain()
+            if not self._closed:
+                self._remove_hooks()
+                self._drop_failed_backward()  # a closed monitor holds no dead step's rows
+                if self._epoch_steps:
+                    self._finish_epoch()
+                self._pipeline.drain()
         finally:
             self._closed = True
+            # The host thread is joined before the writer closes (it hands the writer rows);
+            # an interrupt during the join leaves both to the next close().
             self._pipeline.close()
             if self._view is not None:
                 self._view.stop()
             self._writer.close(next_step=self._step)
+            self._torn_down = True
         self._emit_warnings()
         self._raise_worker_error()
 
@@ -792,17 +799,19 @@ class Monitor:
             with _profiled("streamspec.end_step"):
                 layers, ready = self._finish_step(present, send) if present else ([], None)
             if send:
-                self._pipeline.submit(
-                    StepRecord(self._step, self._epoch, counts.copy(), layers, ready)
-                )
+                record = StepRecord(self._step, self._epoch, counts.copy(), layers, ready)
                 self._epoch_steps += 1
+                self._pipeline.submit(record)
         except StreamspecError:
             raise
         except Exception as error:
             self._fail(error)
         finally:
-            self._reset_step()
+            # The step index first: a KeyboardInterrupt landing in what follows (and caught by
+            # the training loop) must not leave the next step with this step's index, which the
+            # host pipeline would refuse as out of order.
             self._step += 1
+            self._reset_step()
         self._emit_warnings()
 
     def _warn_partial(self, index: int) -> None:
@@ -898,10 +907,12 @@ class Monitor:
                 block[n == 0] = np.nan
                 sigma[index, kind_index] = block
         record = EpochRecord(self._epoch, sigma)
-        self._pipeline.submit(record)
+        # Counters before the hand-over (as for steps: an interrupt after it must not leave the
+        # next epoch with this one's index).
         self._epoch += 1
         self._epoch_counts[:] = 0
         self._epoch_steps = 0
+        self._pipeline.submit(record)
         self._emit_warnings()
 
     def _fail(self, error: BaseException) -> None:

@@ -1091,3 +1091,86 @@ def test_a_layer_in_only_some_of_the_steps_labelled_batches_is_left_out() -> Non
     assert ds["count"].values.tolist() == [[3, 4]]
     assert np.isfinite(ds["sigma"].sel(layer="body.weight").values[..., 0]).all()
     assert np.isnan(ds["sigma"].sel(layer="head.weight").values).all()
+
+
+@pytest.mark.parametrize("where", ["step", "epoch"])
+def test_a_caught_interrupt_at_a_steps_or_epochs_end_does_not_reuse_its_index(
+    where: str, monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    """Ctrl-C (a ``KeyboardInterrupt``) landing in the monitor's end of a step, or right after
+    an epoch's record is handed to the host thread, caught by the training loop, which goes on:
+    the next step (epoch) gets the next index. (It got the same one, which the host pipeline
+    refused as out of order: end_epoch() and close() then raised into training, and the
+    archive lost the step, or merged two epochs.)"""
+    from streamspec import monitor as monitor_module
+    from streamspec.pipeline import EpochRecord, HostPipeline
+
+    fired = []
+    if where == "step":
+        reset = monitor_module.Monitor._reset_step
+
+        def reset_step(self):  # type: ignore[no-untyped-def]
+            reset(self)
+            if self._step == 3 and not fired:
+                fired.append(True)
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(monitor_module.Monitor, "_reset_step", reset_step)
+    else:
+        submit = HostPipeline.submit
+
+        def submit_then_interrupt(self, item):  # type: ignore[no-untyped-def]
+            submit(self, item)
+            if isinstance(item, EpochRecord) and not fired:
+                fired.append(True)
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(HostPipeline, "submit", submit_then_interrupt)
+    model = mlp()
+    gen = torch.Generator().manual_seed(0)
+    with streamspec.watch(model, ["a", "b"], rank=3, store=tmp_path / "r.zarr", live=False) as mon:
+        for _ in range(3):
+            for _ in range(4):
+                mon.label(torch.arange(8) % 2)
+                try:
+                    model(torch.randn(8, 10, generator=gen)).pow(2).sum().backward()
+                except KeyboardInterrupt:
+                    pass
+            try:
+                mon.end_epoch()
+            except KeyboardInterrupt:
+                pass
+    assert fired
+    ds = streamspec.open(tmp_path / "r.zarr").to_xarray()
+    assert ds["step"].values.tolist() == list(range(12))
+    assert ds["step_epoch"].values.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    assert ds.sizes["epoch"] == 3
+
+
+def test_a_close_interrupted_while_joining_is_finished_by_the_next(
+    monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    """A second Ctrl-C while close() waits for the host thread: calling close() again joins it,
+    closes the writer, and every step is in the archive. (The second close() did nothing, and
+    the rows not yet written were lost.)"""
+    from streamspec.pipeline import HostPipeline
+
+    join = HostPipeline.close
+    calls = []
+
+    def interrupted_once(self):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        join(self)
+
+    monkeypatch.setattr(HostPipeline, "close", interrupted_once)
+    model = mlp()
+    mon = streamspec.watch(model, ["a", "b"], rank=3, store=tmp_path / "r.zarr", live=False)
+    train(model, mon, steps=250, batch=8)
+    with pytest.raises(KeyboardInterrupt):
+        mon.close()
+    mon.close()
+    assert len(calls) == 2
+    ds = streamspec.open(tmp_path / "r.zarr").to_xarray()
+    assert ds.sizes["step"] == 250 and ds.sizes["epoch"] == 1
