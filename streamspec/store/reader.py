@@ -84,6 +84,12 @@ def resolve_store(store: StoreLike, *, read_only: bool) -> tuple[Store, str, Pat
                 got=f"{text!r} and {exc}",
                 fix="`pip install fsspec` (plus s3fs/gcsfs for cloud URLs) or pass a local path",
             ) from exc
+        except ValueError as exc:  # fsspec: "Protocol not known"
+            raise StreamspecError.build(
+                expected="a URL whose protocol fsspec knows (memory://, s3://, gs://, …)",
+                got=f"{text!r}: {exc}",
+                fix="check the URL's scheme (and install its fsspec backend), or pass a path",
+            ) from exc
         return fsspec_store, text, None
     path = Path(text.removeprefix("file://"))
     if path.suffix.lower() == ".zip":
@@ -500,8 +506,15 @@ def committed_rows(group: zarr.Group) -> dict[str, int]:
 
 
 def member_array(group: zarr.Group, name: str) -> zarr.Array:
-    """The array ``name`` of ``group`` (a StreamspecError if it is a group)."""
-    node = group[name]
+    """The array ``name`` of ``group`` (a StreamspecError if it is missing or a group)."""
+    try:
+        node = group[name]
+    except KeyError:
+        raise StreamspecError.build(
+            expected=f"array {name!r} in a streamspec archive",
+            got="no such array (a damaged archive, or a Zarr group another program wrote)",
+            fix="open an archive a streamspec run wrote (this one lost it: restore it from a copy)",
+        ) from None
     if not isinstance(node, zarr.Array):
         raise StreamspecError.build(
             expected=f"{name!r} to be an array in a streamspec archive",

@@ -65,6 +65,24 @@ def test_open_archive_on_nothing(tmp_path):
         open_archive(42)
 
 
+@pytest.mark.parametrize("array", ["layer", "group"])
+def test_an_archive_missing_a_coordinate_array_says_so(tmp_path, layout, array):
+    """A damaged archive (a coordinate array deleted) is named, not a raw ``KeyError``."""
+    import shutil
+
+    path = tmp_path / "run.zarr"
+    ArchiveWriter(path, layout).close()
+    shutil.rmtree(path / array)
+    with pytest.raises(StreamspecError, match=f"array '{array}' in a streamspec archive"):
+        open_archive(path)
+
+
+def test_a_url_of_an_unknown_protocol_says_so():
+    pytest.importorskip("fsspec")
+    with pytest.raises(StreamspecError, match="protocol fsspec knows"):
+        open_archive("nosuchscheme://run.zarr")
+
+
 def test_resume_with_another_layout_lists_the_differences(tmp_path, layout):
     path = tmp_path / "run.zarr"
     ArchiveWriter(path, layout).close()
