@@ -983,6 +983,12 @@ class ArchiveWriter:
                 got="a Zarr array",
                 fix="choose a new path or an empty store",
             ) from exc
+        except OSError as exc:  # a file where a directory is needed, no permission, disk full
+            raise StreamspecError.build(
+                expected=f"a writable place for a new archive at {self._label}",
+                got=f"{type(exc).__name__}: {exc}",
+                fix="choose a path in a writable directory (no file of that name on its way)",
+            ) from exc
         for name, values in dimension_coords(self._layout).items():
             array = group.create_array(
                 name,

@@ -77,6 +77,12 @@ def test_an_archive_missing_a_coordinate_array_says_so(tmp_path, layout, array):
         open_archive(path)
 
 
+def test_a_store_below_a_file_says_so(tmp_path, layout):
+    (tmp_path / "a_file").write_text("hello")
+    with pytest.raises(StreamspecError, match="a writable place for a new archive"):
+        ArchiveWriter(tmp_path / "a_file" / "run.zarr", layout)
+
+
 def test_a_url_of_an_unknown_protocol_says_so():
     pytest.importorskip("fsspec")
     with pytest.raises(StreamspecError, match="protocol fsspec knows"):
