@@ -42,6 +42,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from types import TracebackType
 from typing import Any, cast
 
@@ -209,26 +210,36 @@ class ArchiveWriter:
                 )
         self._layout = layout
         self._flush_every = flush_every
+        self._lock: _DirectoryLock | None = None
         if store is None:
             self._store: Store = zarr.storage.MemoryStore()
             self._label = repr(self._store)
             self._key = self._label
             existing = None
+            path = None
         else:
             self._store, self._label, path = resolve_store(store, read_only=False)
             self._key = os.path.abspath(path) if path is not None else self._label
             _await_abandoned(self._key, self._label)
-            existing = find_archive(self._store, self._label, path, incomplete_ok=True)
-        if existing is None or is_incomplete(existing):
-            self._group = self._create(chunk_steps, replace=existing is not None)
-        elif not resume:
-            raise StreamspecError.build(
-                expected=f"no archive at {self._label} (streamspec never overwrites one)",
-                got="an existing streamspec archive",
-                fix="pass resume=True to continue it, or choose a new path",
-            )
-        else:
-            self._group = self._resume(existing, chunk_steps, path)
+            if path is not None:
+                self._lock = _DirectoryLock.acquire(path, self._label)
+        try:
+            if store is not None:
+                existing = find_archive(self._store, self._label, path, incomplete_ok=True)
+            if existing is None or is_incomplete(existing):
+                self._group = self._create(chunk_steps, replace=existing is not None)
+            elif not resume:
+                raise StreamspecError.build(
+                    expected=f"no archive at {self._label} (streamspec never overwrites one)",
+                    got="an existing streamspec archive",
+                    fix="pass resume=True to continue it, or choose a new path",
+                )
+            else:
+                self._group = self._resume(existing, chunk_steps, path)
+        except BaseException:
+            if self._lock is not None:
+                self._lock.release(remove_if_empty=True)
+            raise
 
         self._committed = committed_rows(self._group)
         self._steps_before = self._committed["step"]  # committed by earlier sessions
@@ -440,11 +451,18 @@ class ArchiveWriter:
             return
         self._closed = True
         try:
-            self._submit_steps()
+            try:
+                self._submit_steps()
+            finally:
+                finished = self._finish_writes()
+            # Its last store calls on a background thread too, so that a hung store cannot hold
+            # it.
+            notes = (
+                self._in_background(lambda: self._finish_archive(next_step)) if finished else None
+            )
         finally:
-            finished = self._finish_writes()
-        # Its last store calls on a background thread too, so that a hung store cannot hold it.
-        notes = self._in_background(lambda: self._finish_archive(next_step)) if finished else None
+            if self._lock is not None:
+                self._lock.release()
         for note in notes or []:
             warnings.warn(note, StreamspecWarning, stacklevel=2)
         if any(self._lost.values()):
@@ -1142,6 +1160,65 @@ def _ignoring(*messages: str) -> Iterator[None]:
         mutated = getattr(warnings, "_filters_mutated", None)  # as filterwarnings does
         if mutated is not None:
             mutated()
+
+
+class _DirectoryLock:
+    """An exclusive advisory lock (``flock``) on a local archive's directory, held while its
+    writer is open: a second writer of the same archive — another process resuming it while the
+    first still writes (a job requeued too early), or a second monitor in this process — is
+    refused instead of interleaving its rows with the first's. The operating system releases it
+    when the holder exits, however it exits (``kill -9`` included), so a crashed run's archive
+    resumes at once. Not taken where the platform or filesystem has no such locks (Windows, some
+    network mounts): those writers are unguarded, as before."""
+
+    def __init__(self, fd: int, path: Path, created: bool) -> None:
+        self._fd: int | None = fd
+        self._path, self._created = path, created
+
+    @classmethod
+    def acquire(cls, path: Path, label: str) -> _DirectoryLock | None:
+        try:
+            import fcntl
+        except ImportError:  # Windows
+            return None
+        if path.exists() and not path.is_dir():
+            return None  # a file: find_archive says what it is
+        created = not path.exists()
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            raise StreamspecError.build(
+                expected=f"a writable place for a new archive at {label}",
+                got=f"{type(exc).__name__}: {exc}",
+                fix="choose a path in a writable directory (no file of that name on its way)",
+            ) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StreamspecError.build(
+                expected=f"no other writer of the archive at {label}",
+                got="another writer holding it (a run still writing there, in this process or "
+                "another)",
+                fix="close or stop that run first (a process that died releases it at once), or "
+                "write to a new path",
+            ) from None
+        except OSError:  # no locks on this filesystem
+            os.close(fd)
+            return None
+        return cls(fd, path, created)
+
+    def release(self, *, remove_if_empty: bool = False) -> None:
+        """Unlock (idempotent); ``remove_if_empty``: also remove the directory if this writer
+        created it and nothing was written (a refused or failed open leaves nothing behind)."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        os.close(fd)
+        if remove_if_empty and self._created:
+            with contextlib.suppress(OSError):
+                self._path.rmdir()  # only if empty
 
 
 def _await_abandoned(key: str, label: str) -> None:

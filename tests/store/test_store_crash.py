@@ -177,3 +177,35 @@ def test_a_zip_path_cannot_be_written(tmp_path):
         ArchiveWriter(tmp_path / "run.zip", layout)
     with pytest.raises(StreamspecError, match="zip archives are read-only"):
         ArchiveWriter(zarr.storage.ZipStore(tmp_path / "run.zip", mode="w"), layout)
+
+
+def test_a_second_writer_of_a_live_archive_is_refused_until_the_first_is_gone(tmp_path):
+    """Two writers of one archive at once (a job requeued while the first still runs, or two
+    monitors on one path) interleaved their rows silently. The second is refused while the
+    first lives — in another process or in this one — and resumes the archive as soon as the
+    first has closed it or died (``kill -9``: the operating system drops its lock)."""
+    path = tmp_path / "run.zarr"
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / "_worker.py"), "write", str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # "committed N": the archive exists and is being written
+        assert line.startswith("committed"), proc.stderr.read() if proc.stderr else line
+        with pytest.raises(StreamspecError, match="no other writer of the archive"):
+            ArchiveWriter(path, rows.LAYOUT, resume=True)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=30)
+    with ArchiveWriter(path, rows.LAYOUT, resume=True) as first:
+        with pytest.raises(StreamspecError, match="no other writer of the archive"):
+            ArchiveWriter(path, rows.LAYOUT, resume=True)
+        assert first.archive().n_steps >= 1
+    with ArchiveWriter(path, rows.LAYOUT, resume=True):
+        pass  # closed: free again
+    fresh = tmp_path / "refused.zarr"
+    with ArchiveWriter(fresh, rows.LAYOUT), pytest.raises(StreamspecError, match="no other"):
+        ArchiveWriter(fresh, rows.LAYOUT)
