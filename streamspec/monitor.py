@@ -209,8 +209,9 @@ class _LayerStepState:
     # The labellings (mon.label() calls) of the calls whose gradient arrived, by id: usually
     # one; several when labelled batches go through separate forwards before one backward.
     plans: dict[int, GroupPlan] = field(default_factory=dict)
-    pending: list[tuple[RowOperator, torch.Tensor, int]] = field(default_factory=list)
+    pending: list[tuple[RowOperator, torch.Tensor, int, GroupPlan]] = field(default_factory=list)
     positions: int = 0
+    group_rows: np.ndarray | None = None  # [C] rows per group over the step's calls
     n_positions: int = 0
     products: StepProducts | None = None
 
@@ -315,6 +316,7 @@ class Monitor:
         # Per bank: layers of the step whose products wait for a batch (index, A rows, Δ rows).
         self._queued: dict[int, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
         self._step_plans: dict[int, GroupPlan] = {}  # every labelling with a gradient this step
+        self._labels_in_step = 0  # mon.label() calls since the last step ended
         self._warned_partial: set[int] = set()  # layers warned about a partial labelling
         self._callback_queued = False
         self._lock = threading.Lock()  # hooks of a multi-device backward run on several threads
@@ -409,6 +411,7 @@ class Monitor:
         t = as_labels(labels, len(self.layout.groups))
         self._labels = t
         self._plan = GroupPlan(t, len(self.layout.groups))
+        self._labels_in_step += 1
 
     def end_epoch(self) -> None:
         """Close the epoch: epoch spectra from the sketches, Welch tests of its recorded steps."""
@@ -544,7 +547,7 @@ class Monitor:
             f"streamspec: {name} was called on ids of shape {tuple(ids.shape)}, with no entry per "
             f"sample on dim {bd} (the batch has {batch}): ids shared by the batch (positions, "
             "relative-position buckets), whose gradient is summed over all samples. Its steps "
-            "are recorded as NaN (the model is left as it is). To record it per sample, call it "
+            "are left unrecorded (the model is left as it is). To record it per sample, call it "
             f"on ids expanded to the batch, ids.expand({batch}, -1) (Hugging Face models: "
             f"position_ids=torch.arange(T).expand({batch}, T)); or, if these ids are per "
             "sample, call mon.label() with this batch's labels",
@@ -573,6 +576,16 @@ class Monitor:
             # checkpointing its gradients arrive in a nested backward, whose end is not the step's
             # end; queue the end-of-step callback now, on the enclosing (outer) backward.
             self._queue_end_of_backward()
+            if self._labels_in_step > 1:
+                # Several labelled batches in this step: which one this recomputation belongs
+                # to is unknown (the labels in force are the last batch's). If its outputs get
+                # gradients (reentrant checkpointing; with non-reentrant checkpointing they never
+                # do: the first forward's captures hold), the module's step is left unrecorded
+                # rather than credited to the wrong samples.
+                for cap in captures:
+                    if cap.output.requires_grad:
+                        cap.output.register_hook(self._unattributable_hook(module))
+                return
         recording = self._records_step()
         for cap in captures:
             index = self._index.get((id(module), cap.key))
@@ -639,7 +652,7 @@ class Monitor:
                 state = self._state[index]
                 activation = source.gather(plan)
                 adjoint = plan.gather(adjoint_rows(grad.detach()))
-                state.pending.append((activation, adjoint, source.positions))
+                state.pending.append((activation, adjoint, source.positions, plan))
                 if len(state.pending) == state.calls:
                     self._fold(index)
             except StreamspecError:
@@ -673,6 +686,12 @@ class Monitor:
         adjoints = [p[1] for p in state.pending]  # gathered copies: no aliasing of grad
         adjoint = adjoints[0] if len(adjoints) == 1 else torch.cat(adjoints, dim=1)
         positions = sum(p[2] for p in state.pending)
+        # Rows per group: each call's samples of the group times its rows per sample (calls of
+        # separately labelled batches have their own samples).
+        group_rows: np.ndarray = np.asarray(
+            np.sum([p[3].counts * p[2] for p in state.pending], axis=0), dtype=np.int64
+        )
+        state.group_rows = group_rows if state.group_rows is None else state.group_rows + group_rows
         tie = self._positions(state) if self._tied[index] else None
         state.pending.clear()
         rows_per_group = activation.shape[1]
@@ -765,14 +784,18 @@ class Monitor:
     def _positions(state: _LayerStepState) -> tuple[torch.Tensor, int]:
         """Position of every gathered row (rows are sample-major within each call; a module's
         calls in one step are successive positions, e.g. an RNN's time steps)."""
-        ids, offset = [], 0
-        for _, adjoint, positions in state.pending:
+        # Per labelling: separately labelled batches through the same module hold other samples
+        # at the same positions (as one forward of both batches would).
+        ids: list[torch.Tensor] = []
+        offsets: dict[int, int] = {}
+        for _, adjoint, positions, plan in state.pending:
+            offset = offsets.get(id(plan), 0)
             n_max = adjoint.shape[1] // positions
             ids.append(
                 torch.arange(offset, offset + positions, device=adjoint.device).repeat(n_max)
             )
-            offset += positions
-        return torch.cat(ids), offset
+            offsets[id(plan)] = offset + positions
+        return torch.cat(ids), max(offsets.values())
 
     def _end_of_backward(self) -> None:
         self._callback_queued = False
@@ -781,6 +804,7 @@ class Monitor:
             # Labelled batches through separate forwards before one backward (a labelled and
             # an unlabelled batch, summed micro-batches): the step's samples are all of theirs.
             counts = sum((p.counts for p in plans.values()), np.zeros(len(self.groups), np.int64))
+            needed = {key for key, p in plans.items() if p.counts.any()}  # batches with samples
             present: list[int] = []
             for index, state in enumerate(self._state):
                 if state.pending:
@@ -790,7 +814,7 @@ class Monitor:
             for index, state in enumerate(self._state):
                 if state.products is None or not plans:
                     continue
-                if state.plans.keys() != plans.keys():
+                if not needed <= state.plans.keys():
                     self._warn_partial(index)
                     continue
                 present.append(index)
@@ -813,6 +837,33 @@ class Monitor:
             self._step += 1
             self._reset_step()
         self._emit_warnings()
+
+    def _unattributable_hook(self, module: nn.Module) -> Callable[[torch.Tensor], None]:
+        def hook(grad: torch.Tensor) -> None:
+            self._queue_end_of_backward()
+            self._unattributable(module)
+
+        return hook
+
+    def _unattributable(self, module: nn.Module) -> None:
+        """A forward recomputed inside the backward (reentrant checkpointing) in a step with
+        several labelled batches: its step is left unrecorded, with one warning."""
+        for index, site in enumerate(self.sites):
+            if site.module is module:
+                self._state[index].shared = True
+        if id(module) in self._warned_shared:
+            return
+        self._warned_shared.add(id(module))
+        name = next(s.name for s in self.sites if s.module is module)
+        warnings.warn(
+            f"streamspec: {name} is recomputed inside the backward (reentrant activation "
+            "checkpointing) in a step with several labelled batches, and which batch a "
+            "recomputation belongs to is unknown: its steps are left unrecorded (NaN) when "
+            "that happens. Use checkpoint(..., use_reentrant=False), or one labelled forward "
+            "per backward",
+            StreamspecWarning,
+            stacklevel=2,
+        )
 
     def _warn_partial(self, index: int) -> None:
         """A layer that only some of the step's labelled batches went through: its rows cover
@@ -865,7 +916,12 @@ class Monitor:
             assert state.products is not None
             route = state.products.route
             step = LayerStep(
-                index, route, dict(rows.get(index, {})), state.positions, state.n_positions
+                index,
+                route,
+                dict(rows.get(index, {})),
+                state.positions,
+                state.n_positions,
+                group_rows=state.group_rows,
             )
             if route == "sketch":  # its slot of the bank's packed copy, read on the host
                 step.packed = host_packed[id(tracker.bank)][tracker.slot]
@@ -877,6 +933,7 @@ class Monitor:
         self._state = [_LayerStepState() for _ in self.sites]
         self._queued = {}
         self._step_plans = {}
+        self._labels_in_step = 0
 
     def _discard_step(self) -> None:
         self._reset_step()

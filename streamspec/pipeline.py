@@ -59,6 +59,9 @@ class LayerStep:
     tensors: dict[str, torch.Tensor | np.ndarray]
     positions: int
     n_positions: int = 0  # distinct positions for the tying spectrum (0: not tied)
+    # ``[C]`` rows per group over the step's calls (``counts × positions`` unless separately
+    # labelled batches went through the layer); None: ``counts × positions``.
+    group_rows: np.ndarray | None = None
     # Sketched route: the layer's packed row ``[C, F]`` of its bank's host copy and the bank's
     # ``(name, offset, shape)`` fields (read with views of a stack of such rows).
     packed: np.ndarray | None = None
@@ -381,7 +384,9 @@ class HostPipeline:
         k, n_groups, n = self.layout.rank, counts.size, len(layers)
         index = np.array([lay.index for lay in layers])
         widths = np.array([self._widths[lay.index] for lay in layers])  # [n, 2]
-        n_rows = counts[None, :] * np.array([lay.positions for lay in layers])[:, None]
+        n_rows = np.stack(
+            [counts * lay.positions if lay.group_rows is None else lay.group_rows for lay in layers]
+        )
         bounds = (
             np.minimum(n_rows, widths[:, :1]),
             np.minimum(n_rows, widths[:, 1:]),

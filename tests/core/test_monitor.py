@@ -1172,3 +1172,105 @@ def test_a_close_interrupted_while_joining_is_finished_by_the_next(
     assert len(calls) == 2
     ds = streamspec.open(tmp_path / "r.zarr").to_xarray()
     assert ds.sizes["step"] == 250 and ds.sizes["epoch"] == 1
+
+
+def _separate_or_together(model_fn, x1, g1, x2, g2, **watch_kwargs):  # type: ignore[no-untyped-def]
+    """The records of ``label(g1); f(x1); label(g2); f(x2)`` and of one forward of both."""
+    out = {}
+    for how in ("separate", "together"):
+        model = model_fn()
+        with streamspec.watch(model, ["a", "b"], live=False, **watch_kwargs) as mon:
+            if how == "separate":
+                mon.label(g1)
+                y1 = model(x1)
+                mon.label(g2)
+                loss = y1.pow(2).sum() + model(x2).pow(2).sum()
+            else:
+                mon.label(torch.cat([g1, g2]))
+                loss = model(torch.cat([x1, x2])).pow(2).sum()
+            loss.backward()
+            out[how] = mon.to_xarray()
+    return out["separate"], out["together"]
+
+
+@pytest.mark.parametrize("exact_rows", [None, 0], ids=["exact", "sketched"])
+def test_separately_labelled_batches_keep_each_groups_rank_bound(exact_rows) -> None:
+    """Group b has one sample (in the first batch only): its activation has rank 1, so σ₂… are
+    NaN, as with one forward of both batches. (Rows per group were counted as all counts times
+    all calls' rows: noise came out as σ₂.)"""
+    gen = torch.Generator().manual_seed(0)
+    x1, x2 = torch.randn(5, 10, generator=gen), torch.randn(4, 10, generator=gen)
+    g1, g2 = torch.tensor([0, 0, 0, 0, 1]), torch.tensor([0, 0, 0, 0])
+    sep, tog = _separate_or_together(mlp, x1, g1, x2, g2, rank=4, exact_rows=exact_rows)
+    assert sep["count"].values.tolist() == tog["count"].values.tolist() == [[8, 1]]
+    b = sep["sigma"].values[0, 0, :, 1]  # [kind, rank] of layer 0, group b
+    assert np.isfinite(b[:, 0]).all() and np.isnan(b[:, 1:]).all()
+    np.testing.assert_allclose(sep["sigma"].values, tog["sigma"].values, rtol=1e-4, atol=1e-6)
+
+
+def test_separately_labelled_batches_tie_at_the_same_positions() -> None:
+    """``sigma_tied`` of a convolution over two labelled batches: each batch's samples at the
+    same positions, as one forward of both (the second batch's rows were given new positions)."""
+    gen = torch.Generator().manual_seed(0)
+    x1, x2 = torch.randn(6, 3, 20, generator=gen), torch.randn(6, 3, 20, generator=gen)
+    g1, g2 = torch.tensor([0, 1] * 3), torch.tensor([1, 0, 0, 1, 1, 0])
+
+    def conv() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv1d(3, 8, 3), nn.ReLU(), nn.Conv1d(8, 4, 3))
+
+    sep, tog = _separate_or_together(conv, x1, g1, x2, g2, rank=3, tied=True)
+    assert np.isfinite(sep["sigma_tied"].values[..., 0]).all()
+    np.testing.assert_allclose(sep["sigma_tied"], tog["sigma_tied"], rtol=1e-4, atol=1e-6)
+
+
+def test_an_unlabelled_batch_does_not_leave_out_the_layers_it_skips() -> None:
+    """A labelled batch through body and head, an unlabelled one (labels −1) through body and a
+    decoder: the head saw every sample the step counts, so it is recorded; the decoder saw none
+    of them."""
+    torch.manual_seed(0)
+    body, head, dec = nn.Linear(6, 6), nn.Linear(6, 2), nn.Linear(6, 6)
+    model = nn.ModuleDict({"body": body, "head": head, "dec": dec})
+    with streamspec.watch(model, ["a", "b"], rank=2, live=False) as mon:
+        mon.label(torch.tensor([0, 1, 0, 1]))
+        supervised = head(body(torch.randn(4, 6))).sum()
+        mon.label(torch.full((5,), -1))
+        xu = torch.randn(5, 6)
+        (supervised + (dec(body(xu)) - xu).pow(2).sum()).backward()
+        ds = mon.to_xarray()
+    assert ds["count"].values.tolist() == [[2, 2]]
+    for name in ("body.weight", "head.weight"):
+        assert np.isfinite(ds["sigma"].sel(layer=name).values[..., 0]).all(), name
+    assert np.isnan(ds["sigma"].sel(layer="dec.weight").values).all()
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_checkpointing_with_separately_labelled_batches(reentrant: bool) -> None:
+    """Non-reentrant checkpointing captures the first forward: the records equal one forward
+    of both batches. A reentrant recomputation cannot tell which batch it belongs to (the labels
+    in force are the last batch's): its layers are left unrecorded, with a warning, never
+    credited to the wrong group."""
+    from torch.utils.checkpoint import checkpoint
+
+    gen = torch.Generator().manual_seed(0)
+    x1, x2 = torch.randn(6, 10, generator=gen), torch.randn(6, 10, generator=gen)
+    g1, g2 = torch.zeros(6, dtype=torch.long), torch.ones(6, dtype=torch.long)
+    model = mlp()
+    # (an input requiring a gradient: reentrant checkpointing gives the weights none otherwise)
+    run = lambda x: checkpoint(model, x.requires_grad_(), use_reentrant=reentrant)  # noqa: E731
+    context = (
+        pytest.warns(streamspec.StreamspecWarning, match="use_reentrant=False")
+        if reentrant
+        else contextlib.nullcontext()
+    )
+    with context, streamspec.watch(model, ["a", "b"], rank=3, live=False) as mon:
+        mon.label(g1)
+        y1 = run(x1)
+        mon.label(g2)
+        (y1.pow(2).sum() + run(x2).pow(2).sum()).backward()
+        ds = mon.to_xarray()
+    _, together = _separate_or_together(mlp, x1.detach(), g1, x2.detach(), g2, rank=3)
+    if reentrant:  # the step is not recorded, or only as NaN: nothing credited to a group
+        assert ds.sizes["step"] == 0 or np.isnan(ds["sigma"].values).all()
+    else:
+        np.testing.assert_allclose(ds["sigma"], together["sigma"], rtol=1e-4, atol=1e-6)
