@@ -18,6 +18,10 @@ def as_labels(labels: object, n_groups: int) -> torch.Tensor:
     """
     if isinstance(labels, torch.Tensor):
         t = labels.detach()
+        if t.device.type == "meta":
+            raise StreamspecError.build(
+                "labels with values", "a tensor on the meta device (no data)", "pass real labels"
+            )
         if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
             raise StreamspecError.build(
                 "integer group indices", f"a tensor of dtype {t.dtype}", "pass labels.long()"
@@ -32,6 +36,13 @@ def as_labels(labels: object, n_groups: int) -> torch.Tensor:
                 "integer group indices (tensor, array or list of int)",
                 f"values of dtype {arr.dtype}",
                 "pass one integer per sample: an index into `groups`, or -1 for no group",
+            )
+        if arr.size and np.issubdtype(arr.dtype, np.unsignedinteger) and arr.max() >= n_groups:
+            bad_values = arr[arr >= n_groups]  # (before int64 would wrap them negative)
+            raise StreamspecError.build(
+                f"group indices in [0, {n_groups - 1}] or -1 (no group)",
+                f"{bad_values[:5].tolist()}{' …' if bad_values.size > 5 else ''}",
+                "map each sample to the position of its group in `groups`",
             )
         t = torch.as_tensor(arr.astype(np.int64))
     if t.dim() != 1:

@@ -118,6 +118,8 @@ def test_forward_without_labels_raises() -> None:
         ([-2, 0], r"\[0, 1\] or -1"),
         ([[0, 1]], "1-D"),
         (["a", "b"], "integer"),
+        (torch.zeros(2, dtype=torch.long, device="meta"), "meta device"),
+        (np.array([2**63, 1], dtype=np.uint64), r"\[9223372036854775808\]"),
     ],
 )
 def test_bad_labels(labels, match) -> None:
