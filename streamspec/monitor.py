@@ -15,6 +15,7 @@ import os
 import sys
 import threading
 import warnings
+import weakref
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -270,6 +271,13 @@ class Monitor:
             raise
         self._closed = False
         self._torn_down = False  # close() has joined the threads and closed the writer
+        # A monitor garbage-collected without close() (with its model: the hooks keep it alive
+        # otherwise) still writes its recorded steps, stops its host thread and restores
+        # numpy's BLAS threads: the host thread does it on its own, since the collection may
+        # happen on any thread (zarr's event loop's, where closing the writer would deadlock).
+        # Not at the interpreter's exit, where that thread may not get to finish.
+        self._finalizer = weakref.finalize(self, self._pipeline.abandon)
+        self._finalizer.atexit = False
 
     def _build(
         self,
@@ -459,6 +467,7 @@ class Monitor:
                 self._view.stop()
             self._writer.close(next_step=self._step)
             self._torn_down = True
+            self._finalizer.detach()
         self._emit_warnings()
         self._raise_worker_error()
 

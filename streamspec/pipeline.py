@@ -9,6 +9,7 @@ whose spectra fail here is recorded as NaN (its counts kept), with one warning: 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import sys
@@ -38,6 +39,7 @@ from streamspec.stats.welch import GroupWelch
 from streamspec.store.writer import ArchiveWriter
 
 _STOP = object()
+_ABANDONED = object()  # the last item of a monitor collected without close() (``abandon``)
 FLUSH_SECONDS = 60.0  # hand buffered rows to the writer at least this often
 
 
@@ -102,6 +104,43 @@ def _single_threaded_host_blas() -> Any:
         return None
     pools = ThreadpoolController().select(internal_api="openblas", prefix="libscipy_openblas")
     return pools.limit(limits=1) if pools.lib_controllers else None
+
+
+# One limit for the whole process, held while any monitor runs: limits taken per monitor and
+# restored in the order monitors close (first opened, first closed) left the pools at one
+# thread for good, the second monitor having saved the first one's limit as the original.
+# OpenBLAS takes a thread count set from another thread than the one that set the limit as a
+# no-op, so the limit is restored on its own thread: a release elsewhere (a monitor collected
+# without close()) leaves it to the next monitor's start.
+_BLAS_LOCK = threading.Lock()
+_BLAS_USERS = 0
+_BLAS_LIMIT: Any = None
+_BLAS_THREAD: threading.Thread | None = None
+
+
+def _restore_host_blas() -> None:
+    """Restore the limit if it is not in use and this thread set it (under ``_BLAS_LOCK``)."""
+    global _BLAS_LIMIT
+    if _BLAS_USERS == 0 and _BLAS_LIMIT is not None and threading.current_thread() is _BLAS_THREAD:
+        _BLAS_LIMIT.restore_original_limits()
+        _BLAS_LIMIT = None
+
+
+def _hold_host_blas() -> None:
+    global _BLAS_USERS, _BLAS_LIMIT, _BLAS_THREAD
+    with _BLAS_LOCK:
+        _restore_host_blas()  # one left by a release on another thread
+        if _BLAS_USERS == 0 and _BLAS_LIMIT is None:
+            _BLAS_LIMIT = _single_threaded_host_blas()
+            _BLAS_THREAD = threading.current_thread()
+        _BLAS_USERS += 1
+
+
+def _release_host_blas() -> None:
+    global _BLAS_USERS
+    with _BLAS_LOCK:
+        _BLAS_USERS -= 1
+        _restore_host_blas()
 
 
 _MIN_CHUNK = 8  # (layer, group) problems per worker chunk: smaller ones are not worth a hand-off
@@ -172,7 +211,8 @@ class HostPipeline:
         self._reported_nonfinite: set[str] = set()
         self._error: BaseException | None = None
         self._warned_failure = False
-        self._blas = _single_threaded_host_blas()
+        _hold_host_blas()
+        self._blas = True  # holds the process's host BLAS limit until released
         # Spare cores (a GPU machine's host): factorise chunks of a step's sketches in parallel.
         self._workers = host_workers()
         self._pool = (
@@ -196,12 +236,22 @@ class HostPipeline:
         if self._thread.is_alive():
             self._queue.put(_STOP)
             self._thread.join()
+        self._release()
+
+    def _release(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
-        if self._blas is not None:
-            self._blas.restore_original_limits()
-            self._blas = None
+        if self._blas:
+            self._blas = False
+            _release_host_blas()
+
+    def abandon(self) -> None:
+        """Shut down for a monitor garbage-collected without ``close()``, from whichever thread
+        collected it (zarr's event loop, possibly), never waiting there: the worker finishes
+        what is queued, closes the writer and releases its resources, on its own thread."""
+        with contextlib.suppress(queue.Full):
+            self._queue.put_nowait(_ABANDONED)
 
     def take_error(self) -> BaseException | None:
         error, self._error = self._error, None
@@ -253,6 +303,10 @@ class HostPipeline:
             item = self._queue.get()
             try:
                 if item is _STOP:
+                    return
+                if item is _ABANDONED:
+                    self._writer.close()
+                    self._release()
                     return
                 if isinstance(item, StepRecord):
                     self._on_step(item)

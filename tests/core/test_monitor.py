@@ -1276,3 +1276,56 @@ def test_checkpointing_with_separately_labelled_batches(reentrant: bool) -> None
         assert ds.sizes["step"] == 0 or np.isnan(ds["sigma"].values).all()
     else:
         np.testing.assert_allclose(ds["sigma"], together["sigma"], rtol=1e-4, atol=1e-6)
+
+
+def _host_blas_threads() -> list[int]:
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    info = threadpoolctl.threadpool_info()
+    return [d["num_threads"] for d in info if d["prefix"] == "libscipy_openblas"]
+
+
+def test_monitors_closed_in_any_order_restore_numpys_blas_threads() -> None:
+    """numpy/scipy's OpenBLAS pools are limited to one thread while monitors run and restored
+    when the last one closes, in whichever order they close. (Closing the first-opened monitor
+    first left them at one thread for good: the second had saved the first's limit.)"""
+    before = _host_blas_threads()
+    if not before or max(before) < 2:
+        pytest.skip("no multi-threaded numpy OpenBLAS pool to limit here")
+    a = streamspec.watch(mlp(0), ["a", "b"], rank=2, live=False)
+    b = streamspec.watch(mlp(1), ["a", "b"], rank=2, live=False)
+    assert max(_host_blas_threads()) == 1
+    a.close()
+    assert max(_host_blas_threads()) == 1  # b still runs
+    b.close()
+    assert _host_blas_threads() == before
+
+
+def test_a_monitor_collected_without_close_writes_its_steps_and_stops(tmp_path) -> None:
+    """A monitor dropped with its model, never closed: once collected, its host thread writes
+    the recorded steps, closes the archive and exits (it ran forever, and the steps were never
+    written); the next monitor restores numpy's BLAS threads when it closes."""
+    import gc
+    import threading
+    import time
+
+    before = _host_blas_threads()
+
+    def train_and_forget() -> None:
+        model = mlp()
+        mon = streamspec.watch(model, ["a", "b"], rank=2, store=tmp_path / "r.zarr", live=False)
+        train(model, mon, steps=20, batch=8)
+
+    def new_hosts() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name == "streamspec-host" and t not in old]
+
+    old = {t for t in threading.enumerate() if t.name == "streamspec-host"}
+    train_and_forget()
+    gc.collect()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and new_hosts():
+        time.sleep(0.05)
+    assert not new_hosts()
+    assert streamspec.open(tmp_path / "r.zarr").to_xarray().sizes["step"] == 20
+    with streamspec.watch(mlp(), ["a", "b"], rank=2, live=False):
+        pass
+    assert _host_blas_threads() == before
