@@ -109,9 +109,10 @@ def _single_threaded_host_blas() -> Any:
 # One limit for the whole process, held while any monitor runs: limits taken per monitor and
 # restored in the order monitors close (first opened, first closed) left the pools at one
 # thread for good, the second monitor having saved the first one's limit as the original.
-# OpenBLAS takes a thread count set from another thread than the one that set the limit as a
-# no-op, so the limit is restored on its own thread: a release elsewhere (a monitor collected
-# without close()) leaves it to the next monitor's start.
+# OpenBLAS (numpy's 0.3.31, measured) ignores a thread count set from a thread other than the
+# main one once the main thread has set it, so a limit the main thread set is restored on the
+# main thread: a release elsewhere (a monitor collected without close(), on its host thread)
+# leaves it to the next monitor's start or close there.
 _BLAS_LOCK = threading.Lock()
 _BLAS_USERS = 0
 _BLAS_LIMIT: Any = None
@@ -119,9 +120,11 @@ _BLAS_THREAD: threading.Thread | None = None
 
 
 def _restore_host_blas() -> None:
-    """Restore the limit if it is not in use and this thread set it (under ``_BLAS_LOCK``)."""
+    """Restore the limit if it is not in use and this thread can (under ``_BLAS_LOCK``)."""
     global _BLAS_LIMIT
-    if _BLAS_USERS == 0 and _BLAS_LIMIT is not None and threading.current_thread() is _BLAS_THREAD:
+    main = threading.main_thread()
+    can = threading.current_thread() is main or _BLAS_THREAD is not main
+    if _BLAS_USERS == 0 and _BLAS_LIMIT is not None and can:
         _BLAS_LIMIT.restore_original_limits()
         _BLAS_LIMIT = None
 
@@ -250,6 +253,7 @@ class HostPipeline:
         """Shut down for a monitor garbage-collected without ``close()``, from whichever thread
         collected it (zarr's event loop, possibly), never waiting there: the worker finishes
         what is queued, closes the writer and releases its resources, on its own thread."""
+        self._writer.closing()  # a new writer of its archive waits for it, not refused
         with contextlib.suppress(queue.Full):
             self._queue.put_nowait(_ABANDONED)
 
@@ -304,8 +308,9 @@ class HostPipeline:
             try:
                 if item is _STOP:
                     return
-                if item is _ABANDONED:
-                    self._writer.close()
+                if item is _ABANDONED:  # nobody is left to report an error to
+                    with contextlib.suppress(Exception):
+                        self._writer.close()
                     self._release()
                     return
                 if isinstance(item, StepRecord):

@@ -34,6 +34,7 @@ background thread too) leaves it behind: the thread then makes no further store 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import re
 import threading
@@ -450,6 +451,7 @@ class ArchiveWriter:
         if self._closed:
             return
         self._closed = True
+        self.closing()
         try:
             try:
                 self._submit_steps()
@@ -469,6 +471,13 @@ class ArchiveWriter:
             warnings.warn(self._loss_summary(), StreamspecWarning, stacklevel=2)
         elif notes is None:
             warnings.warn(f"streamspec: {self._abandoned_text()}", StreamspecWarning, stacklevel=2)
+
+    def closing(self) -> None:
+        """Mark this writer as about to close (called from any thread, never waits): a new
+        writer of its archive in this process then waits for its lock instead of refusing it
+        (a monitor collected without close(), whose host thread closes this writer)."""
+        if self._lock is not None:
+            self._lock.closing = True
 
     def archive(self) -> Archive:
         """A reader over the same store, seeing the committed rows (follows the run)."""
@@ -1162,6 +1171,31 @@ def _ignoring(*messages: str) -> Iterator[None]:
             mutated()
 
 
+# Archive directories this process holds the lock of (absolute path → lock).
+_HELD: dict[str, _DirectoryLock] = {}
+_HELD_LOCK = threading.Lock()
+
+
+def _flock_or_wait(fd: int, key: str) -> None:
+    """``flock`` the directory; if a writer of this process holds it and is closing (a monitor
+    collected without close()), wait for it (at most :data:`_WRITE_TIMEOUT` seconds) first.
+
+    Raises:
+        BlockingIOError: held by another writer (still running, or another process).
+    """
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return
+    except BlockingIOError:
+        with _HELD_LOCK:
+            holder = _HELD.get(key)
+        if holder is None or not holder.closing or not holder.released.wait(_WRITE_TIMEOUT):
+            raise
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
 class _DirectoryLock:
     """An exclusive advisory lock (``flock``) on a local archive's directory, held while its
     writer is open: a second writer of the same archive — another process resuming it while the
@@ -1174,12 +1208,12 @@ class _DirectoryLock:
     def __init__(self, fd: int, path: Path, created: bool) -> None:
         self._fd: int | None = fd
         self._path, self._created = path, created
+        self.closing = False  # its writer is closing: a new writer in this process waits
+        self.released = threading.Event()
 
     @classmethod
     def acquire(cls, path: Path, label: str) -> _DirectoryLock | None:
-        try:
-            import fcntl
-        except ImportError:  # Windows
+        if importlib.util.find_spec("fcntl") is None:  # Windows
             return None
         if path.exists() and not path.is_dir():
             return None  # a file: find_archive says what it is
@@ -1194,7 +1228,7 @@ class _DirectoryLock:
                 fix="choose a path in a writable directory (no file of that name on its way)",
             ) from exc
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _flock_or_wait(fd, os.path.abspath(path))
         except BlockingIOError:
             os.close(fd)
             raise StreamspecError.build(
@@ -1207,7 +1241,10 @@ class _DirectoryLock:
         except OSError:  # no locks on this filesystem
             os.close(fd)
             return None
-        return cls(fd, path, created)
+        lock = cls(fd, path, created)
+        with _HELD_LOCK:
+            _HELD[os.path.abspath(path)] = lock
+        return lock
 
     def release(self, *, remove_if_empty: bool = False) -> None:
         """Unlock (idempotent); ``remove_if_empty``: also remove the directory if this writer
@@ -1216,6 +1253,10 @@ class _DirectoryLock:
         if fd is None:
             return
         os.close(fd)
+        with _HELD_LOCK:
+            if _HELD.get(os.path.abspath(self._path)) is self:
+                del _HELD[os.path.abspath(self._path)]
+        self.released.set()
         if remove_if_empty and self._created:
             with contextlib.suppress(OSError):
                 self._path.rmdir()  # only if empty

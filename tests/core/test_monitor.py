@@ -1329,3 +1329,45 @@ def test_a_monitor_collected_without_close_writes_its_steps_and_stops(tmp_path) 
     with streamspec.watch(mlp(), ["a", "b"], rank=2, live=False):
         pass
     assert _host_blas_threads() == before
+
+
+def test_resuming_right_after_a_monitor_was_collected_without_close(tmp_path) -> None:
+    """A collected monitor's archive is closed by its host thread, shortly after: a new run
+    resuming it at once waits for that (it was refused: "another writer holding it")."""
+    import gc
+
+    def train_and_forget() -> None:
+        model = mlp()
+        mon = streamspec.watch(model, ["a", "b"], rank=2, store=tmp_path / "r.zarr", live=False)
+        train(model, mon, steps=30, batch=8)
+
+    train_and_forget()
+    gc.collect()
+    model = mlp()
+    with streamspec.watch(
+        model, ["a", "b"], rank=2, store=tmp_path / "r.zarr", live=False, resume=True
+    ) as mon:
+        assert mon.step == 30
+        train(model, mon, steps=2, batch=8)
+    assert streamspec.open(tmp_path / "r.zarr").to_xarray().sizes["step"] == 32
+
+
+def test_a_monitor_made_on_another_thread_restores_numpys_blas_threads() -> None:
+    """The BLAS limit taken on a worker thread (a monitor created there) is restored when the
+    monitor closes on the main thread (OpenBLAS takes thread counts from any thread until the
+    main one sets one)."""
+    import threading
+
+    before = _host_blas_threads()
+    if not before or max(before) < 2:
+        pytest.skip("no multi-threaded numpy OpenBLAS pool to limit here")
+    made = []
+    worker = threading.Thread(
+        target=lambda: made.append(streamspec.watch(mlp(), ["a", "b"], rank=2, live=False))
+    )
+    worker.start()
+    worker.join()
+    # (Whether the worker's limit takes effect depends on whether the main thread of this
+    # process has set a thread count before: OpenBLAS then ignores other threads' counts.)
+    made[0].close()
+    assert _host_blas_threads() == before
