@@ -544,14 +544,10 @@ class Monitor:
         simply broadcast: a penalty on the table, a squeeze, an einsum); one warning says how to
         record it."""
         self._drop_failed_backward()
-        for index, site in enumerate(self.sites):
-            if site.module is module:
-                self._state[index].shared = True
         output.register_hook(self._count_only_hook)  # the step still ends and counts
-        if id(module) in self._warned_shared:
+        name = self._leave_out(module)
+        if name is None:
             return
-        self._warned_shared.add(id(module))
-        name = next(s.name for s in self.sites if s.module is module)
         warnings.warn(
             f"streamspec: {name} was called on ids of shape {tuple(ids.shape)}, with no entry per "
             f"sample on dim {bd} (the batch has {batch}): ids shared by the batch (positions, "
@@ -847,6 +843,17 @@ class Monitor:
             self._reset_step()
         self._emit_warnings()
 
+    def _leave_out(self, module: nn.Module) -> str | None:
+        """Leave ``module``'s layers out of the step (NaN); the name of its first layer if the
+        module has not been warned about yet (one warning per module and run), else None."""
+        for index, site in enumerate(self.sites):
+            if site.module is module:
+                self._state[index].shared = True
+        if id(module) in self._warned_shared:
+            return None
+        self._warned_shared.add(id(module))
+        return next(s.name for s in self.sites if s.module is module)
+
     def _unattributable_hook(self, module: nn.Module) -> Callable[[torch.Tensor], None]:
         def hook(grad: torch.Tensor) -> None:
             self._queue_end_of_backward()
@@ -857,13 +864,9 @@ class Monitor:
     def _unattributable(self, module: nn.Module) -> None:
         """A forward recomputed inside the backward (reentrant checkpointing) in a step with
         several labelled batches: its step is left unrecorded, with one warning."""
-        for index, site in enumerate(self.sites):
-            if site.module is module:
-                self._state[index].shared = True
-        if id(module) in self._warned_shared:
+        name = self._leave_out(module)
+        if name is None:
             return
-        self._warned_shared.add(id(module))
-        name = next(s.name for s in self.sites if s.module is module)
         warnings.warn(
             f"streamspec: {name} is recomputed inside the backward (reentrant activation "
             "checkpointing) in a step with several labelled batches, and which batch a "

@@ -1011,11 +1011,7 @@ class ArchiveWriter:
                 fix="choose a new path or an empty store",
             ) from exc
         except OSError as exc:  # a file where a directory is needed, no permission, disk full
-            raise StreamspecError.build(
-                expected=f"a writable place for a new archive at {self._label}",
-                got=f"{type(exc).__name__}: {exc}",
-                fix="choose a path in a writable directory (no file of that name on its way)",
-            ) from exc
+            raise _not_writable(self._label, exc) from exc
         for name, values in dimension_coords(self._layout).items():
             array = group.create_array(
                 name,
@@ -1171,6 +1167,14 @@ def _ignoring(*messages: str) -> Iterator[None]:
             mutated()
 
 
+def _not_writable(label: str, exc: OSError) -> StreamspecError:
+    return StreamspecError.build(
+        expected=f"a writable place for a new archive at {label}",
+        got=f"{type(exc).__name__}: {exc}",
+        fix="choose a path in a writable directory (no file of that name on its way)",
+    )
+
+
 # Archive directories this process holds the lock of (absolute path → lock).
 _HELD: dict[str, _DirectoryLock] = {}
 _HELD_LOCK = threading.Lock()
@@ -1222,11 +1226,7 @@ class _DirectoryLock:
             path.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_RDONLY)
         except OSError as exc:
-            raise StreamspecError.build(
-                expected=f"a writable place for a new archive at {label}",
-                got=f"{type(exc).__name__}: {exc}",
-                fix="choose a path in a writable directory (no file of that name on its way)",
-            ) from exc
+            raise _not_writable(label, exc) from exc
         try:
             _flock_or_wait(fd, os.path.abspath(path))
         except BlockingIOError:

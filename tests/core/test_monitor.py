@@ -1045,6 +1045,26 @@ def test_batched_rows_held_per_bank_stay_within_batch_bytes(monkeypatch) -> None
     assert held and max(held) <= 23040, held
 
 
+def _separate_or_together(model_fn, x1, g1, x2, g2, steps=1, **watch_kwargs):  # type: ignore[no-untyped-def]
+    """The records of ``label(g1); f(x1); label(g2); f(x2)`` and of one forward of both."""
+    out = {}
+    for how in ("separate", "together"):
+        model = model_fn()
+        with streamspec.watch(model, ["a", "b"], live=False, **watch_kwargs) as mon:
+            for _ in range(steps):
+                if how == "separate":
+                    mon.label(g1)
+                    y1 = model(x1)
+                    mon.label(g2)
+                    loss = y1.pow(2).sum() + model(x2).pow(2).sum()
+                else:
+                    mon.label(torch.cat([g1, g2]))
+                    loss = model(torch.cat([x1, x2])).pow(2).sum()
+                loss.backward()
+            out[how] = mon.to_xarray()
+    return out["separate"], out["together"]
+
+
 @pytest.mark.parametrize("exact_rows", [None, 0], ids=["exact", "sketched"])
 def test_labelled_batches_through_separate_forwards_before_one_backward(exact_rows) -> None:
     """``label(g1); model(x1); label(g2); model(x2); backward()`` (a labelled and an unlabelled
@@ -1055,21 +1075,10 @@ def test_labelled_batches_through_separate_forwards_before_one_backward(exact_ro
     x1, x2 = torch.randn(10, 10, generator=gen), torch.randn(12, 10, generator=gen)
     g1 = torch.tensor([0] * 10)
     g2 = torch.tensor([1, 0] * 6)
-    out = {}
-    for how in ("separate", "together"):
-        model = mlp()
-        with streamspec.watch(model, ["a", "b"], rank=4, live=False, exact_rows=exact_rows) as m:
-            for _ in range(2):
-                if how == "separate":
-                    m.label(g1)
-                    y1 = model(x1)
-                    m.label(g2)
-                    loss = y1.pow(2).sum() + model(x2).pow(2).sum()
-                else:
-                    m.label(torch.cat([g1, g2]))
-                    loss = model(torch.cat([x1, x2])).pow(2).sum()
-                loss.backward()
-            out[how] = m.to_xarray()
+    separate, together = _separate_or_together(
+        mlp, x1, g1, x2, g2, steps=2, rank=4, exact_rows=exact_rows
+    )
+    out = {"separate": separate, "together": together}
     assert out["separate"]["count"].values.tolist() == [[16, 6], [16, 6]]
     np.testing.assert_array_equal(out["separate"]["count"], out["together"]["count"])
     sigma = out["separate"]["sigma"].values
@@ -1174,25 +1183,6 @@ def test_a_close_interrupted_while_joining_is_finished_by_the_next(
     assert len(calls) == 2
     ds = streamspec.open(tmp_path / "r.zarr").to_xarray()
     assert ds.sizes["step"] == 250 and ds.sizes["epoch"] == 1
-
-
-def _separate_or_together(model_fn, x1, g1, x2, g2, **watch_kwargs):  # type: ignore[no-untyped-def]
-    """The records of ``label(g1); f(x1); label(g2); f(x2)`` and of one forward of both."""
-    out = {}
-    for how in ("separate", "together"):
-        model = model_fn()
-        with streamspec.watch(model, ["a", "b"], live=False, **watch_kwargs) as mon:
-            if how == "separate":
-                mon.label(g1)
-                y1 = model(x1)
-                mon.label(g2)
-                loss = y1.pow(2).sum() + model(x2).pow(2).sum()
-            else:
-                mon.label(torch.cat([g1, g2]))
-                loss = model(torch.cat([x1, x2])).pow(2).sum()
-            loss.backward()
-            out[how] = mon.to_xarray()
-    return out["separate"], out["together"]
 
 
 @pytest.mark.parametrize("exact_rows", [None, 0], ids=["exact", "sketched"])
