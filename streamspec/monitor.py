@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torch.profiler import record_function
 
+from streamspec import lifecycle
 from streamspec.capture import Site, family_of
 from streamspec.capture.groups import GroupPlan, as_labels, describe
 from streamspec.capture.registry import (
@@ -278,6 +279,10 @@ class Monitor:
         # Not at the interpreter's exit, where that thread may not get to finish.
         self._finalizer = weakref.finalize(self, self._pipeline.abandon)
         self._finalizer.atexit = False
+        # At the process's exit a monitor still open is finished as close() would (lifecycle);
+        # unless the thread that drives it (last to label a batch) still runs.
+        self._owner = threading.current_thread()
+        lifecycle.track(self)
 
     def _build(
         self,
@@ -332,6 +337,7 @@ class Monitor:
         self._warned_nonfinite = False
         self._warned_shared: set[int] = set()  # modules warned about ids shared by the batch
 
+        self._store_label = _store_label(store)
         interactive = sys.stdout.isatty()
         use_live = interactive if live is None else bool(live)
         self._pipeline = HostPipeline(
@@ -339,7 +345,7 @@ class Monitor:
             [(s.h_in, s.h_out) for s in sites],
             self._writer,
             plain_epoch_lines=(live is None and not interactive),
-            store_label=_store_label(store),
+            store_label=self._store_label,
             max_queue=QUEUED_STEPS,
         )
         self._pipeline.set_epoch(self._epoch)
@@ -415,6 +421,7 @@ class Monitor:
                 Pass them on the CPU: labels on a GPU cost one device-to-host copy per call.
         """
         self._check_open()
+        self._owner = threading.current_thread()
         self._drop_failed_backward()
         t = as_labels(labels, len(self.layout.groups))
         self._labels = t
@@ -470,6 +477,41 @@ class Monitor:
             self._finalizer.detach()
         self._emit_warnings()
         self._raise_worker_error()
+
+    def _close_at_exit(self) -> None:
+        """The process ends with this monitor open (no ``close()``): finish it, unless the thread
+        driving it still runs (a non-daemon one is waited for; a daemon one dies with the process
+        and is left alone rather than closed under its hooks)."""
+        if self._torn_down:
+            return
+        owner = self._owner
+        if owner is not threading.current_thread() and owner.is_alive():
+            if owner.daemon:
+                return
+            owner.join()
+            if self._torn_down:
+                return
+        epoch, partial = self._epoch, self._epoch_steps > 0
+        try:
+            self.close()
+        except Exception as error:  # the process is ending: report, never raise
+            warnings.warn_explicit(
+                f"streamspec: closing a monitor left open at exit failed ({error})",
+                StreamspecWarning,
+                "<exit>",
+                0,
+            )
+            return
+        if self._store_label is not None:
+            finished = f" and its partial epoch {epoch}" if partial else ""
+            warnings.warn_explicit(  # no line of the user's to point at: the script has ended
+                f"streamspec: a monitor was left open at exit; streamspec closed it: its recorded "
+                f"steps{finished} are in {self._store_label}. Call mon.close() (or use `with "
+                "streamspec.watch(...) as mon:`) to end a run where you choose",
+                StreamspecWarning,
+                "<exit>",
+                0,
+            )
 
     def __enter__(self) -> Monitor:
         return self

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from streamspec import lifecycle
 from streamspec.errors import StreamspecWarning
 from streamspec.layout import RunLayout
 from streamspec.live.snapshot import Snapshot
@@ -254,8 +255,15 @@ class HostPipeline:
         collected it (zarr's event loop, possibly), never waiting there: the worker finishes
         what is queued, closes the writer and releases its resources, on its own thread."""
         self._writer.closing()  # a new writer of its archive waits for it, not refused
-        with contextlib.suppress(queue.Full):
+        lifecycle.wait_at_exit(self)  # the process's exit waits for it to finish
+        try:
             self._queue.put_nowait(_ABANDONED)
+        except queue.Full:
+            lifecycle.finished(self)
+
+    def join(self) -> None:
+        """Wait for the worker thread to end (after ``close()`` or ``abandon()``)."""
+        self._thread.join()
 
     def take_error(self) -> BaseException | None:
         error, self._error = self._error, None
@@ -309,9 +317,12 @@ class HostPipeline:
                 if item is _STOP:
                     return
                 if item is _ABANDONED:  # nobody is left to report an error to
-                    with contextlib.suppress(Exception):
-                        self._writer.close()
-                    self._release()
+                    try:
+                        with contextlib.suppress(Exception):
+                            self._writer.close()
+                        self._release()
+                    finally:
+                        lifecycle.finished(self)
                     return
                 if isinstance(item, StepRecord):
                     self._on_step(item)

@@ -1,0 +1,100 @@
+"""Monitors still running when the process ends: finished, not lost.
+
+A script that never calls ``close()`` (no ``with``) used to lose everything recorded since the last
+flush (up to 192 steps or 60 s, and the partial epoch): the host and writer threads are daemons,
+and Python's exit does not wait for them. One hook finishes every monitor of this process that is
+still open, as ``close()`` would, and waits for the host threads of monitors collected without
+``close()`` to finish their writes.
+
+The hook runs at the start of ``threading._shutdown()``: after the main module has finished, before
+non-daemon threads are joined, and before ``concurrent.futures`` refuses new work (zarr's local
+store writes through such an executor, so from an ``atexit`` handler the writes would fail). It
+is registered when this module is imported, after ``concurrent.futures.thread`` registered its
+own, so it runs first (they run in reverse order). A monitor driven by another thread that is
+still running is left to that thread: a non-daemon one is waited for first, a daemon one (killed
+at exit) is not touched. Not covered: a monitor created after the hook ran (a thread that calls
+``watch()`` once the main module has ended). Forked children (DataLoader workers) inherit the
+registry but never run the hook on it: their copies of a monitor have no threads, and writing the
+parent's archive from them would corrupt it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import concurrent.futures.thread  # noqa: F401  (registers its exit hook before ours: ours runs first)
+import itertools
+import os
+import threading
+import weakref
+from typing import Protocol
+
+
+class Closable(Protocol):
+    def _close_at_exit(self) -> None: ...
+
+
+class Joinable(Protocol):
+    def join(self) -> None: ...
+
+
+_lock = threading.Lock()
+_open: weakref.WeakValueDictionary[int, Closable] = weakref.WeakValueDictionary()
+_abandoned: set[Joinable] = set()  # held until they finish: nothing else references them
+_order = itertools.count()
+_pid = os.getpid()
+
+
+def track(monitor: Closable) -> None:
+    """Finish ``monitor`` at the process's exit if it is still open then (held weakly)."""
+    with _lock:
+        _open[next(_order)] = monitor
+
+
+def wait_at_exit(pipeline: Joinable) -> None:
+    """Hold ``pipeline`` (shutting down on its own thread) until :func:`finished`; the exit hook
+    waits for it."""
+    with _lock:
+        _abandoned.add(pipeline)
+
+
+def finished(pipeline: Joinable) -> None:
+    with _lock:
+        _abandoned.discard(pipeline)
+
+
+def _at_exit() -> None:
+    if os.getpid() != _pid:  # a forked child that kept the registry (see _forget)
+        return
+    with _lock:
+        monitors = [_open.get(key) for key in sorted(_open.keys())]
+    for monitor in monitors:
+        if monitor is not None:
+            monitor._close_at_exit()
+    with _lock:
+        pending = list(_abandoned)
+    for pipeline in pending:
+        pipeline.join()
+
+
+def _forget() -> None:
+    """In a forked child: its copies of the parent's monitors are not its own to finish."""
+    global _lock, _pid
+    _lock = threading.Lock()  # the parent's may have been held by another thread at the fork
+    _open.clear()
+    _abandoned.clear()
+    _pid = os.getpid()
+
+
+def _register() -> None:
+    # CPython's hook for work that must run before threads are joined (concurrent.futures uses
+    # it); the plain atexit where it is missing or too late (imported while the process exits),
+    # which may find zarr's executor shut down.
+    try:
+        threading._register_atexit(_at_exit)  # type: ignore[attr-defined]
+    except (AttributeError, RuntimeError):
+        atexit.register(_at_exit)
+
+
+_register()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget)
