@@ -17,7 +17,7 @@ import threading
 import warnings
 import weakref
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -330,6 +330,7 @@ class Monitor:
         self._queued: dict[int, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
         self._step_plans: dict[int, GroupPlan] = {}  # every labelling with a gradient this step
         self._labels_in_step = 0  # mon.label() calls since the last step ended
+        self._paused = 0  # open paused() blocks (forwards inside them are not watched)
         self._warned_partial: set[int] = set()  # layers warned about a partial labelling
         self._callback_queued = False
         self._lock = threading.Lock()  # hooks of a multi-device backward run on several threads
@@ -427,6 +428,32 @@ class Monitor:
         self._labels = t
         self._plan = GroupPlan(t, len(self.layout.groups))
         self._labels_in_step += 1
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[Monitor]:
+        """Forward passes inside the block are not watched, so their backward passes are no steps.
+
+        For gradients that are not the training step's: a gradient penalty's
+        ``torch.autograd.grad(critic(x_hat), x_hat, create_graph=True)`` (WGAN-GP), an adversarial
+        attack's input gradients (FGSM, PGD), saliency maps. Without it each such backward
+        through the watched layers records a step of its own. The block needs no labels; the
+        step's own forwards stay outside it::
+
+            mon.label(g)
+            loss = critic(fake).mean() - critic(real).mean()
+            with mon.paused():
+                loss = loss + 10 * gradient_penalty(critic, real, fake)
+            loss.backward()                  # one step: the real and fake batches' rows
+
+        What the penalty's terms add to the weights' gradients is not in the recorded gradient
+        spectra (they come from the watched calls' rows). Blocks nest; the monitor stays open.
+        """
+        self._check_open()
+        self._paused += 1
+        try:
+            yield self
+        finally:
+            self._paused -= 1
 
     def end_epoch(self) -> None:
         """Close the epoch: epoch spectra from the sketches, Welch tests of its recorded steps."""
@@ -554,8 +581,13 @@ class Monitor:
     # -- hooks (training thread / autograd threads) ---------------------------------------------
 
     def _on_forward(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> Any:
-        if self._closed or not torch.is_grad_enabled() or id(module) not in self._modules:
-            return None  # evaluation, or a copy of a watched module (deepcopy keeps the hooks)
+        if (
+            self._closed
+            or self._paused
+            or not torch.is_grad_enabled()
+            or id(module) not in self._modules
+        ):
+            return None  # evaluation, paused(), or a copy of a watched module (deepcopy)
         if not isinstance(output, torch.Tensor) or not output.requires_grad:
             return None
         family = family_of(module)
@@ -614,7 +646,7 @@ class Monitor:
 
     def _deliver(self, module: nn.Module, captures: list[Capture]) -> None:
         """Take one module call's captures (from a forward hook or a stepwise module)."""
-        if self._closed or not torch.is_grad_enabled() or not captures:
+        if self._closed or self._paused or not torch.is_grad_enabled() or not captures:
             return
         self._drop_failed_backward()
         plan = self._plan_for(captures[0].activation.batch_size, module)
@@ -1084,7 +1116,7 @@ class _StepwiseSink:
 
     def recording(self) -> bool:
         monitor = self._monitor
-        return not monitor._closed and monitor._records_step()
+        return not monitor._closed and not monitor._paused and monitor._records_step()
 
 
 class _Unwatched:
