@@ -8,14 +8,15 @@ still open, as ``close()`` would, and waits for the host threads of monitors col
 
 The hook runs at the start of ``threading._shutdown()``: after the main module has finished, before
 non-daemon threads are joined, and before ``concurrent.futures`` refuses new work (zarr's local
-store writes through such an executor, so from an ``atexit`` handler the writes would fail). It
-is registered when this module is imported, after ``concurrent.futures.thread`` registered its
-own, so it runs first (they run in reverse order). A monitor driven by another thread that is
-still running is left to that thread: a non-daemon one is waited for first, a daemon one (killed
-at exit) is not touched. Not covered: a monitor created after the hook ran (a thread that calls
-``watch()`` once the main module has ended). Forked children (DataLoader workers) inherit the
-registry but never run the hook on it: their copies of a monitor have no threads, and writing the
-parent's archive from them would corrupt it.
+store writes through such an executor: from then on, and from an ``atexit`` handler, every write
+fails). It is registered when this module is imported, after ``concurrent.futures.thread``
+registered its own, so it runs first (they run in reverse order). A monitor whose last labelling
+thread is an ordinary non-daemon thread still running is finished once that thread ends; one
+driven by a daemon thread or an executor's worker is finished at once (what that thread does with
+it afterwards is not recorded, and never raises). Not covered: a monitor created after the hook
+ran (a thread that calls ``watch()`` once the main module has ended). Forked children (DataLoader
+workers) inherit the registry but never run the hook on it: their copies of a monitor have no
+threads, and writing the parent's archive from them would corrupt it. Nothing here raises.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import atexit
 import concurrent.futures.thread  # noqa: F401  (registers its exit hook before ours: ours runs first)
 import itertools
 import os
+import sys
 import threading
 import weakref
 from typing import Protocol
@@ -37,9 +39,11 @@ class Joinable(Protocol):
     def join(self) -> None: ...
 
 
-_lock = threading.Lock()
+# Reentrant: a garbage collection while it is held may finalize a dropped monitor, whose
+# finalizer ends up here on the same thread.
+_lock = threading.RLock()
 _open: weakref.WeakValueDictionary[int, Closable] = weakref.WeakValueDictionary()
-_abandoned: set[Joinable] = set()  # held until they finish: nothing else references them
+_abandoned: set[Joinable] = set()  # held until they finish (set.add/discard: no lock needed)
 _order = itertools.count()
 _pid = os.getpid()
 
@@ -53,33 +57,36 @@ def track(monitor: Closable) -> None:
 def wait_at_exit(pipeline: Joinable) -> None:
     """Hold ``pipeline`` (shutting down on its own thread) until :func:`finished`; the exit hook
     waits for it."""
-    with _lock:
-        _abandoned.add(pipeline)
+    _abandoned.add(pipeline)
 
 
 def finished(pipeline: Joinable) -> None:
-    with _lock:
-        _abandoned.discard(pipeline)
+    _abandoned.discard(pipeline)
 
 
 def _at_exit() -> None:
     if os.getpid() != _pid:  # a forked child that kept the registry (see _forget)
         return
-    with _lock:
-        monitors = [_open.get(key) for key in sorted(_open.keys())]
-    for monitor in monitors:
-        if monitor is not None:
-            monitor._close_at_exit()
-    with _lock:
-        pending = list(_abandoned)
-    for pipeline in pending:
-        pipeline.join()
+    # Nothing may escape: an exception here skips the rest of threading's shutdown (other
+    # hooks, joining the user's threads). A Ctrl-C stops the finishing, nothing else.
+    try:
+        with _lock:
+            monitors = [_open.get(key) for key in sorted(_open.keys())]
+        for monitor in monitors:
+            if monitor is not None:
+                monitor._close_at_exit()
+        for pipeline in list(_abandoned):
+            pipeline.join()
+    except KeyboardInterrupt:
+        print("streamspec: interrupted while finishing its archives at exit", file=sys.stderr)
+    except BaseException as error:  # pragma: no cover - _close_at_exit never raises
+        print(f"streamspec: finishing its archives at exit failed: {error!r}", file=sys.stderr)
 
 
 def _forget() -> None:
     """In a forked child: its copies of the parent's monitors are not its own to finish."""
     global _lock, _pid
-    _lock = threading.Lock()  # the parent's may have been held by another thread at the fork
+    _lock = threading.RLock()  # the parent's may have been held by another thread at the fork
     _open.clear()
     _abandoned.clear()
     _pid = os.getpid()

@@ -10,6 +10,7 @@ to the host asynchronously and handed to the host pipeline.
 
 from __future__ import annotations
 
+import concurrent.futures.thread
 import contextlib
 import os
 import sys
@@ -25,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import zarr
 from torch import nn
 from torch.profiler import record_function
 
@@ -339,6 +341,8 @@ class Monitor:
         self._warned_shared: set[int] = set()  # modules warned about ids shared by the batch
 
         self._store_label = _store_label(store)
+        self._persistent = _persistent(store)
+        self._closed_at_exit = False  # closed by the process's exit (lifecycle), not by close()
         interactive = sys.stdout.isatty()
         use_live = interactive if live is None else bool(live)
         self._pipeline = HostPipeline(
@@ -421,7 +425,8 @@ class Monitor:
             labels: 1-D integers, one per sample: an index into ``groups``, or -1 for no group.
                 Pass them on the CPU: labels on a GPU cost one device-to-host copy per call.
         """
-        self._check_open()
+        if not self._check_open():
+            return
         self._owner = threading.current_thread()
         self._drop_failed_backward()
         t = as_labels(labels, len(self.layout.groups))
@@ -448,7 +453,9 @@ class Monitor:
         What the penalty's terms add to the weights' gradients is not in the recorded gradient
         spectra (they come from the watched calls' rows). Blocks nest; the monitor stays open.
         """
-        self._check_open()
+        if not self._check_open():
+            yield self
+            return
         self._paused += 1
         try:
             yield self
@@ -457,7 +464,8 @@ class Monitor:
 
     def end_epoch(self) -> None:
         """Close the epoch: epoch spectra from the sketches, Welch tests of its recorded steps."""
-        self._check_open()
+        if not self._check_open():
+            return
         self._drop_failed_backward()  # a dead step's held rows go now, not at the next label()
         self._finish_epoch()
         self._raise_worker_error()
@@ -468,6 +476,8 @@ class Monitor:
 
     def flush(self) -> None:
         """Process every recorded step and write it to the archive (blocks until done)."""
+        if self._closed_at_exit:
+            return
         self._pipeline.drain()
         self._writer.flush(wait=True)
         self._emit_warnings()
@@ -506,39 +516,49 @@ class Monitor:
         self._raise_worker_error()
 
     def _close_at_exit(self) -> None:
-        """The process ends with this monitor open (no ``close()``): finish it, unless the thread
-        driving it still runs (a non-daemon one is waited for; a daemon one dies with the process
-        and is left alone rather than closed under its hooks)."""
+        """The process ends with this monitor open (no ``close()``): finish it as ``close()`` would.
+
+        If the thread that last labelled a batch still runs and is an ordinary non-daemon
+        thread, it is waited for first (the exit waits for it anyway, but zarr's writes would
+        fail by then). A daemon thread or an executor's worker is not waited for (a daemon dies
+        at exit; an idle worker never ends before the executors shut down, after this): the
+        monitor is closed now, and whatever that thread still does with it is not recorded (its
+        calls do nothing, see :meth:`_check_open`). Never raises.
+        """
         if self._torn_down:
             return
         owner = self._owner
-        if owner is not threading.current_thread() and owner.is_alive():
-            if owner.daemon:
-                return
+        still_running = owner is not threading.current_thread() and owner.is_alive()
+        if still_running and not owner.daemon and not _executor_worker(owner):
             owner.join()
+            still_running = False
             if self._torn_down:
                 return
         epoch, partial = self._epoch, self._epoch_steps > 0
+        self._closed_at_exit = True
         try:
             self.close()
         except Exception as error:  # the process is ending: report, never raise
-            warnings.warn_explicit(
-                f"streamspec: closing a monitor left open at exit failed ({error})",
-                StreamspecWarning,
-                "<exit>",
-                0,
-            )
+            _exit_note(f"streamspec: closing a monitor left open at exit failed ({error})")
             return
-        if self._store_label is not None:
-            finished = f" and its partial epoch {epoch}" if partial else ""
-            warnings.warn_explicit(  # no line of the user's to point at: the script has ended
-                f"streamspec: a monitor was left open at exit; streamspec closed it: its recorded "
-                f"steps{finished} are in {self._store_label}. Call mon.close() (or use `with "
-                "streamspec.watch(...) as mon:`) to end a run where you choose",
-                StreamspecWarning,
-                "<exit>",
-                0,
-            )
+        if not self._persistent:
+            return
+        lost = sum(self._writer.lost_rows.values())
+        written = (
+            f"the rows it could write ({lost} could not: see the warning above)"
+            if lost
+            else f"its recorded steps{f' and its partial epoch {epoch}' if partial else ''}"
+        )
+        note = (
+            f"streamspec: a monitor was left open at exit; streamspec closed it: {written} are in "
+            f"{self._store_label}."
+        )
+        if still_running:
+            note += f" Its thread {owner.name!r} still runs: what it does now is not recorded."
+        _exit_note(
+            note + " Call mon.close() (or use `with streamspec.watch(...) as mon:`) to end a run "
+            "where you choose"
+        )
 
     def __enter__(self) -> Monitor:
         return self
@@ -722,6 +742,8 @@ class Monitor:
         plan: GroupPlan,
     ) -> Any:
         def hook(grad: torch.Tensor) -> None:
+            if self._closed:  # closed mid-step from another thread (at the process's exit)
+                return
             self._queue_end_of_backward()
             self._step_plans.setdefault(id(plan), plan)
             self._state[index].plans.setdefault(id(plan), plan)
@@ -878,6 +900,8 @@ class Monitor:
 
     def _end_of_backward(self) -> None:
         self._callback_queued = False
+        if self._closed:  # closed mid-step from another thread (at the process's exit)
+            return
         try:
             plans = self._step_plans
             # Labelled batches through separate forwards before one backward (a labelled and
@@ -1092,13 +1116,19 @@ class Monitor:
         self._handles.clear()
         restore(self._swaps)
 
-    def _check_open(self) -> None:
-        if self._closed:
-            raise StreamspecError.build(
-                "an open monitor",
-                "a closed one",
-                "call streamspec.watch() again (resume=True appends)",
-            )
+    def _check_open(self) -> bool:
+        """True while open. False once the process's exit closed it: a thread that still trains
+        with it then (the main module had ended) goes on, unrecorded. A usage error after
+        ``close()``."""
+        if not self._closed:
+            return True
+        if self._closed_at_exit:
+            return False
+        raise StreamspecError.build(
+            "an open monitor",
+            "a closed one",
+            "call streamspec.watch() again (resume=True appends)",
+        )
 
 
 class _StepwiseSink:
@@ -1211,6 +1241,30 @@ def _trackers(
         )
         for s, seed in zip(sites, seeds, strict=True)
     ]
+
+
+def _persistent(store: object) -> bool:
+    """Whether ``store`` outlives the process (not None, ``memory://`` or a MemoryStore)."""
+    if store is None:
+        return False
+    if isinstance(store, str | os.PathLike):
+        return not str(store).startswith("memory://")
+    return not isinstance(store, zarr.storage.MemoryStore)
+
+
+def _executor_worker(thread: threading.Thread) -> bool:
+    """A ``ThreadPoolExecutor``'s worker: non-daemon, alive while idle, ended only by the
+    executors' own exit hook (which runs after streamspec's)."""
+    return thread in getattr(concurrent.futures.thread, "_threads_queues", ())
+
+
+def _exit_note(text: str) -> None:
+    """A warning at the process's exit, where nothing may raise (``-W error`` would turn it into
+    an exception inside ``threading._shutdown``): then it is printed instead."""
+    try:
+        warnings.warn_explicit(text, StreamspecWarning, "<exit>", 0)
+    except Exception:
+        print(f"StreamspecWarning: {text}", file=sys.stderr)
 
 
 def _store_label(store: object) -> str | None:

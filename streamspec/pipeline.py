@@ -215,6 +215,7 @@ class HostPipeline:
         self._reported_nonfinite: set[str] = set()
         self._error: BaseException | None = None
         self._warned_failure = False
+        self._abandoned = False  # the monitor was collected without close(): see abandon()
         _hold_host_blas()
         self._blas = True  # holds the process's host BLAS limit until released
         # Spare cores (a GPU machine's host): factorise chunks of a step's sketches in parallel.
@@ -256,10 +257,9 @@ class HostPipeline:
         what is queued, closes the writer and releases its resources, on its own thread."""
         self._writer.closing()  # a new writer of its archive waits for it, not refused
         lifecycle.wait_at_exit(self)  # the process's exit waits for it to finish
-        try:
-            self._queue.put_nowait(_ABANDONED)
-        except queue.Full:
-            lifecycle.finished(self)
+        self._abandoned = True  # a worker busy with a full queue sees this once it is empty
+        with contextlib.suppress(queue.Full):
+            self._queue.put_nowait(_ABANDONED)  # wakes an idle worker
 
     def join(self) -> None:
         """Wait for the worker thread to end (after ``close()`` or ``abandon()``)."""
@@ -310,19 +310,26 @@ class HostPipeline:
 
     # -- worker thread --------------------------------------------------------------------------
 
+    def _shut_down_abandoned(self) -> None:
+        """Close the writer and release, for nobody: no one is left to report an error to."""
+        try:
+            with contextlib.suppress(Exception):
+                self._writer.close()
+            self._release()
+        finally:
+            lifecycle.finished(self)
+
     def _run(self) -> None:
         while True:
+            if self._abandoned and self._queue.empty():  # abandoned while its queue was full
+                self._shut_down_abandoned()
+                return
             item = self._queue.get()
             try:
                 if item is _STOP:
                     return
-                if item is _ABANDONED:  # nobody is left to report an error to
-                    try:
-                        with contextlib.suppress(Exception):
-                            self._writer.close()
-                        self._release()
-                    finally:
-                        lifecycle.finished(self)
+                if item is _ABANDONED:
+                    self._shut_down_abandoned()
                     return
                 if isinstance(item, StepRecord):
                     self._on_step(item)

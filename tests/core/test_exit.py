@@ -132,3 +132,110 @@ def test_a_monitor_collected_just_before_exit_finishes_its_writes(tmp_path) -> N
         tmp_path / "r.zarr",
     )
     assert streamspec.open(tmp_path / "r.zarr").to_xarray().sizes["step"] == 150
+
+
+def test_a_monitor_driven_from_an_executor_worker_is_finished_without_waiting_for_it(
+    tmp_path,
+) -> None:
+    """An idle ThreadPoolExecutor worker lives until the executors shut down, after streamspec's
+    exit hook: waiting for it hung the process for good."""
+    run_script(
+        """
+        from concurrent.futures import ThreadPoolExecutor
+        pool = ThreadPoolExecutor(1)  # never shut down: a module-level pool
+        def job():
+            model = mlp()
+            mon = streamspec.watch(model, ["a", "b"], rank=2, store=path, live=False)
+            train(mon, model, 30, epoch_at=4)
+        pool.submit(job).result()
+        """,
+        tmp_path / "r.zarr",
+        timeout=60,
+    )
+    ds = streamspec.open(tmp_path / "r.zarr").to_xarray()
+    assert ds.sizes["step"] == 30 and ds.sizes["epoch"] == 2
+
+
+def test_a_thread_still_training_with_a_monitor_closed_at_exit_goes_on_unbroken(
+    tmp_path,
+) -> None:
+    """A monitor made on the main thread, handed to a thread that prepares its data first: the
+    exit closes it (the thread had not labelled a batch yet), and the thread's training goes on,
+    unrecorded, instead of dying on "a closed monitor"."""
+    done = run_script(
+        """
+        import time
+        model = mlp()
+        mon = streamspec.watch(model, ["a", "b"], rank=2, store=path, live=False)
+        def job():
+            time.sleep(1.0)
+            train(mon, model, 20, epoch_at=4)
+            with mon.paused():
+                pass
+            mon.flush()
+            mon.close()
+            print("training finished", flush=True)
+        threading.Thread(target=job).start()
+        """,
+        tmp_path / "r.zarr",
+    )
+    assert "training finished" in done.stdout and "Traceback" not in done.stderr
+    assert streamspec.open(tmp_path / "r.zarr").to_xarray().sizes["step"] == 0
+
+
+def test_warnings_as_errors_at_exit_break_nothing(tmp_path) -> None:
+    """With warnings turned into errors, the exit's warning raised inside threading's shutdown:
+    the second monitor was not finished, and the user's own non-daemon thread was never joined
+    (killed mid-work)."""
+    done = run_script(
+        """
+        import os, time, warnings
+        warnings.simplefilter("error")
+        ended = threading.Event()
+        def worker():
+            ended.wait(); time.sleep(1.0)
+            with open(path + ".worker", "w") as f:
+                f.write("done")
+        threading.Thread(target=worker).start()
+        monitors = []
+        for name in ("a.zarr", "b.zarr"):
+            model = mlp()
+            mon = streamspec.watch(model, ["a", "b"], rank=2, store=f"{path}/{name}", live=False)
+            train(mon, model, 30, epoch_at=4)
+            monitors.append(mon)
+        ended.set()
+        """,
+        tmp_path,
+    )
+    assert "Exception ignored" not in done.stderr and "Traceback" not in done.stderr
+    assert (tmp_path.parent / f"{tmp_path.name}.worker").read_text() == "done"
+    for name in ("a.zarr", "b.zarr"):
+        ds = streamspec.open(tmp_path / name).to_xarray()
+        assert ds.sizes["step"] == 30 and ds.sizes["epoch"] == 2
+    assert done.stderr.count("left open at exit") == 2
+
+
+def test_a_monitor_collected_with_its_host_queue_full_still_writes_everything(tmp_path) -> None:
+    """A host thread slower than training (here made 20 ms a step) has a full queue when the
+    monitor is collected: the message to stop was dropped, and with it every step (and the
+    archive's lock, held until the process ended)."""
+    run_script(
+        """
+        import gc, time
+        from streamspec import pipeline
+        step_row = pipeline.HostPipeline._step_row
+        def slow(self, rec):
+            time.sleep(0.02)
+            return step_row(self, rec)
+        pipeline.HostPipeline._step_row = slow
+        def forget():
+            model = mlp()
+            mon = streamspec.watch(model, ["a", "b"], rank=2, store=path, live=False)
+            train(mon, model, 150)
+            assert mon._pipeline._queue.full()
+        forget()
+        gc.collect()
+        """,
+        tmp_path / "r.zarr",
+    )
+    assert streamspec.open(tmp_path / "r.zarr").to_xarray().sizes["step"] == 150
