@@ -11,9 +11,10 @@ non-daemon threads are joined, and before ``concurrent.futures`` refuses new wor
 store writes through such an executor: from then on, and from an ``atexit`` handler, every write
 fails). It is registered when this module is imported, after ``concurrent.futures.thread``
 registered its own, so it runs first (they run in reverse order). A monitor whose last labelling
-thread is an ordinary non-daemon thread still running is finished once that thread ends; one
-driven by a daemon thread or an executor's worker is finished at once (what that thread does with
-it afterwards is not recorded, and never raises). Not covered: a monitor created after the hook
+thread is an ordinary non-daemon thread still running is finished once that thread ends, one
+driven by an executor's worker once the worker is idle, one driven by a daemon thread at once
+(what that thread does with it afterwards is not recorded, and never raises); monitors that need
+no wait go first. Not covered: a monitor created after the hook
 ran (a thread that calls ``watch()`` once the main module has ended). Forked children (DataLoader
 workers) inherit the registry but never run the hook on it: their copies of a monitor have no
 threads, and writing the parent's archive from them would corrupt it. Nothing here raises.
@@ -32,6 +33,8 @@ from typing import Protocol
 
 
 class Closable(Protocol):
+    def _exit_waits(self) -> bool: ...
+
     def _close_at_exit(self) -> None: ...
 
 
@@ -68,19 +71,23 @@ def _at_exit() -> None:
     if os.getpid() != _pid:  # a forked child that kept the registry (see _forget)
         return
     # Nothing may escape: an exception here skips the rest of threading's shutdown (other
-    # hooks, joining the user's threads). A Ctrl-C stops the finishing, nothing else.
+    # hooks, joining the user's threads). A Ctrl-C stops one monitor's finishing, nothing else.
+    with _lock:
+        found = [_open.get(key) for key in sorted(_open.keys())]
+    monitors = [monitor for monitor in found if monitor is not None]
+    monitors.sort(key=lambda monitor: monitor._exit_waits())  # those that need no wait first
+    for monitor in monitors:
+        try:
+            monitor._close_at_exit()
+        except KeyboardInterrupt:
+            print("streamspec: interrupted while finishing an archive at exit", file=sys.stderr)
+        except BaseException as error:  # pragma: no cover - _close_at_exit raises nothing else
+            print(f"streamspec: finishing an archive at exit failed: {error!r}", file=sys.stderr)
     try:
-        with _lock:
-            monitors = [_open.get(key) for key in sorted(_open.keys())]
-        for monitor in monitors:
-            if monitor is not None:
-                monitor._close_at_exit()
         for pipeline in list(_abandoned):
             pipeline.join()
     except KeyboardInterrupt:
-        print("streamspec: interrupted while finishing its archives at exit", file=sys.stderr)
-    except BaseException as error:  # pragma: no cover - _close_at_exit never raises
-        print(f"streamspec: finishing its archives at exit failed: {error!r}", file=sys.stderr)
+        print("streamspec: interrupted while finishing an archive at exit", file=sys.stderr)
 
 
 def _forget() -> None:

@@ -15,6 +15,7 @@ import contextlib
 import os
 import sys
 import threading
+import time
 import warnings
 import weakref
 from collections import Counter
@@ -331,8 +332,12 @@ class Monitor:
         # Per bank: layers of the step whose products wait for a batch (index, A rows, Δ rows).
         self._queued: dict[int, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
         self._step_plans: dict[int, GroupPlan] = {}  # every labelling with a gradient this step
-        self._labels_in_step = 0  # mon.label() calls since the last step ended
+        # label() calls since the last step ended, outside paused() and torch.no_grad() (a
+        # labelling only for a paused or an evaluation forward is no batch of the step; one
+        # before a reentrant-checkpointed forward is, though that forward runs without grad).
+        self._labels_in_step = 0
         self._paused = 0  # open paused() blocks (forwards inside them are not watched)
+        self._warned_paused_thread = False
         self._warned_partial: set[int] = set()  # layers warned about a partial labelling
         self._callback_queued = False
         self._lock = threading.Lock()  # hooks of a multi-device backward run on several threads
@@ -432,7 +437,8 @@ class Monitor:
         t = as_labels(labels, len(self.layout.groups))
         self._labels = t
         self._plan = GroupPlan(t, len(self.layout.groups))
-        self._labels_in_step += 1
+        if torch.is_grad_enabled() and not self._paused:
+            self._labels_in_step += 1
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[Monitor]:
@@ -450,12 +456,28 @@ class Monitor:
                 loss = loss + 10 * gradient_penalty(critic, real, fake)
             loss.backward()                  # one step: the real and fake batches' rows
 
-        What the penalty's terms add to the weights' gradients is not in the recorded gradient
-        spectra (they come from the watched calls' rows). Blocks nest; the monitor stays open.
+        A backward pass inside the block records nothing either, also through the step's own
+        outputs (an R1 penalty's ``autograd.grad(critic(real).sum(), real, create_graph=True)``
+        on the step's real batch). What the penalty's terms add to the weights' gradients is not
+        in the recorded gradient spectra (they come from the watched calls' rows). Blocks nest;
+        the monitor stays open. It pauses the whole monitor, for every thread (one warning when
+        entered on another thread than the training's). Under reentrant activation checkpointing
+        the block's forwards are recomputed during the step's backward, outside the block: they
+        are then left unrecorded (NaN, one warning) if their batch does not fit the labels in
+        force, recorded if it does; ``use_reentrant=False`` has no such problem.
         """
         if not self._check_open():
             yield self
             return
+        if threading.current_thread() is not self._owner and not self._warned_paused_thread:
+            self._warned_paused_thread = True
+            warnings.warn(
+                f"streamspec: mon.paused() on thread {threading.current_thread().name!r} pauses "
+                f"the monitor for every thread, also the training on {self._owner.name!r}: its "
+                "steps meanwhile are not recorded",
+                StreamspecWarning,
+                stacklevel=3,
+            )
         self._paused += 1
         try:
             yield self
@@ -495,8 +517,9 @@ class Monitor:
         finished by calling it again."""
         if self._torn_down:
             return
-        try:
-            if not self._closed:
+        was_open, self._closed = not self._closed, True  # first: hooks of a step in flight on
+        try:  # another thread (a daemon trainer at the process's exit) do nothing from here on
+            if was_open:
                 self._remove_hooks()
                 self._drop_failed_backward()  # a closed monitor holds no dead step's rows
                 if self._epoch_steps:
@@ -515,25 +538,48 @@ class Monitor:
         self._emit_warnings()
         self._raise_worker_error()
 
+    def _exit_waits(self) -> bool:
+        """Whether finishing it at the process's exit waits for the thread driving it."""
+        owner = self._owner
+        return (
+            not self._torn_down
+            and owner is not threading.current_thread()
+            and owner.is_alive()
+            and not owner.daemon
+        )
+
     def _close_at_exit(self) -> None:
         """The process ends with this monitor open (no ``close()``): finish it as ``close()`` would.
 
-        If the thread that last labelled a batch still runs and is an ordinary non-daemon
-        thread, it is waited for first (the exit waits for it anyway, but zarr's writes would
-        fail by then). A daemon thread or an executor's worker is not waited for (a daemon dies
-        at exit; an idle worker never ends before the executors shut down, after this): the
-        monitor is closed now, and whatever that thread still does with it is not recorded (its
-        calls do nothing, see :meth:`_check_open`). Never raises.
+        If the thread that last labelled a batch still runs, it is waited for first (the exit
+        waits for it anyway, but zarr's writes would fail by then): an ordinary non-daemon thread
+        until it ends, an executor's worker until it is idle (it only ends after this, when the
+        executors shut down). A daemon thread (killed at exit) is not waited for, nor is a thread
+        once a Ctrl-C interrupts the wait: the monitor is closed at once, and whatever that thread
+        still does with it is not recorded (its calls do nothing, see :meth:`_check_open`).
+        Raises nothing but a ``KeyboardInterrupt`` during the close itself.
         """
         if self._torn_down:
             return
         owner = self._owner
-        still_running = owner is not threading.current_thread() and owner.is_alive()
-        if still_running and not owner.daemon and not _executor_worker(owner):
-            owner.join()
-            still_running = False
+        if self._exit_waits():
+            try:
+                if _executor_worker(owner):
+                    _wait_until_idle(owner)
+                else:
+                    owner.join()
+            except KeyboardInterrupt:
+                print(
+                    f"streamspec: stopped waiting for thread {owner.name!r}; closing its monitor",
+                    file=sys.stderr,
+                )
             if self._torn_down:
                 return
+        still_running = (
+            owner is not threading.current_thread()
+            and owner.is_alive()
+            and not (_executor_worker(owner) and _idle(owner))
+        )
         epoch, partial = self._epoch, self._epoch_steps > 0
         self._closed_at_exit = True
         try:
@@ -669,22 +715,26 @@ class Monitor:
         if self._closed or self._paused or not torch.is_grad_enabled() or not captures:
             return
         self._drop_failed_backward()
-        plan = self._plan_for(captures[0].activation.batch_size, module)
+        batch = captures[0].activation.batch_size
         if torch._C._current_graph_task_id() != -1:
             # A forward inside a backward: a checkpointed segment being recomputed. With reentrant
             # checkpointing its gradients arrive in a nested backward, whose end is not the step's
             # end; queue the end-of-step callback now, on the enclosing (outer) backward.
             self._queue_end_of_backward()
-            if self._labels_in_step > 1:
-                # Several labelled batches in this step: which one this recomputation belongs
-                # to is unknown (the labels in force are the last batch's). If its outputs get
-                # gradients (reentrant checkpointing; with non-reentrant checkpointing they never
-                # do: the first forward's captures hold), the module's step is left unrecorded
-                # rather than credited to the wrong samples.
+            plan = self._plan
+            if self._labels_in_step > 1 or plan is None or plan.batch_size != batch:
+                # Which batch this recomputation belongs to is unknown: several labelled batches
+                # in this step (the labels in force are the last one's), or a batch the labels
+                # do not fit (a forward of a paused() block, recomputed outside it). If its
+                # outputs get gradients (reentrant checkpointing; with non-reentrant checkpointing
+                # they never do: the first forward's captures hold), the module's step is left
+                # unrecorded rather than credited to the wrong samples.
                 for cap in captures:
                     if cap.output.requires_grad:
                         cap.output.register_hook(self._unattributable_hook(module))
                 return
+        else:
+            plan = self._plan_for(batch, module)
         recording = self._records_step()
         for cap in captures:
             index = self._index.get((id(module), cap.key))
@@ -732,7 +782,8 @@ class Monitor:
         return self._plan
 
     def _count_only_hook(self, grad: torch.Tensor) -> None:
-        self._queue_end_of_backward()
+        if not self._paused:
+            self._queue_end_of_backward()
 
     def _adjoint_hook(
         self,
@@ -742,7 +793,9 @@ class Monitor:
         plan: GroupPlan,
     ) -> Any:
         def hook(grad: torch.Tensor) -> None:
-            if self._closed:  # closed mid-step from another thread (at the process's exit)
+            # Closed mid-step from another thread (at the process's exit); or a backward inside
+            # paused() through this step's own outputs (an R1 penalty's autograd.grad).
+            if self._closed or self._paused:
                 return
             self._queue_end_of_backward()
             self._step_plans.setdefault(id(plan), plan)
@@ -954,23 +1007,26 @@ class Monitor:
 
     def _unattributable_hook(self, module: nn.Module) -> Callable[[torch.Tensor], None]:
         def hook(grad: torch.Tensor) -> None:
+            if self._closed or self._paused:
+                return
             self._queue_end_of_backward()
             self._unattributable(module)
 
         return hook
 
     def _unattributable(self, module: nn.Module) -> None:
-        """A forward recomputed inside the backward (reentrant checkpointing) in a step with
-        several labelled batches: its step is left unrecorded, with one warning."""
+        """A forward recomputed inside the backward (reentrant checkpointing) that no labelling
+        of the step fits for sure: its step is left unrecorded, with one warning."""
         name = self._leave_out(module)
         if name is None:
             return
         warnings.warn(
             f"streamspec: {name} is recomputed inside the backward (reentrant activation "
-            "checkpointing) in a step with several labelled batches, and which batch a "
-            "recomputation belongs to is unknown: its steps are left unrecorded (NaN) when "
-            "that happens. Use checkpoint(..., use_reentrant=False), or one labelled forward "
-            "per backward",
+            "checkpointing) in a step with several labelled batches, or for a batch the labels "
+            "in force do not fit (a forward of a paused() block, recomputed outside it), so "
+            "which batch it belongs to is unknown: its steps are left unrecorded (NaN) when that "
+            "happens. Use checkpoint(..., use_reentrant=False), or one labelled forward per "
+            "backward",
             StreamspecWarning,
             stacklevel=2,
         )
@@ -1256,6 +1312,20 @@ def _executor_worker(thread: threading.Thread) -> bool:
     """A ``ThreadPoolExecutor``'s worker: non-daemon, alive while idle, ended only by the
     executors' own exit hook (which runs after streamspec's)."""
     return thread in getattr(concurrent.futures.thread, "_threads_queues", ())
+
+
+def _idle(worker: threading.Thread) -> bool:
+    """Whether an executor's worker waits for work (its innermost Python frame is the worker
+    loop's, blocked in the work queue's C ``get``), rather than running a job."""
+    frame = sys._current_frames().get(worker.ident or -1)
+    return frame is None or frame.f_code is concurrent.futures.thread._worker.__code__
+
+
+def _wait_until_idle(worker: threading.Thread) -> None:
+    """Until an executor's worker has finished its jobs (the executors' own exit waits for them
+    too, after streamspec's: no wait here that the exit would not make anyway)."""
+    while worker.is_alive() and not _idle(worker):
+        time.sleep(0.05)
 
 
 def _exit_note(text: str) -> None:

@@ -216,26 +216,52 @@ def test_warnings_as_errors_at_exit_break_nothing(tmp_path) -> None:
 
 
 def test_a_monitor_collected_with_its_host_queue_full_still_writes_everything(tmp_path) -> None:
-    """A host thread slower than training (here made 20 ms a step) has a full queue when the
-    monitor is collected: the message to stop was dropped, and with it every step (and the
-    archive's lock, held until the process ended)."""
+    """A host thread slower than training has a full queue when the monitor is collected: the
+    message to stop was dropped, and with it every step (and the archive's lock, held until the
+    process ended). Here the host thread is held on its first step until the queue is full."""
     run_script(
         """
         import gc, time
         from streamspec import pipeline
+        hold = threading.Event()
         step_row = pipeline.HostPipeline._step_row
-        def slow(self, rec):
-            time.sleep(0.02)
+        def held(self, rec):
+            hold.wait()
             return step_row(self, rec)
-        pipeline.HostPipeline._step_row = slow
+        pipeline.HostPipeline._step_row = held
         def forget():
             model = mlp()
             mon = streamspec.watch(model, ["a", "b"], rank=2, store=path, live=False)
-            train(mon, model, 150)
+            train(mon, model, 65)  # one on the host thread, 64 queued: full, and no wait yet
             assert mon._pipeline._queue.full()
         forget()
         gc.collect()
+        hold.set()
         """,
         tmp_path / "r.zarr",
     )
-    assert streamspec.open(tmp_path / "r.zarr").to_xarray().sizes["step"] == 150
+    assert streamspec.open(tmp_path / "r.zarr").to_xarray().sizes["step"] == 65
+
+
+def test_a_busy_executor_worker_is_waited_for_until_its_job_is_done(tmp_path) -> None:
+    """A job still training on an executor's worker when the main module ends: the executors'
+    own exit runs it to the end, so its monitor is finished once the worker is idle (it was
+    closed at once, keeping 2 of 200 steps)."""
+    run_script(
+        """
+        import time
+        from concurrent.futures import ThreadPoolExecutor
+        started = threading.Event()
+        def job():
+            model = mlp()
+            mon = streamspec.watch(model, ["a", "b"], rank=2, store=path, live=False)
+            started.set()
+            time.sleep(0.5)  # the main module has ended by now
+            train(mon, model, 200)
+        ThreadPoolExecutor(1).submit(job)
+        started.wait()
+        """,
+        tmp_path / "r.zarr",
+        timeout=120,
+    )
+    assert streamspec.open(tmp_path / "r.zarr").to_xarray().sizes["step"] == 200

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import numpy as np
@@ -117,3 +118,107 @@ def test_paused_on_a_closed_monitor_is_a_usage_error() -> None:
     mon.close()
     with pytest.raises(StreamspecError, match="open monitor"), mon.paused():
         pass
+
+
+class CheckpointedCritic(nn.Module):
+    def __init__(self, reentrant: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Linear(6, 24), nn.Tanh())
+        self.head = nn.Linear(24, 1)
+        self.reentrant = reentrant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.utils.checkpoint import checkpoint
+
+        return self.head(checkpoint(self.body, x, use_reentrant=self.reentrant))
+
+
+def critic_run(model: nn.Module, penalty: str | None, steps: int = 3) -> tuple[np.ndarray, int]:
+    """WGAN-style iterations; ``penalty``: None, "gp" (on interpolates) or "r1" (on the step's
+    own real logits), computed inside paused()."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with streamspec.watch(model, ["a", "b"], rank=3, live=False) as mon:
+        for real, fake, groups in batches(steps):
+            real = real.clone().requires_grad_(penalty is not None and penalty.startswith("r1"))
+            mon.label(groups)
+            scores = model(torch.cat([real, fake]))
+            loss = scores[10:].mean() - scores[:10].mean()
+            if penalty == "gp":
+                with mon.paused():
+                    loss = loss + 10 * gradient_penalty(model, real.detach(), fake)
+            elif penalty is not None and penalty.startswith("r1"):
+                with mon.paused() if penalty == "r1" else contextlib.nullcontext():
+                    (grad,) = torch.autograd.grad(scores[:10].sum(), real, create_graph=True)
+                    loss = loss + grad.pow(2).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        step = mon.step
+    return mon.to_xarray().sigma.values, step
+
+
+def test_a_penalty_on_a_critic_with_non_reentrant_checkpointing_is_no_step() -> None:
+    """The penalty's checkpointed segment is recomputed in the step's backward, outside the
+    block, on 10 samples where the labels say 20: that raised "expected 20 samples" in the
+    user's backward. It is ignored; the steps equal those without the penalty."""
+    with_gp, steps = critic_run(CheckpointedCritic(reentrant=False), "gp")
+    without, _ = critic_run(CheckpointedCritic(reentrant=False), None)
+    assert steps == 3
+    np.testing.assert_allclose(with_gp, without, rtol=1e-5)
+
+
+def test_an_r1_penalty_through_the_steps_own_outputs_is_no_step() -> None:
+    """An R1 penalty differentiates the step's own real logits inside the block: the hooks on
+    those outputs fired, two steps per iteration. Inside paused() only the step's backward
+    records: each iteration's second step of the unpaused run (the penalty's gradient reaches
+    the first layer's output through tanh's derivative, so it is in Δ there, as it should)."""
+    paused, steps = critic_run(critic(), "r1")
+    unpaused, unpaused_steps = critic_run(critic(), "r1-unpaused")
+    assert steps == 3 and unpaused_steps == 6
+    np.testing.assert_allclose(paused, unpaused[1::2], rtol=1e-5)
+
+
+def test_a_labelling_only_for_a_paused_forward_is_no_batch_of_the_step() -> None:
+    """label() for a saliency map inside the block, then the step with reentrant checkpointing:
+    the first labelling counted as a second batch of the step, and the recomputed layers were
+    left unrecorded (a step lost, with a warning about several labelled batches)."""
+    import warnings
+
+    model = CheckpointedCritic(reentrant=True)
+    with streamspec.watch(model, ["a", "b"], rank=3, live=False) as mon:
+        for real, fake, groups in batches(2):
+            with mon.paused():
+                mon.label(torch.arange(10) % 2)
+                x = real.clone().requires_grad_(True)
+                model(x).sum().backward()  # (reentrant checkpointing refuses autograd.grad)
+                model.zero_grad()
+            mon.label(groups)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", streamspec.StreamspecWarning)
+                model(torch.cat([real, fake]).requires_grad_(True)).sum().backward()
+    sigma = mon.to_xarray().sigma.values
+    assert sigma.shape[0] == 2 and np.isfinite(sigma[:, :, :, :, 0]).all()
+
+
+def test_paused_on_another_thread_warns_that_it_pauses_training_too() -> None:
+    import threading
+
+    model = critic()
+    with streamspec.watch(model, ["a", "b"], rank=2, live=False) as mon:
+        mon.label(torch.arange(4) % 2)
+        caught: list[str] = []
+
+        def saliency() -> None:
+            import warnings
+
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                with mon.paused():
+                    pass
+            caught.extend(str(w.message) for w in seen)
+
+        worker = threading.Thread(target=saliency)
+        worker.start()
+        worker.join()
+    assert any("pauses the monitor for every thread" in message for message in caught)
