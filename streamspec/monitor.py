@@ -57,6 +57,7 @@ from streamspec.sketch.tracker import (
     SketchWidths,
     StepProducts,
     finish_banks,
+    merge_products,
     products_of_layers,
 )
 from streamspec.store.writer import ArchiveWriter
@@ -866,12 +867,37 @@ class Monitor:
             # Sketches accumulate in float32 even when the step runs under autocast (the
             # autocast state reaches tensor hooks).
             with as_written({adjoint.device}, convolves(activation)), _profiled("streamspec.fold"):
-                state.products = tracker.products(
+                products = tracker.products(
                     activation, adjoint, exact, tie, self._layer_counts(state, adjoint.device)
                 )
+            self._add_products(index, products)
         state.positions += positions
         if tie is not None:
             state.n_positions += tie[1]
+
+    def _add_products(self, index: int, products: StepProducts) -> None:
+        """A fold's products into the layer's step: a second fold in one step (reentrant
+        checkpointing recomputes a module called in several segments one segment at a time,
+        each folded before the next is recomputed) adds to the first, which it overwrote."""
+        state = self._state[index]
+        if state.products is None:
+            state.products = products
+            return
+        merged = merge_products(state.products, products)
+        if merged is None:  # (the tying spectrum): left unrecorded rather than half of it
+            state.products = None
+            name = self._leave_out(self.sites[index].module)
+            if name is not None:
+                warnings.warn(
+                    f"streamspec: {name} is recomputed in several parts inside the backward "
+                    "(reentrant activation checkpointing of several segments): its tying spectrum "
+                    "cannot be combined, and its steps are left unrecorded (NaN). Use "
+                    "checkpoint(..., use_reentrant=False), or tied=False",
+                    StreamspecWarning,
+                    stacklevel=2,
+                )
+            return
+        state.products = merged
 
     def _queue(self, index: int, rows: torch.Tensor, adjoint: torch.Tensor) -> None:
         """Hold a layer's gathered rows until :data:`batch_layers` layers of its bank are there,
@@ -915,7 +941,7 @@ class Monitor:
                     counts,
                 )
         for (index, _, _), p in zip(queue, products, strict=True):
-            self._state[index].products = p
+            self._add_products(index, p)
 
     def _layer_counts(self, state: _LayerStepState, device: torch.device) -> torch.Tensor | None:
         """A layer's samples per group in the step on ``device`` (what its epoch counts are made

@@ -258,6 +258,28 @@ class StepProducts:
     rows: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+def merge_products(first: StepProducts, second: StepProducts) -> StepProducts | None:
+    """The products of a layer's rows folded in two parts within one step (a module recomputed
+    once per checkpointed segment by reentrant checkpointing: each recomputation's gradient
+    arrives, and is folded, before the next is recomputed). The sketched products and norms are
+    sums over rows, so they add; the exact route's rows stack (zero padding changes no singular
+    value). None where they do not combine: the tying spectrum's Gram is over positions."""
+    if {"tied", "position"} & (first.rows.keys() | second.rows.keys()):
+        return None
+    merged = StepProducts(
+        first.s_in + second.s_in,
+        first.s_out + second.s_out,
+        first.norms + second.norms,
+        route="exact" if first.route == second.route == "exact" else "sketch",
+        counts=first.counts,
+    )
+    if merged.route == "exact":
+        merged.rows = {
+            key: torch.cat([first.rows[key], second.rows[key]], dim=1) for key in first.rows
+        }
+    return merged
+
+
 class SketchBank:
     """Device state of ``L`` same-shape layers in one set of tensors, so that everything after
     the row products runs once per bank and step, not once per layer: the epoch-sketch updates,

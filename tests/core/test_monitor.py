@@ -1361,3 +1361,53 @@ def test_a_monitor_made_on_another_thread_restores_numpys_blas_threads() -> None
     # process has set a thread count before: OpenBLAS then ignores other threads' counts.)
     made[0].close()
     assert _host_blas_threads() == before
+
+
+@pytest.mark.parametrize("exact_rows", [0, None], ids=["sketched", "exact"])
+def test_a_module_in_two_reentrant_checkpointed_segments_records_both(exact_rows) -> None:
+    """Reentrant checkpointing recomputes each segment inside the backward, one at a time, and
+    each recomputation's gradient is folded before the next: the second fold overwrote the
+    first (the step held one segment's rows). The folds add up to the plain run's step."""
+    from torch.utils.checkpoint import checkpoint
+
+    def run(checkpointed: bool) -> np.ndarray:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+
+        def f(x: torch.Tensor) -> torch.Tensor:
+            return checkpoint(model, x, use_reentrant=True) if checkpointed else model(x)
+
+        gen = torch.Generator().manual_seed(1)
+        with streamspec.watch(model, ["a", "b"], rank=2, live=False, exact_rows=exact_rows) as mon:
+            for _ in range(2):
+                x1 = torch.randn(8, 6, generator=gen, requires_grad=True)
+                x2 = (3 * torch.randn(8, 6, generator=gen)).requires_grad_()
+                mon.label(torch.arange(8) % 2)
+                (f(x1).sum() + f(x2).pow(2).sum()).backward()
+        return mon.to_xarray().sigma.values
+
+    plain = run(False)
+    assert np.isfinite(plain[..., 0]).all()
+    np.testing.assert_allclose(run(True), plain, rtol=1e-4, atol=1e-6)
+
+
+def test_a_tied_layer_in_two_reentrant_checkpointed_segments_is_left_unrecorded() -> None:
+    """The tying spectrum's Gram is over positions: two folds of it do not add. The layer's step
+    is NaN with a warning, never half of it."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    conv, head = nn.Conv1d(2, 4, 3), nn.Linear(4, 2)
+    model = nn.Sequential(conv, nn.Tanh(), nn.AdaptiveAvgPool1d(1), nn.Flatten(), head)
+    with (
+        pytest.warns(streamspec.StreamspecWarning, match="tying spectrum"),
+        streamspec.watch(model, ["a", "b"], rank=2, live=False, tied=True, exact_rows=0) as mon,
+    ):
+        x1 = torch.randn(6, 2, 12, requires_grad=True)
+        x2 = torch.randn(6, 2, 12, requires_grad=True)
+        mon.label(torch.arange(6) % 2)
+        run = lambda x: checkpoint(model, x, use_reentrant=True)  # noqa: E731
+        (run(x1).sum() + run(x2).pow(2).sum()).backward()
+    ds = mon.to_xarray()
+    assert np.isnan(ds["sigma"].sel(layer="0.weight").values).all()
+    assert np.isfinite(ds["sigma"].sel(layer="4.weight").values[..., 0]).all()
