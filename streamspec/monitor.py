@@ -994,7 +994,8 @@ class Monitor:
             for key in list(self._queued):  # batches not full at the end of the backward
                 self._run_queue(key)
             for index, state in enumerate(self._state):
-                if state.products is None or not plans:
+                # (left out: a call on shared ids, an unmergeable second fold of a sibling site)
+                if state.products is None or state.shared or not plans:
                     continue
                 if not needed <= state.plans.keys():
                     self._warn_partial(index)
