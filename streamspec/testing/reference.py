@@ -60,6 +60,12 @@ class ExactRecorder:
             if not torch.is_grad_enabled() or not output.requires_grad:
                 return
             activation = self._rows(inputs[0], batch_dim)
+            if torch._C._current_graph_task_id() != -1 and not self._queued:
+                # A forward inside a backward (reentrant checkpointing's recomputation): its
+                # gradients arrive in a nested backward, whose end is not the step's; the step
+                # ends with the enclosing backward, queued now while it is the current one.
+                self._queued = True
+                torch.autograd.Variable._execution_engine.queue_callback(self._end)
 
             def on_grad(grad: torch.Tensor) -> None:
                 mats = self._current.setdefault(name, StepMatrices())

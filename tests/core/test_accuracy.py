@@ -5,8 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from streamspec.layout import KINDS
+from streamspec.testing.reference import ExactRecorder
 from tests.conftest import relative_errors, run_digits
 
 
@@ -175,3 +177,32 @@ def test_sigma_err_covers_the_error_strictly(family: str) -> None:
         keep = np.isfinite(exact[:, :, k]) & (exact[:, :, k] > 0)
         covered = np.abs(sigma[:, :, k] - exact[:, :, k])[keep] <= err[:, :, k][keep]
         assert covered.mean() >= (0.95 if k == 2 else 1.0), (KINDS[k], covered.mean())
+
+
+def test_the_exact_recorder_takes_one_step_per_backward_under_reentrant_checkpointing() -> None:
+    """Reentrant checkpointing recomputes the forward inside the backward, and the gradients
+    arrive in nested backwards: the reference recorder ended a "step" at each nested backward's
+    end (two per real step here). It matches the plain run's matrices now."""
+    from torch.utils.checkpoint import checkpoint
+
+    def record(checkpointed: bool) -> ExactRecorder:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+        rec = ExactRecorder(model)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(2):
+            x1 = torch.randn(4, 6, generator=gen, requires_grad=True)
+            x2 = torch.randn(4, 6, generator=gen, requires_grad=True)
+            rec.label(torch.arange(4) % 2)
+            f = (lambda x: checkpoint(model, x, use_reentrant=True)) if checkpointed else model
+            (f(x1).sum() + f(x2).pow(2).sum()).backward()
+        rec.remove()
+        return rec
+
+    plain, checkpointed = record(False), record(True)
+    assert len(checkpointed.steps) == len(plain.steps) == 2
+    for step in range(2):
+        for name in plain.names:
+            np.testing.assert_allclose(
+                checkpointed.spectra([step], name, 0, 3), plain.spectra([step], name, 0, 3)
+            )
