@@ -479,11 +479,13 @@ class Monitor:
                 StreamspecWarning,
                 stacklevel=3,
             )
-        self._paused += 1
+        with self._lock:  # (blocks may open on several threads at once)
+            self._paused += 1
         try:
             yield self
         finally:
-            self._paused -= 1
+            with self._lock:
+                self._paused -= 1
 
     def end_epoch(self) -> None:
         """Close the epoch: epoch spectra from the sketches, Welch tests of its recorded steps."""
