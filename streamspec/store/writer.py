@@ -54,7 +54,7 @@ from zarr.codecs import ZstdCodec
 from zarr.core.array_spec import ArrayConfigParams
 
 from streamspec._version import __version__
-from streamspec.errors import StreamspecError, StreamspecWarning
+from streamspec.errors import StreamspecError, StreamspecWarning, outside_stacklevel
 from streamspec.layout import RunLayout
 from streamspec.store.reader import (
     Archive,
@@ -1103,6 +1103,18 @@ class ArchiveWriter:
         committed_now = committed_rows(group)
         # ... so rewriting the root's zarr.json removes it, before any array changes shape.
         group.attrs.update({COMMIT_ATTRS[d]: n for d, n in committed_now.items()})
+        before = int(cast(int, attrs.get("every", 1)))
+        if before != wanted["every"]:
+            # One attribute cannot hold both; it tells the latest session's (the step coordinate
+            # shows which steps each session recorded).
+            group.attrs.update({"every": wanted["every"]})
+            warnings.warn(
+                f"streamspec: {self._label} was recorded every {before} step(s); this session "
+                f"records every {wanted['every']}: its `every` attribute now says "
+                f"{wanted['every']} (the `step` coordinate shows which steps were recorded)",
+                StreamspecWarning,
+                stacklevel=outside_stacklevel(),
+            )
         if path is not None:
             _remove_partial_files(path)
         with quiet_partial_files():

@@ -155,3 +155,31 @@ def test_resume_of_a_run_recording_every_nth_step_continues_the_true_step_count(
     ds = streamspec.open(path).to_xarray()
     assert ds["step"].values.tolist() == [0, 10, 20, 30]
     assert int(ds["count"].sel(step=30).values[0]) == 6  # the resumed run's iteration 5
+
+
+def test_resume_with_another_every_says_so_and_updates_the_attribute(tmp_path):
+    """A run recorded every step, resumed recording every 5th: the archive's ``every`` kept the
+    first session's 1 without a word. It tells the latest session's now, with a warning."""
+    import torch
+    from torch import nn
+
+    import streamspec
+    from streamspec.errors import StreamspecWarning
+
+    path = tmp_path / "run.zarr"
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+
+    def train(every: int, resume: bool) -> None:
+        with streamspec.watch(
+            model, ["a", "b"], rank=2, live=False, store=path, every=every, resume=resume
+        ) as mon:
+            for _ in range(10):
+                mon.label(torch.arange(6) % 2)
+                model(torch.randn(6, 4)).pow(2).mean().backward()
+
+    train(1, resume=False)
+    with pytest.warns(StreamspecWarning, match="recorded every 1 step"):
+        train(5, resume=True)
+    ds = streamspec.open(path).to_xarray()
+    assert ds.attrs["every"] == 5
+    assert ds["step"].values.tolist() == [*range(10), 10, 15]
