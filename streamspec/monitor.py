@@ -333,10 +333,10 @@ class Monitor:
         # Per bank: layers of the step whose products wait for a batch (index, A rows, Δ rows).
         self._queued: dict[int, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
         self._step_plans: dict[int, GroupPlan] = {}  # every labelling with a gradient this step
-        # label() calls since the last step ended, outside paused() and torch.no_grad() (a
-        # labelling only for a paused or an evaluation forward is no batch of the step; one
-        # before a reentrant-checkpointed forward is, though that forward runs without grad).
+        # label() calls since the last step ended, outside paused() (whose labelling is undone
+        # when the block ends: no batch of the step).
         self._labels_in_step = 0
+        self._paused_in_step = False  # a paused() block was open during this step
         self._paused = 0  # open paused() blocks (forwards inside them are not watched)
         self._warned_paused_thread = False
         self._warned_partial: set[int] = set()  # layers warned about a partial labelling
@@ -438,7 +438,7 @@ class Monitor:
         t = as_labels(labels, len(self.layout.groups))
         self._labels = t
         self._plan = GroupPlan(t, len(self.layout.groups))
-        if torch.is_grad_enabled() and not self._paused:
+        if not self._paused:
             self._labels_in_step += 1
 
     @contextlib.contextmanager
@@ -446,30 +446,36 @@ class Monitor:
         """Forward passes inside the block are not watched, so their backward passes are no steps.
 
         For gradients that are not the training step's: a gradient penalty's
-        ``torch.autograd.grad(critic(x_hat), x_hat, create_graph=True)`` (WGAN-GP), an adversarial
-        attack's input gradients (FGSM, PGD), saliency maps. Without it each such backward
-        through the watched layers records a step of its own. The block needs no labels; the
-        step's own forwards stay outside it::
+        ``torch.autograd.grad(critic(x_hat).sum(), x_hat, create_graph=True)`` (WGAN-GP), an
+        adversarial attack's input gradients (FGSM, PGD), saliency maps. Without it each such
+        backward through the watched layers records a step of its own. The block needs no labels
+        (a ``label()`` inside it holds for the block only); the step's own forwards stay outside::
 
-            mon.label(g)
-            loss = critic(fake).mean() - critic(real).mean()
+            mon.label(torch.cat([g_real, g_fake]))
+            scores = critic(torch.cat([real, fake]))
+            loss = scores[len(real):].mean() - scores[: len(real)].mean()
             with mon.paused():
                 loss = loss + 10 * gradient_penalty(critic, real, fake)
             loss.backward()                  # one step: the real and fake batches' rows
 
         A backward pass inside the block records nothing either, also through the step's own
         outputs (an R1 penalty's ``autograd.grad(critic(real).sum(), real, create_graph=True)``
-        on the step's real batch). What the penalty's terms add to the weights' gradients is not
-        in the recorded gradient spectra (they come from the watched calls' rows). Blocks nest;
-        the monitor stays open. It pauses the whole monitor, for every thread (one warning when
-        entered on another thread than the training's). Under reentrant activation checkpointing
-        the block's forwards are recomputed during the step's backward, outside the block: they
-        are then left unrecorded (NaN, one warning) if their batch does not fit the labels in
-        force, recorded if it does; ``use_reentrant=False`` has no such problem.
+        on the step's real batch). The part of a penalty's gradient that reaches the weights
+        directly in its double backward is not in the recorded spectra; what flows back through
+        the step's own watched outputs (R1, through the activations' derivatives) is in their
+        Δ and gradient spectra. Blocks nest; the monitor stays open. It pauses the whole monitor,
+        for every thread (one warning when entered on another thread than the training's).
+        Under reentrant activation checkpointing the block's forwards are recomputed during the
+        step's backward, outside the block: they are then recorded as part of the step if their
+        batch fits the labels in force, else left unrecorded (NaN, one warning);
+        ``use_reentrant=False`` has no such problem.
         """
         if not self._check_open():
             yield self
             return
+        # A label() inside the block is for the block: the labels in force are restored after it
+        # (a reentrant checkpoint's recomputation in the step's backward reads them).
+        labels, plan = self._labels, self._plan
         if threading.current_thread() is not self._owner and not self._warned_paused_thread:
             self._warned_paused_thread = True
             warnings.warn(
@@ -481,11 +487,13 @@ class Monitor:
             )
         with self._lock:  # (blocks may open on several threads at once)
             self._paused += 1
+            self._paused_in_step = True
         try:
             yield self
         finally:
             with self._lock:
                 self._paused -= 1
+                self._labels, self._plan = labels, plan
 
     def end_epoch(self) -> None:
         """Close the epoch: epoch spectra from the sketches, Welch tests of its recorded steps."""
@@ -724,20 +732,19 @@ class Monitor:
             # checkpointing its gradients arrive in a nested backward, whose end is not the step's
             # end; queue the end-of-step callback now, on the enclosing (outer) backward.
             self._queue_end_of_backward()
-            plan = self._plan
-            if self._labels_in_step > 1 or plan is None or plan.batch_size != batch:
+            fits = self._plan is not None and self._plan.batch_size == batch
+            if self._labels_in_step > 1 or (not fits and self._paused_in_step):
                 # Which batch this recomputation belongs to is unknown: several labelled batches
                 # in this step (the labels in force are the last one's), or a batch the labels
-                # do not fit (a forward of a paused() block, recomputed outside it). If its
-                # outputs get gradients (reentrant checkpointing; with non-reentrant checkpointing
-                # they never do: the first forward's captures hold), the module's step is left
-                # unrecorded rather than credited to the wrong samples.
+                # do not fit in a step with a paused() block (one of its forwards, recomputed
+                # outside it). If its outputs get gradients (reentrant checkpointing; with
+                # non-reentrant checkpointing they never do: the first forward's captures hold),
+                # the module's step is left unrecorded rather than credited to the wrong samples.
                 for cap in captures:
                     if cap.output.requires_grad:
                         cap.output.register_hook(self._unattributable_hook(module))
                 return
-        else:
-            plan = self._plan_for(batch, module)
+        plan = self._plan_for(batch, module)  # (a usage error: no labels, or another length)
         recording = self._records_step()
         for cap in captures:
             index = self._index.get((id(module), cap.key))
@@ -1129,6 +1136,7 @@ class Monitor:
         self._queued = {}
         self._step_plans = {}
         self._labels_in_step = 0
+        self._paused_in_step = self._paused > 0
 
     def _discard_step(self) -> None:
         self._reset_step()

@@ -222,3 +222,45 @@ def test_paused_on_another_thread_warns_that_it_pauses_training_too() -> None:
         worker.start()
         worker.join()
     assert any("pauses the monitor for every thread" in message for message in caught)
+
+
+def test_a_label_inside_paused_is_undone_when_the_block_ends() -> None:
+    """label(g), the step's reentrant-checkpointed forward, then a block that labels and runs a
+    batch of the same size: the step's backward recomputes its forward with the labels in force,
+    which were the block's (counts [30, 10] for 20 samples, both layers NaN). They are the
+    step's own again once the block ends: the records equal those without the block."""
+
+    def run(with_block: bool) -> tuple[np.ndarray, np.ndarray]:
+        model = CheckpointedCritic(reentrant=True)
+        with streamspec.watch(model, ["a", "b"], rank=3, live=False) as mon:
+            for real, fake, groups in batches(2):
+                mon.label(groups)
+                loss = model(torch.cat([real, fake]).requires_grad_(True)).sum()
+                if with_block:
+                    with mon.paused(), torch.no_grad():
+                        mon.label(torch.zeros(20, dtype=torch.long))
+                        model.head(model.body(torch.cat([fake, real])))
+                loss.backward()
+        ds = mon.to_xarray()
+        return ds.sigma.values, ds["count"].values
+
+    (sigma, counts), (plain, plain_counts) = run(True), run(False)
+    np.testing.assert_array_equal(counts, plain_counts)
+    assert (counts == 10).all()
+    np.testing.assert_allclose(sigma, plain, rtol=1e-6)
+
+
+@pytest.mark.parametrize("labels", [None, 7], ids=["unlabelled", "wrong-length"])
+def test_reentrant_checkpointing_without_fitting_labels_is_still_a_usage_error(labels) -> None:
+    """A recomputation whose batch the labels do not fit, in a step without a paused() block,
+    is the user's mistake, as without checkpointing (a change for paused() had turned it into a
+    misleading warning and an unrecorded step)."""
+    from torch.utils.checkpoint import checkpoint
+
+    model = critic()  # all of it checkpointed: its forward only runs inside the backward
+    with streamspec.watch(model, ["a", "b"], rank=3, live=False) as mon:
+        if labels is not None:
+            mon.label(torch.arange(labels) % 2)
+        x = torch.randn(10, 6, requires_grad=True)
+        with pytest.raises(StreamspecError, match="mon.label"):
+            checkpoint(model, x, use_reentrant=True).sum().backward()
