@@ -337,6 +337,7 @@ class Monitor:
         # when the block ends: no batch of the step).
         self._labels_in_step = 0
         self._paused_in_step = False  # a paused() block was open during this step
+        self._labelled_in_block: set[int] = set()  # threads that called label() inside a block
         self._paused = 0  # open paused() blocks (forwards inside them are not watched)
         self._warned_paused_thread = False
         self._warned_partial: set[int] = set()  # layers warned about a partial labelling
@@ -440,6 +441,8 @@ class Monitor:
         self._plan = GroupPlan(t, len(self.layout.groups))
         if not self._paused:
             self._labels_in_step += 1
+        else:  # undone when this thread's block ends
+            self._labelled_in_block.add(threading.get_ident())
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[Monitor]:
@@ -474,8 +477,9 @@ class Monitor:
             yield self
             return
         # A label() inside the block is for the block: the labels in force are restored after it
-        # (a reentrant checkpoint's recomputation in the step's backward reads them).
-        labels, plan = self._labels, self._plan
+        # (a reentrant checkpoint's recomputation in the step's backward reads them); only this
+        # thread's, never a training thread's labelling during another thread's block.
+        labels, plan, me = self._labels, self._plan, threading.get_ident()
         if threading.current_thread() is not self._owner and not self._warned_paused_thread:
             self._warned_paused_thread = True
             warnings.warn(
@@ -488,12 +492,19 @@ class Monitor:
         with self._lock:  # (blocks may open on several threads at once)
             self._paused += 1
             self._paused_in_step = True
+            outer_labelled = me in self._labelled_in_block  # (blocks nest)
+            self._labelled_in_block.discard(me)
         try:
             yield self
         finally:
             with self._lock:
                 self._paused -= 1
-                self._labels, self._plan = labels, plan
+                if me in self._labelled_in_block:
+                    self._labels, self._plan = labels, plan
+                if outer_labelled:
+                    self._labelled_in_block.add(me)
+                else:
+                    self._labelled_in_block.discard(me)
 
     def end_epoch(self) -> None:
         """Close the epoch: epoch spectra from the sketches, Welch tests of its recorded steps."""

@@ -264,3 +264,47 @@ def test_reentrant_checkpointing_without_fitting_labels_is_still_a_usage_error(l
         x = torch.randn(10, 6, requires_grad=True)
         with pytest.raises(StreamspecError, match="mon.label"):
             checkpoint(model, x, use_reentrant=True).sum().backward()
+
+
+def test_labels_inside_nested_blocks_are_undone_block_by_block() -> None:
+    mon = streamspec.watch(critic(), ["a", "b"], rank=2, live=False)
+    try:
+        mon.label([0, 1])
+        step_plan = mon._plan
+        with mon.paused():
+            mon.label([1, 1, 0])
+            outer_plan = mon._plan
+            with mon.paused():
+                mon.label([0, 0, 0, 0])
+            assert mon._plan is outer_plan
+        assert mon._plan is step_plan
+    finally:
+        mon.close()
+
+
+def test_a_training_threads_label_during_another_threads_block_is_kept() -> None:
+    """Only the labels of the thread whose block ends are undone."""
+    import threading
+    import warnings
+
+    mon = streamspec.watch(critic(), ["a", "b"], rank=2, live=False)
+    try:
+        inside, done = threading.Event(), threading.Event()
+
+        def saliency() -> None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with mon.paused():
+                    inside.set()
+                    done.wait()
+
+        worker = threading.Thread(target=saliency)
+        worker.start()
+        inside.wait()
+        mon.label([0, 1, 1])  # the training thread, during the worker's block
+        training_plan = mon._plan
+        done.set()
+        worker.join()
+        assert mon._plan is training_plan
+    finally:
+        mon.close()
