@@ -333,11 +333,13 @@ class Monitor:
         # Per bank: layers of the step whose products wait for a batch (index, A rows, Δ rows).
         self._queued: dict[int, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
         self._step_plans: dict[int, GroupPlan] = {}  # every labelling with a gradient this step
-        # label() calls since the last step ended, outside paused() (whose labelling is undone
-        # when the block ends: no batch of the step).
+        # label() calls since the last step ended, with grad enabled and outside paused() (a
+        # labelling for an evaluation under no_grad, or for a paused block, whose labelling is
+        # undone when it ends, is no batch of the step; one before a reentrant-checkpointed
+        # forward is, though that forward runs without grad).
         self._labels_in_step = 0
-        self._paused_in_step = False  # a paused() block was open during this step
-        self._labelled_in_block: set[int] = set()  # threads that called label() inside a block
+        # Per thread, the labels it last set inside its open paused() block.
+        self._block_labels: dict[int, torch.Tensor] = {}
         self._paused = 0  # open paused() blocks (forwards inside them are not watched)
         self._warned_paused_thread = False
         self._warned_partial: set[int] = set()  # layers warned about a partial labelling
@@ -439,10 +441,10 @@ class Monitor:
         t = as_labels(labels, len(self.layout.groups))
         self._labels = t
         self._plan = GroupPlan(t, len(self.layout.groups))
-        if not self._paused:
+        if self._paused:  # undone when this thread's block ends (unless relabelled since)
+            self._block_labels[threading.get_ident()] = t
+        elif torch.is_grad_enabled():  # (not a labelling for evaluation under no_grad)
             self._labels_in_step += 1
-        else:  # undone when this thread's block ends
-            self._labelled_in_block.add(threading.get_ident())
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[Monitor]:
@@ -491,20 +493,17 @@ class Monitor:
             )
         with self._lock:  # (blocks may open on several threads at once)
             self._paused += 1
-            self._paused_in_step = True
-            outer_labelled = me in self._labelled_in_block  # (blocks nest)
-            self._labelled_in_block.discard(me)
+            outer = self._block_labels.pop(me, None)  # (blocks nest)
         try:
             yield self
         finally:
             with self._lock:
                 self._paused -= 1
-                if me in self._labelled_in_block:
+                mine = self._block_labels.pop(me, None)
+                if mine is not None and self._labels is mine:  # nobody labelled since
                     self._labels, self._plan = labels, plan
-                if outer_labelled:
-                    self._labelled_in_block.add(me)
-                else:
-                    self._labelled_in_block.discard(me)
+                if outer is not None:
+                    self._block_labels[me] = outer
 
     def end_epoch(self) -> None:
         """Close the epoch: epoch spectra from the sketches, Welch tests of its recorded steps."""
@@ -744,13 +743,14 @@ class Monitor:
             # end; queue the end-of-step callback now, on the enclosing (outer) backward.
             self._queue_end_of_backward()
             fits = self._plan is not None and self._plan.batch_size == batch
-            if self._labels_in_step > 1 or (not fits and self._paused_in_step):
+            if self._plan is not None and (self._labels_in_step > 1 or not fits):
                 # Which batch this recomputation belongs to is unknown: several labelled batches
                 # in this step (the labels in force are the last one's), or a batch the labels
-                # do not fit in a step with a paused() block (one of its forwards, recomputed
-                # outside it). If its outputs get gradients (reentrant checkpointing; with
-                # non-reentrant checkpointing they never do: the first forward's captures hold),
-                # the module's step is left unrecorded rather than credited to the wrong samples.
+                # in force do not fit (a paused() block's forward recomputed outside it; batches
+                # whose backwards run in another order than their forwards). If its outputs get
+                # gradients (reentrant checkpointing; with non-reentrant checkpointing they never
+                # do: the first forward's captures hold), the module's step is left unrecorded
+                # rather than credited to the wrong samples. (Never labelled: the usage error.)
                 for cap in captures:
                     if cap.output.requires_grad:
                         cap.output.register_hook(self._unattributable_hook(module))
@@ -1070,10 +1070,10 @@ class Monitor:
         warnings.warn(
             f"streamspec: {name} is recomputed inside the backward (reentrant activation "
             "checkpointing) in a step with several labelled batches, or for a batch the labels "
-            "in force do not fit (a forward of a paused() block, recomputed outside it), so "
-            "which batch it belongs to is unknown: its steps are left unrecorded (NaN) when that "
-            "happens. Use checkpoint(..., use_reentrant=False), or one labelled forward per "
-            "backward",
+            "in force do not fit (a forward of a paused() block, recomputed outside it; batches "
+            "whose backwards run in another order than their forwards), so which batch it "
+            "belongs to is unknown: its steps are left unrecorded (NaN) when that happens. Use "
+            "checkpoint(..., use_reentrant=False), or one labelled forward per backward",
             StreamspecWarning,
             stacklevel=2,
         )
@@ -1147,7 +1147,6 @@ class Monitor:
         self._queued = {}
         self._step_plans = {}
         self._labels_in_step = 0
-        self._paused_in_step = self._paused > 0
 
     def _discard_step(self) -> None:
         self._reset_step()
