@@ -344,7 +344,6 @@ class Monitor:
         self._warned_paused_thread = False
         self._warned_partial: set[int] = set()  # layers warned about a partial labelling
         self._callback_queued = False
-        self._paused_callback_queued = False  # see _paused_backward()
         self._lock = threading.Lock()  # hooks of a multi-device backward run on several threads
         self._failed: BaseException | None = None
         self._warned_nonfinite = False
@@ -804,27 +803,8 @@ class Monitor:
         return self._plan
 
     def _count_only_hook(self, grad: torch.Tensor) -> None:
-        if self._paused:
-            self._paused_backward()
-        elif not self._closed:
+        if not self._paused:
             self._queue_end_of_backward()
-
-    def _paused_backward(self) -> None:
-        """A hook of this step's outputs fired inside paused() (an R1 penalty's autograd.grad,
-        or the step's whole backward run in the block): at that backward's end the step's state
-        is cleared, so that a step whose backward ran in the block leaves nothing to the next
-        (its calls and labellings made the next step's reentrant layers NaN). A backward outside
-        the block afterwards (R1) still records the step: its hooks fold what they bring."""
-        with self._lock:
-            if self._paused_callback_queued or self._callback_queued:
-                return
-            self._paused_callback_queued = True
-        torch.autograd.Variable._execution_engine.queue_callback(self._end_of_paused_backward)
-
-    def _end_of_paused_backward(self) -> None:
-        self._paused_callback_queued = False
-        if not self._callback_queued:  # (no unpaused hook of the same backward)
-            self._reset_step()
 
     def _adjoint_hook(
         self,
@@ -836,10 +816,7 @@ class Monitor:
         def hook(grad: torch.Tensor) -> None:
             # Closed mid-step from another thread (at the process's exit); or a backward inside
             # paused() through this step's own outputs (an R1 penalty's autograd.grad).
-            if self._closed:
-                return
-            if self._paused:
-                self._paused_backward()
+            if self._closed or self._paused:
                 return
             self._queue_end_of_backward()
             self._step_plans.setdefault(id(plan), plan)
@@ -1077,10 +1054,7 @@ class Monitor:
 
     def _unattributable_hook(self, module: nn.Module) -> Callable[[torch.Tensor], None]:
         def hook(grad: torch.Tensor) -> None:
-            if self._closed:
-                return
-            if self._paused:
-                self._paused_backward()
+            if self._closed or self._paused:
                 return
             self._queue_end_of_backward()
             self._unattributable(module)
@@ -1173,7 +1147,6 @@ class Monitor:
         self._queued = {}
         self._step_plans = {}
         self._labels_in_step = 0
-        self._paused_callback_queued = False
 
     def _discard_step(self) -> None:
         self._reset_step()
