@@ -742,8 +742,8 @@ class Monitor:
             # checkpointing its gradients arrive in a nested backward, whose end is not the step's
             # end; queue the end-of-step callback now, on the enclosing (outer) backward.
             self._queue_end_of_backward()
-            fits = self._plan is not None and self._plan.batch_size == batch
-            if self._plan is not None and (self._labels_in_step > 1 or not fits):
+            plan = self._plan
+            if plan is not None and (self._labels_in_step > 1 or plan.batch_size != batch):
                 # Which batch this recomputation belongs to is unknown: several labelled batches
                 # in this step (the labels in force are the last one's), or a batch the labels
                 # in force do not fit (a paused() block's forward recomputed outside it; batches

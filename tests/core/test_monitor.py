@@ -1392,24 +1392,32 @@ def test_a_module_in_two_reentrant_checkpointed_segments_records_both(exact_rows
         np.testing.assert_allclose(checkpointed[name], plain[name], rtol=1e-4, atol=1e-6)
 
 
-def test_a_tied_layer_in_two_reentrant_checkpointed_segments_is_left_unrecorded() -> None:
-    """The tying spectrum's Gram is over positions: two folds of it do not add. The layer's step
-    is NaN with a warning, never half of it."""
+def _tied_in_two_reentrant_segments(
+    model: nn.Module, shape: tuple[int, ...], **options: object
+) -> xr.Dataset:
+    """One step of ``model`` (``tied=True``) over two reentrant-checkpointed segments of six
+    samples each; expects the warning that the tying spectrum cannot be combined."""
     from torch.utils.checkpoint import checkpoint
 
-    torch.manual_seed(0)
-    conv, head = nn.Conv1d(2, 4, 3), nn.Linear(4, 2)
-    model = nn.Sequential(conv, nn.Tanh(), nn.AdaptiveAvgPool1d(1), nn.Flatten(), head)
     with (
         pytest.warns(streamspec.StreamspecWarning, match="tying spectrum"),
-        streamspec.watch(model, ["a", "b"], rank=2, live=False, tied=True, exact_rows=0) as mon,
+        streamspec.watch(model, ["a", "b"], rank=2, live=False, tied=True, **options) as mon,
     ):
-        x1 = torch.randn(6, 2, 12, requires_grad=True)
-        x2 = torch.randn(6, 2, 12, requires_grad=True)
+        x1 = torch.randn(6, *shape, requires_grad=True)
+        x2 = torch.randn(6, *shape, requires_grad=True)
         mon.label(torch.arange(6) % 2)
         run = lambda x: checkpoint(model, x, use_reentrant=True)  # noqa: E731
         (run(x1).sum() + run(x2).pow(2).sum()).backward()
-    ds = mon.to_xarray()
+    return mon.to_xarray()
+
+
+def test_a_tied_layer_in_two_reentrant_checkpointed_segments_is_left_unrecorded() -> None:
+    """The tying spectrum's Gram is over positions: two folds of it do not add. The layer's step
+    is NaN with a warning, never half of it."""
+    torch.manual_seed(0)
+    conv, head = nn.Conv1d(2, 4, 3), nn.Linear(4, 2)
+    model = nn.Sequential(conv, nn.Tanh(), nn.AdaptiveAvgPool1d(1), nn.Flatten(), head)
+    ds = _tied_in_two_reentrant_segments(model, (2, 12), exact_rows=0)
     assert np.isnan(ds["sigma"].sel(layer="0.weight").values).all()
     assert np.isfinite(ds["sigma"].sel(layer="4.weight").values[..., 0]).all()
 
@@ -1418,7 +1426,6 @@ def test_every_weight_of_a_tied_recurrent_module_in_two_segments_is_left_unrecor
     """An LSTM's weights are sites of one module: when the first cannot merge its tying Gram,
     the module is left out, and its other weights were still recorded from one segment's rows
     (weight_hh σ₁ 0.70 against 0.92) with no warning naming them. All are NaN now."""
-    from torch.utils.checkpoint import checkpoint
 
     class Net(nn.Module):
         def __init__(self) -> None:
@@ -1429,17 +1436,7 @@ def test_every_weight_of_a_tied_recurrent_module_in_two_segments_is_left_unrecor
             return self.head(self.rnn(x)[0][:, -1])
 
     torch.manual_seed(0)
-    model = Net()
-    with (
-        pytest.warns(streamspec.StreamspecWarning, match="tying spectrum"),
-        streamspec.watch(model, ["a", "b"], rank=2, live=False, tied=True) as mon,
-    ):
-        x1 = torch.randn(6, 4, 3, requires_grad=True)
-        x2 = torch.randn(6, 4, 3, requires_grad=True)
-        mon.label(torch.arange(6) % 2)
-        run = lambda x: checkpoint(model, x, use_reentrant=True)  # noqa: E731
-        (run(x1).sum() + run(x2).pow(2).sum()).backward()
-    ds = mon.to_xarray()
+    ds = _tied_in_two_reentrant_segments(Net(), (4, 3))
     for name in ("rnn.weight_ih_l0", "rnn.weight_hh_l0"):
         assert np.isnan(ds["sigma"].sel(layer=name).values).all(), name
         assert np.isnan(ds["sigma_tied"].sel(layer=name).values).all(), name

@@ -322,8 +322,12 @@ def test_labels_inside_nested_blocks_are_undone_block_by_block() -> None:
         mon.close()
 
 
-def test_a_training_threads_label_during_another_threads_block_is_kept() -> None:
-    """Only the labels of the thread whose block ends are undone."""
+@pytest.mark.parametrize("worker_labels", [False, True], ids=["worker-silent", "worker-labels"])
+def test_a_training_threads_label_during_another_threads_block_is_kept(worker_labels) -> None:
+    """Only the labels of the thread whose block ends are undone, and only if nobody labelled
+    since: the training thread labels during a worker's block (in which the worker may have
+    labelled too), and keeps its labels when the block ends (they were replaced by the
+    previous step's)."""
     import threading
     import warnings
 
@@ -335,43 +339,15 @@ def test_a_training_threads_label_during_another_threads_block_is_kept() -> None
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 with mon.paused():
+                    if worker_labels:
+                        mon.label(torch.arange(8) % 2)
                     inside.set()
                     done.wait()
 
         worker = threading.Thread(target=saliency)
         worker.start()
         inside.wait()
-        mon.label([0, 1, 1])  # the training thread, during the worker's block
-        training_plan = mon._plan
-        done.set()
-        worker.join()
-        assert mon._plan is training_plan
-    finally:
-        mon.close()
-
-
-def test_a_block_leaves_labels_set_after_its_own_to_the_thread_that_set_them() -> None:
-    """A worker labels inside its block, then the training thread labels: when the worker's
-    block ends, the training thread's labels stay (they were replaced by the previous step's)."""
-    import threading
-    import warnings
-
-    mon = streamspec.watch(critic(), ["a", "b"], rank=2, live=False)
-    try:
-        labelled, done = threading.Event(), threading.Event()
-
-        def saliency() -> None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                with mon.paused():
-                    mon.label(torch.arange(8) % 2)
-                    labelled.set()
-                    done.wait()
-
-        worker = threading.Thread(target=saliency)
-        worker.start()
-        labelled.wait()
-        mon.label(torch.ones(4, dtype=torch.long))
+        mon.label(torch.ones(4, dtype=torch.long))  # the training thread, during the block
         training_plan = mon._plan
         done.set()
         worker.join()
