@@ -266,6 +266,9 @@ class Monitor:
         # Until fully built, the monitor is "closed": twins calling _deliver do nothing; any error
         # below undoes everything done so far (swaps, hooks, threads), leaving the model as it was.
         self._closed = True
+        # close() on two threads at once (a SIGTERM's finishing while the script's own close()
+        # runs): the second waits for the first, then finds it done.
+        self._close_lock = threading.RLock()
         self._handles: list[Any] = []
         self._view: LiveView | None = None
         self._swaps = swap_stepwise(model, _StepwiseSink(self))
@@ -275,6 +278,7 @@ class Monitor:
             self._abort()
             raise
         self._closed = False
+        self._closed_once = False  # close() has run its first part (hooks off, epoch finished)
         self._torn_down = False  # close() has joined the threads and closed the writer
         # A monitor garbage-collected without close() (with its model: the hooks keep it alive
         # otherwise) still writes its recorded steps, stops its host thread and restores
@@ -287,6 +291,8 @@ class Monitor:
         # unless the thread that drives it (last to label a batch) still runs.
         self._owner = threading.current_thread()
         lifecycle.track(self)
+        if self._persistent:  # a SIGTERM no longer loses its unwritten rows
+            lifecycle.guard_termination()
 
     def _build(
         self,
@@ -538,24 +544,12 @@ class Monitor:
         finished by calling it again."""
         if self._torn_down:
             return
-        was_open, self._closed = not self._closed, True  # first: hooks of a step in flight on
-        try:  # another thread (a daemon trainer at the process's exit) do nothing from here on
-            if was_open:
-                self._remove_hooks()
-                self._drop_failed_backward()  # a closed monitor holds no dead step's rows
-                if self._epoch_steps:
-                    self._finish_epoch()
-                self._pipeline.drain()
-        finally:
-            self._closed = True
-            # The host thread is joined before the writer closes (it hands the writer rows);
-            # an interrupt during the join leaves both to the next close().
-            self._pipeline.close()
-            if self._view is not None:
-                self._view.stop()
-            self._writer.close(next_step=self._step)
-            self._torn_down = True
-            self._finalizer.detach()
+        self._closed = True  # first: hooks of a step in flight on another thread do nothing now
+        with self._close_lock:
+            if self._torn_down:
+                return
+            self._tear_down()
+        lifecycle.release_termination()
         self._emit_warnings()
         self._raise_worker_error()
 
@@ -569,7 +563,31 @@ class Monitor:
             and not owner.daemon
         )
 
-    def _close_at_exit(self) -> None:
+    def _tear_down(self) -> None:
+        was_open = not self._closed_once
+        self._closed_once = True
+        try:
+            if was_open:
+                self._remove_hooks()
+                self._drop_failed_backward()  # a closed monitor holds no dead step's rows
+                if self._epoch_steps:
+                    self._finish_epoch()
+                self._pipeline.drain()
+        finally:
+            # The host thread is joined before the writer closes (it hands the writer rows);
+            # an interrupt during the join leaves both to the next close().
+            self._pipeline.close()
+            if self._view is not None:
+                self._view.stop()
+            self._writer.close(next_step=self._step)
+            self._torn_down = True
+            self._finalizer.detach()
+
+    def _guards_termination(self) -> bool:
+        """Whether a SIGTERM would lose rows of this monitor (see lifecycle.guard_termination)."""
+        return self._persistent and not self._torn_down
+
+    def _close_at_exit(self, terminated: bool = False) -> None:
         """The process ends with this monitor open (no ``close()``): finish it as ``close()`` would.
 
         If the thread that last labelled a batch still runs, it is waited for first (the exit
@@ -579,11 +597,19 @@ class Monitor:
         once a Ctrl-C interrupts the wait: the monitor is closed at once, and whatever that thread
         still does with it is not recorded (its calls do nothing, see :meth:`_check_open`).
         Raises nothing but a ``KeyboardInterrupt`` during the close itself.
+
+        ``terminated``: the process received SIGTERM (lifecycle's handler, on a thread of its own):
+        no thread is waited for, and a monitor without a persistent archive is left as it is
+        (only its live view is stopped).
         """
         if self._torn_down:
             return
         owner = self._owner
-        if self._exit_waits():
+        if terminated and not self._persistent:
+            if self._view is not None:  # nothing to save; the terminal gets its cursor back
+                self._view.stop()
+            return
+        if self._exit_waits() and not terminated:
             try:
                 if _executor_worker(owner):
                     _wait_until_idle(owner)
@@ -616,6 +642,12 @@ class Monitor:
             if lost
             else f"its recorded steps{f' and its partial epoch {epoch}' if partial else ''}"
         )
+        if terminated:
+            _exit_note(
+                "streamspec: the process received SIGTERM with a monitor open; streamspec closed "
+                f"it before the process ended: {written} are in {self._store_label}"
+            )
+            return
         note = (
             f"streamspec: a monitor was left open at exit; streamspec closed it: {written} are in "
             f"{self._store_label}."

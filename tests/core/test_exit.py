@@ -6,6 +6,7 @@ and reads the archive it left.
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import textwrap
@@ -38,7 +39,9 @@ path = sys.argv[1]
 """
 
 
-def run_script(body: str, path: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def run_script(
+    body: str, path: Path, timeout: float = 120, returncode: int = 0
+) -> subprocess.CompletedProcess[str]:
     script = PRELUDE + textwrap.dedent(body)
     done = subprocess.run(
         [sys.executable, "-c", script, str(path)],
@@ -46,7 +49,7 @@ def run_script(body: str, path: Path, timeout: float = 120) -> subprocess.Comple
         text=True,
         timeout=timeout,
     )
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == returncode, done.stderr
     return done
 
 
@@ -265,3 +268,211 @@ def test_a_busy_executor_worker_is_waited_for_until_its_job_is_done(tmp_path) ->
         timeout=120,
     )
     assert streamspec.open(tmp_path / "r.zarr").to_xarray().sizes["step"] == 200
+
+
+# -- SIGTERM (a scheduler's time limit, preemption, docker stop, torchrun) ------------------------
+
+TERMINATED = -signal.SIGTERM  # the return code of a process ended by SIGTERM
+
+
+def test_a_sigterm_keeps_every_recorded_step_and_still_ends_the_process_by_sigterm(
+    tmp_path,
+) -> None:
+    """30 steps, then SIGTERM: the process ended at once and the archive held none of them (the
+    writer buffers 192 rows); now all 30 and the partial epoch are written first (training goes
+    on meanwhile, unrecorded), and the process still ends by SIGTERM (schedulers read the exit
+    status)."""
+    done = run_script(
+        """
+        import signal
+        model = mlp()
+        mon = streamspec.watch(model, ["a", "b"], rank=2, store=path, live=False)
+        train(mon, model, 30)
+        signal.raise_signal(signal.SIGTERM)
+        while True:  # training goes on, unrecorded, until the monitor is finished
+            train(mon, model, 1)
+        """,
+        tmp_path / "r.zarr",
+        returncode=TERMINATED,
+    )
+    ds = streamspec.open(tmp_path / "r.zarr").to_xarray()
+    # (a step in flight when the handler ran may be recorded too)
+    assert ds.sizes["step"] in (30, 31) and ds.sizes["epoch"] == 1
+    assert np.isfinite(ds.sigma.values).all() and np.isfinite(ds.sigma_epoch.values).all()
+    assert "received SIGTERM" in done.stderr and "partial epoch 0" in done.stderr
+
+
+def test_a_sigterm_from_outside_mid_training_keeps_the_steps_recorded_until_then(tmp_path) -> None:
+    """The scheduler's SIGTERM lands anywhere in a training loop that never ends on its own
+    (a hook, the optimizer, the monitor's own code): the steps recorded before it are written,
+    the resumed run appends after them, and the process ends by SIGTERM."""
+    script = PRELUDE + textwrap.dedent(
+        """
+        model = mlp()
+        mon = streamspec.watch(model, ["a", "b"], rank=2, store=path, live=False)
+        train(mon, model, 20)
+        print("ready", flush=True)
+        while True:
+            train(mon, model, 1)
+        """
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", script, str(tmp_path / "r.zarr")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "ready\n"
+        child.send_signal(signal.SIGTERM)
+        _, stderr = child.communicate(timeout=60)
+    finally:
+        child.kill()
+    assert child.returncode == TERMINATED, stderr
+    ds = streamspec.open(tmp_path / "r.zarr").to_xarray()
+    assert ds.sizes["step"] >= 20 and ds.sizes["epoch"] == 1
+    assert np.isfinite(ds.sigma.values).all()
+    steps = int(ds.sizes["step"])
+    run_script(
+        """
+        model = mlp()
+        mon = streamspec.watch(model, ["a", "b"], rank=2, store=path, live=False, resume=True)
+        train(mon, model, 5)
+        mon.close()
+        """,
+        tmp_path / "r.zarr",
+    )
+    assert streamspec.open(tmp_path / "r.zarr").to_xarray().sizes["step"] == steps + 5
+
+
+def test_a_sigterm_while_another_thread_trains_finishes_that_threads_monitor(tmp_path) -> None:
+    """The monitor belongs to a training thread; SIGTERM is handled on the main thread, which
+    waits for it: the monitor is finished without waiting for the training to end."""
+    run_script(
+        """
+        import os, signal
+        ready = threading.Event()
+        def job():
+            model = mlp()
+            mon = streamspec.watch(model, ["a", "b"], rank=2, store=path, live=False)
+            train(mon, model, 25)
+            ready.set()
+            while True:
+                train(mon, model, 1)
+        model = mlp()  # the handler is installed by a monitor made on the main thread
+        streamspec.watch(model, ["a", "b"], rank=2, live=False, store=path + ".main")
+        threading.Thread(target=job, daemon=True).start()
+        ready.wait()
+        os.kill(os.getpid(), signal.SIGTERM)
+        threading.Event().wait(60)
+        """,
+        tmp_path / "r.zarr",
+        returncode=TERMINATED,
+    )
+    ds = streamspec.open(tmp_path / "r.zarr").to_xarray()
+    assert ds.sizes["step"] >= 25 and ds.sizes["epoch"] == 1
+
+
+def test_a_sigterm_handler_of_the_users_own_is_left_to_end_the_process(tmp_path) -> None:
+    """A handler installed before watch() is kept; it ends the process through Python's exit,
+    which finishes the monitor."""
+    done = run_script(
+        """
+        import signal
+        def stop(signum, frame):
+            print("users handler", flush=True)
+            sys.exit(3)
+        signal.signal(signal.SIGTERM, stop)
+        model = mlp()
+        mon = streamspec.watch(model, ["a", "b"], rank=2, store=path, live=False)
+        assert signal.getsignal(signal.SIGTERM) is stop
+        train(mon, model, 12)
+        signal.raise_signal(signal.SIGTERM)
+        """,
+        tmp_path / "r.zarr",
+        returncode=3,
+    )
+    assert "users handler" in done.stdout
+    assert streamspec.open(tmp_path / "r.zarr").to_xarray().sizes["step"] == 12
+
+
+def test_a_handler_installed_later_that_calls_streamspecs_decides_how_the_process_ends(
+    tmp_path,
+) -> None:
+    """PyTorch Lightning's SIGTERM handler calls the handler it found (streamspec's) and stops
+    training gracefully: streamspec's then does nothing (ending the process there would cut
+    Lightning's shutdown short); the script ends normally and the exit finishes the monitor."""
+    done = run_script(
+        """
+        import signal
+        model = mlp()
+        mon = streamspec.watch(model, ["a", "b"], rank=2, store=path, live=False)
+        found = signal.getsignal(signal.SIGTERM)
+        stop = threading.Event()
+        def graceful(signum, frame):
+            stop.set()
+            found(signum, frame)
+        signal.signal(signal.SIGTERM, graceful)
+        for step in range(1000):
+            train(mon, model, 1)
+            if step == 14:
+                signal.raise_signal(signal.SIGTERM)
+            if stop.is_set():
+                break
+        print("stopped at", step)
+        """,
+        tmp_path / "r.zarr",
+    )
+    assert "stopped at 14" in done.stdout
+    assert streamspec.open(tmp_path / "r.zarr").to_xarray().sizes["step"] == 15
+
+
+def test_a_forked_child_ends_on_sigterm_at_once_and_leaves_its_parents_archive_alone(
+    tmp_path,
+) -> None:
+    """A DataLoader worker forked mid-run inherits the handler: a SIGTERM to it ends it, as by
+    default, and the parent's run goes on."""
+    run_script(
+        """
+        import os, signal, time
+        model = mlp()
+        mon = streamspec.watch(model, ["a", "b"], rank=2, store=path, live=False)
+        train(mon, model, 3)
+        ready, started = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.write(started, b"1")  # (a SIGTERM before the child's interpreter is set up
+            time.sleep(60)           # after the fork is dropped by Python, handler or not)
+            os._exit(0)
+        os.read(ready, 1)
+        os.kill(pid, signal.SIGTERM)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM, status
+        train(mon, model, 3)
+        mon.close()
+        """,
+        tmp_path / "r.zarr",
+        timeout=90,
+    )
+    assert streamspec.open(tmp_path / "r.zarr").to_xarray().sizes["step"] == 6
+
+
+def test_sigterm_keeps_its_default_without_a_persistent_archive_open(tmp_path) -> None:
+    """Nothing to save (an in-memory run), or every archive closed: SIGTERM's disposition is
+    Python's default, as without streamspec."""
+    run_script(
+        """
+        import signal
+        model = mlp()
+        with streamspec.watch(model, ["a", "b"], rank=2, live=False):
+            assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+        first = streamspec.watch(model, ["a", "b"], rank=2, store=path, live=False)
+        second = streamspec.watch(mlp(), ["a", "b"], rank=2, store=path + "2", live=False)
+        assert signal.getsignal(signal.SIGTERM) != signal.SIG_DFL
+        first.close()
+        assert signal.getsignal(signal.SIGTERM) != signal.SIG_DFL  # the second is open
+        second.close()
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+        """,
+        tmp_path / "r.zarr",
+    )
