@@ -23,13 +23,17 @@ threads, and writing the parent's archive from them would corrupt it. Nothing he
 its workers) ends a Python process at once, running none of the above: the steps recorded since
 the last flush were lost (up to 192 steps or 60 s). While a monitor with an archive that outlives
 the process is open, :func:`guard_termination` handles ``SIGTERM`` where it still has its default
-disposition, on the main thread: the handler finishes the open monitors as at exit (without
-waiting for the threads that drive them: the process is ending) for at most
-:data:`TERMINATION_GRACE` seconds on a thread of its own, then ends the process by the same signal,
-as it would have ended (its exit status says ``SIGTERM``; a second ``SIGTERM`` meanwhile ends it at
-once). A handler installed before ``watch()`` is left alone, and one installed after it that calls
-streamspec's (PyTorch Lightning's, which then stops training gracefully) gets a handler that does
-nothing: the process then ends through Python's exit, which finishes the monitors.
+disposition (main thread, POSIX), as the default would, after saving: the open monitors are
+finished as at exit, on a thread of its own and without waiting for the threads that drive them
+(training goes on meanwhile, unrecorded), for at most :data:`TERMINATION_GRACE` seconds; then the
+process ends by SIGTERM (its exit status says so; a second SIGTERM meanwhile ends it at once). A
+watcher thread on the signal module's wakeup pipe starts this even while the main thread is stuck
+in a C call (a hung collective), where a Python handler never runs. Other handlers decide: one
+installed before ``watch()`` is left alone; one installed after it that does not call
+streamspec's is left to end the process (Python's exit then finishes the monitors); one that
+calls it (the usual chaining) hands it the default's job, finish then end, unless it is a
+framework's that stops training gracefully itself (PyTorch Lightning's), for which streamspec only
+finishes the monitors. Forked children (DataLoader workers) get the default disposition back.
 """
 
 from __future__ import annotations
@@ -121,18 +125,33 @@ def _finish_at_exit() -> None:
         print("streamspec: interrupted while finishing an archive at exit", file=sys.stderr)
 
 
-# Seconds the SIGTERM handler gives the open monitors before the process ends: below the grace
+# Seconds the SIGTERM handling gives the open monitors before the process ends: below the grace
 # that schedulers give before SIGKILL (SLURM's default KillWait and Kubernetes' grace period are
 # 30 s), far above a normal close (a second or two: ≤ 64 queued steps, one block write).
 TERMINATION_GRACE = 20.0
-_guarded = False  # the SIGTERM handler is installed (main thread only reads and writes it)
+_guarded = False  # the SIGTERM handler is installed (the main thread reads and writes it)
+_wakeup: tuple[int, int] | None = None  # the watcher's pipe (read end, write end)
+_terminating = threading.Event()  # a SIGTERM is being handled: the exit hook waits no more
+_begun = False  # (under _lock) the SIGTERM's finishing has started
+_finished = False  # (under _lock) ... and is over
+_ending = False  # (under _lock) the process ends by SIGTERM once it is over
+
+
+def terminating() -> bool:
+    """Whether a SIGTERM's finishing has started (waits at exit stop waiting then)."""
+    return _terminating.is_set()
 
 
 def guard_termination() -> None:
     """Handle ``SIGTERM`` as described above, from now until :func:`release_termination` finds
     no monitor left to guard. Only on the main thread (the only one that may install handlers)
-    of a POSIX process, and only where ``SIGTERM`` has its default disposition."""
-    global _guarded
+    of a POSIX process, and only where ``SIGTERM`` has its default disposition.
+
+    Besides the handler, a watcher thread reads the signal module's wakeup pipe (where it is not
+    taken, e.g. by an asyncio loop on the main thread): a Python handler runs only once the main
+    thread is back in Python code, and one stuck in a C call (a hung collective, a long kernel)
+    would never get there; the watcher starts the finishing at once either way."""
+    global _guarded, _wakeup
     if _guarded or os.name != "posix" or threading.current_thread() is not threading.main_thread():
         return
     try:
@@ -142,58 +161,129 @@ def guard_termination() -> None:
     except (ValueError, OSError):  # pragma: no cover - not the main interpreter, or no signals
         return
     _guarded = True
+    read, write = os.pipe()
+    try:
+        os.set_blocking(write, False)
+        previous = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+        if previous != -1:  # someone else's (asyncio): theirs stays, no watcher
+            signal.set_wakeup_fd(previous)
+            raise OSError("wakeup fd taken")
+        threading.Thread(
+            target=_watch, args=(read,), name="streamspec-signals", daemon=True
+        ).start()
+    except (ValueError, OSError, RuntimeError):
+        os.close(read)
+        os.close(write)
+        return
+    _wakeup = (read, write)
 
 
 def release_termination() -> None:
-    """Give ``SIGTERM`` its default disposition back once no open monitor needs the handler
-    (called by ``close()``; only on the main thread, only if the handler is still streamspec's)."""
+    """Give ``SIGTERM`` its default disposition (and the wakeup pipe) back once no open monitor
+    needs them; only on the main thread (elsewhere, the handler stays, acting as the default
+    would once nothing needs it)."""
     global _guarded
     if not _guarded or threading.current_thread() is not threading.main_thread():
         return
-    with _lock:
-        monitors = [m for m in list(_open.values()) if m is not None]
-    if any(m._guards_termination() for m in monitors):
+    if _guarding():
         return
     try:
         if signal.getsignal(signal.SIGTERM) is _on_sigterm:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        _close_wakeup()
     except (ValueError, OSError):  # pragma: no cover
         return
     _guarded = False
 
 
-def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-    if signal.getsignal(signum) is not _on_sigterm:
-        # Called by a handler installed after this one (PyTorch Lightning's calls those it
-        # found): that one decides how the process ends; Python's exit finishes the monitors.
-        return
-    global _guarded
-    signal.signal(signum, signal.SIG_DFL)  # a second SIGTERM ends the process at once
-    _guarded = False
+def _guarding() -> bool:
+    """Whether an open monitor would lose rows to a SIGTERM."""
     with _lock:
-        anything = os.getpid() == _pid and (len(_open) > 0 or bool(_abandoned))
-    if not anything:  # (a forked child has no monitors of its own: see _forget)
-        signal.raise_signal(signum)
+        monitors = [m for m in list(_open.values()) if m is not None]
+    return any(m._guards_termination() for m in monitors)
+
+
+def _close_wakeup() -> None:
+    """The wakeup pipe given back (main thread); the watcher ends on its end of file."""
+    global _wakeup
+    if _wakeup is None:
         return
-    # The monitors are finished on a thread of its own, and this handler returns at once: the
-    # main thread was interrupted at any point, perhaps holding a lock that finishing needs
-    # (the host queue's, mid-submit), which it releases only once it runs on. Meanwhile it goes
-    # on training, unrecorded (a monitor closed under its training, as at exit); the process
-    # ends once they are finished, or after TERMINATION_GRACE seconds.
+    read, write = _wakeup
+    _wakeup = None
+    current = signal.set_wakeup_fd(-1)
+    if current != write:  # replaced since: not ours to clear
+        signal.set_wakeup_fd(current)
+    os.close(write)
+
+
+def _watch(read: int) -> None:
+    """The watcher: a SIGTERM's byte in the wakeup pipe starts the finishing."""
     try:
-        threading.Thread(
-            target=_terminate, args=(signum,), name="streamspec-sigterm", daemon=True
-        ).start()
-    except BaseException:  # no thread at the interpreter's shutdown: end as SIGTERM would
-        signal.raise_signal(signum)
+        while data := os.read(read, 512):
+            # Only where streamspec's handler is the installed one (or has run): a handler
+            # installed later decides, and calls streamspec's if it wants its finishing.
+            handler = signal.getsignal(signal.SIGTERM)
+            if signal.SIGTERM in data and (handler is _on_sigterm or handler == signal.SIG_DFL):
+                _begin(ending=True)
+    except OSError:  # pragma: no cover - the pipe closed under it
+        pass
+    finally:
+        os.close(read)
 
 
-def _terminate(signum: int) -> None:
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    """The Python handler (main thread, once it runs Python code)."""
+    global _guarded
+    handler = signal.getsignal(signum)
+    if handler is _on_sigterm:  # installed: the default's stand-in
+        signal.signal(signum, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+        _guarded = False
+        _begin(ending=True)
+    else:  # called by a handler installed later: it hands over what the default would do,
+        _begin(ending=not _graceful(handler))  # unless it stops training gracefully itself
+
+
+def _graceful(handler: object) -> bool:
+    """Whether ``handler`` is a framework's that stops training gracefully on SIGTERM and calls
+    the handlers it found for their clean-up only (PyTorch Lightning's signal connector)."""
+    module = getattr(type(handler), "__module__", "") or ""
+    module = module if module != "builtins" else getattr(handler, "__module__", "") or ""
+    return module.split(".")[0] in ("lightning", "pytorch_lightning", "lightning_fabric")
+
+
+def _begin(ending: bool) -> None:
+    """Start the SIGTERM's finishing, once: on a thread of its own, so that the main thread
+    (interrupted at any point, perhaps holding a lock that finishing needs, such as the host
+    queue's mid-submit) goes on and releases it. It goes on training meanwhile, unrecorded (a
+    monitor closed under its training, as at exit). Then, if ``ending`` (streamspec's handler is
+    the one installed, or was called by a later handler in the default's stead), the process
+    ends by SIGTERM; otherwise the handler installed later decides how it ends."""
+    global _begun, _ending
+    with _lock:
+        if os.getpid() != _pid:
+            return
+        _ending = _ending or ending
+        first, die_now = not _begun, _finished and ending
+        _begun = True
+    if die_now:  # (finished already, before the handler that hands the ending over ran)
+        _die(signal.SIGTERM)
+    if not first:
+        return
+    _terminating.set()
+    try:
+        threading.Thread(target=_terminate, name="streamspec-sigterm", daemon=True).start()
+    except BaseException:  # no new thread at the interpreter's shutdown
+        if ending:
+            _die(signal.SIGTERM)
+
+
+def _terminate() -> None:
+    global _finished
     deadline = time.monotonic() + TERMINATION_GRACE
     try:
         # The exit hook may be finishing them on the main thread (the script ended meanwhile):
-        # one at a time.
-        if _finishing.acquire(timeout=TERMINATION_GRACE):
+        # it stops waiting for threads once _terminating is set; then one at a time.
+        if (_guarding() or _abandoned) and _finishing.acquire(timeout=TERMINATION_GRACE):
             try:
                 finisher = threading.Thread(
                     target=_finish_all, name="streamspec-sigterm-close", daemon=True
@@ -203,7 +293,31 @@ def _terminate(signum: int) -> None:
             finally:
                 _finishing.release()
     finally:
+        with _lock:
+            _finished = True
+            ending = _ending
+        if ending:
+            _die(signal.SIGTERM)
+
+
+def _die(signum: int) -> None:
+    """End the process by ``signum``'s default action, from any thread: the disposition is reset
+    through the C library where the main thread has not run the Python handler yet (stuck in a C
+    call); SIGKILL if even that fails."""
+    try:
+        if signal.getsignal(signum) != signal.SIG_DFL:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.signal.restype = ctypes.c_void_p
+            libc.signal.argtypes = (ctypes.c_int, ctypes.c_void_p)
+            if libc.signal(signum, None) == ctypes.c_void_p(-1).value:  # SIG_DFL is NULL
+                raise OSError("signal() failed")
         os.kill(os.getpid(), signum)
+        time.sleep(5.0)  # (delivered to some thread; the process ends meanwhile)
+    except BaseException:
+        pass
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _finish_all() -> None:
@@ -221,12 +335,29 @@ def _finish_all() -> None:
 
 def _forget() -> None:
     """In a forked child: its copies of the parent's monitors are not its own to finish."""
-    global _lock, _finishing, _pid
+    global _lock, _finishing, _pid, _guarded, _wakeup, _terminating, _begun, _finished, _ending
     _lock = threading.RLock()  # the parent's may have been held by another thread at the fork
     _finishing = threading.Lock()
     _open.clear()
     _abandoned.clear()
     _pid = os.getpid()
+    _terminating, _begun, _finished, _ending = threading.Event(), False, False, False
+    # SIGTERM as by default again (a worker stuck in a C call must still end at once), and the
+    # parent's wakeup pipe is not the child's (no watcher thread here).
+    if _guarded:
+        _guarded = False
+        try:
+            if signal.getsignal(signal.SIGTERM) is _on_sigterm:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            if _wakeup is not None:
+                current = signal.set_wakeup_fd(-1)
+                if current != _wakeup[1]:  # replaced since: not ours to clear
+                    signal.set_wakeup_fd(current)
+                for fd in _wakeup:
+                    os.close(fd)
+        except (ValueError, OSError):  # pragma: no cover - forked off the main thread
+            pass
+        _wakeup = None
 
 
 def _register() -> None:

@@ -515,8 +515,11 @@ class Monitor:
         """Close the epoch: epoch spectra from the sketches, Welch tests of its recorded steps."""
         if not self._check_open():
             return
-        self._drop_failed_backward()  # a dead step's held rows go now, not at the next label()
-        self._finish_epoch()
+        with self._close_lock:  # (not while another thread closes it: the epoch once)
+            if self._closed:
+                return
+            self._drop_failed_backward()  # a dead step's rows go now, not at the next label()
+            self._finish_epoch()
         self._raise_worker_error()
 
     def snapshot(self) -> Snapshot | None:
@@ -525,10 +528,11 @@ class Monitor:
 
     def flush(self) -> None:
         """Process every recorded step and write it to the archive (blocks until done)."""
-        if self._closed_at_exit:
-            return
-        self._pipeline.drain()
-        self._writer.flush(wait=True)
+        with self._close_lock:  # (not while another thread closes it)
+            if self._closed_at_exit:
+                return
+            self._pipeline.drain()
+            self._writer.flush(wait=True)
         self._emit_warnings()
         self._raise_worker_error()
 
@@ -545,11 +549,13 @@ class Monitor:
         if self._torn_down:
             return
         self._closed = True  # first: hooks of a step in flight on another thread do nothing now
-        with self._close_lock:
-            if self._torn_down:
-                return
-            self._tear_down()
-        lifecycle.release_termination()
+        try:
+            with self._close_lock:
+                if self._torn_down:
+                    return
+                self._tear_down()
+        finally:
+            lifecycle.release_termination()
         self._emit_warnings()
         self._raise_worker_error()
 
@@ -614,7 +620,8 @@ class Monitor:
                 if _executor_worker(owner):
                     _wait_until_idle(owner)
                 else:
-                    owner.join()
+                    while owner.is_alive() and not lifecycle.terminating():
+                        owner.join(0.05)
             except KeyboardInterrupt:
                 print(
                     f"streamspec: stopped waiting for thread {owner.name!r}; closing its monitor",
@@ -622,6 +629,7 @@ class Monitor:
                 )
             if self._torn_down:
                 return
+            terminated = lifecycle.terminating()  # a SIGTERM meanwhile: the process is ending
         still_running = (
             owner is not threading.current_thread()
             and owner.is_alive()
@@ -1033,6 +1041,13 @@ class Monitor:
         self._callback_queued = False
         if self._closed:  # closed mid-step from another thread (at the process's exit)
             return
+        with self._close_lock:  # a close() on another thread waits for the step's end
+            if self._closed:
+                return
+            self._end_step()
+        self._emit_warnings()
+
+    def _end_step(self) -> None:
         try:
             plans = self._step_plans
             # Labelled batches through separate forwards before one backward (a labelled and
@@ -1071,7 +1086,6 @@ class Monitor:
             # host pipeline would refuse as out of order.
             self._step += 1
             self._reset_step()
-        self._emit_warnings()
 
     def _leave_out(self, module: nn.Module) -> str | None:
         """Leave ``module``'s layers out of the step (NaN); the name of its first layer if the
@@ -1403,7 +1417,7 @@ def _idle(worker: threading.Thread) -> bool:
 def _wait_until_idle(worker: threading.Thread) -> None:
     """Until an executor's worker has finished its jobs (the executors' own exit waits for them
     too, after streamspec's: no wait here that the exit would not make anyway)."""
-    while worker.is_alive() and not _idle(worker):
+    while worker.is_alive() and not _idle(worker) and not lifecycle.terminating():
         time.sleep(0.05)
 
 

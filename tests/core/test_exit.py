@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -396,23 +397,57 @@ def test_a_sigterm_handler_of_the_users_own_is_left_to_end_the_process(tmp_path)
     assert streamspec.open(tmp_path / "r.zarr").to_xarray().sizes["step"] == 12
 
 
-def test_a_handler_installed_later_that_calls_streamspecs_decides_how_the_process_ends(
+def test_a_handler_installed_later_that_calls_streamspecs_gets_the_defaults_ending(
     tmp_path,
 ) -> None:
-    """PyTorch Lightning's SIGTERM handler calls the handler it found (streamspec's) and stops
-    training gracefully: streamspec's then does nothing (ending the process there would cut
-    Lightning's shutdown short); the script ends normally and the exit finishes the monitor."""
+    """The usual chaining (clean up, then call the handler found, which for the default would
+    have ended the process): streamspec's finishes the monitors and ends the process by
+    SIGTERM, as the default it stands in for would have (it returned and the process trained on
+    until SIGKILL)."""
     done = run_script(
         """
         import signal
         model = mlp()
         mon = streamspec.watch(model, ["a", "b"], rank=2, store=path, live=False)
         found = signal.getsignal(signal.SIGTERM)
-        stop = threading.Event()
-        def graceful(signum, frame):
-            stop.set()
+        def cleanup_then_found(signum, frame):
+            print("my cleanup", flush=True)
             found(signum, frame)
-        signal.signal(signal.SIGTERM, graceful)
+        signal.signal(signal.SIGTERM, cleanup_then_found)
+        train(mon, model, 12)
+        signal.raise_signal(signal.SIGTERM)
+        while True:
+            train(mon, model, 1)
+        """,
+        tmp_path / "r.zarr",
+        returncode=TERMINATED,
+    )
+    assert "my cleanup" in done.stdout
+    ds = streamspec.open(tmp_path / "r.zarr").to_xarray()
+    assert ds.sizes["step"] in (12, 13) and ds.sizes["epoch"] == 1
+
+
+def test_pytorch_lightnings_handler_stops_training_itself_and_streamspec_only_finishes(
+    tmp_path,
+) -> None:
+    """PyTorch Lightning's signal connector calls the handlers it found for their clean-up and
+    stops training gracefully itself: streamspec's then finishes the monitors and leaves the
+    ending to it (ending the process would cut Lightning's shutdown short)."""
+    done = run_script(
+        """
+        import signal
+        model = mlp()
+        mon = streamspec.watch(model, ["a", "b"], rank=2, store=path, live=False)
+        stop = threading.Event()
+        class _HandlersCompose:  # as lightning.pytorch.trainer.connectors.signal_connector's
+            def __init__(self, handlers):
+                self.handlers = handlers
+            def __call__(self, signum, frame):
+                for handler in self.handlers:
+                    handler(signum, frame)
+        _HandlersCompose.__module__ = "lightning.pytorch.trainer.connectors.signal_connector"
+        found = signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, _HandlersCompose([lambda s, f: stop.set(), found]))
         for step in range(1000):
             train(mon, model, 1)
             if step == 14:
@@ -427,11 +462,149 @@ def test_a_handler_installed_later_that_calls_streamspecs_decides_how_the_proces
     assert streamspec.open(tmp_path / "r.zarr").to_xarray().sizes["step"] == 15
 
 
+def test_a_handler_installed_later_that_does_not_call_streamspecs_decides_alone(tmp_path) -> None:
+    """A handler that replaces streamspec's without calling it (a preemption notice that saves a
+    checkpoint and trains on) decides alone: the monitor goes on recording."""
+    run_script(
+        """
+        import signal
+        model = mlp()
+        mon = streamspec.watch(model, ["a", "b"], rank=2, store=path, live=False)
+        notices = []
+        signal.signal(signal.SIGTERM, lambda signum, frame: notices.append(signum))
+        train(mon, model, 10)
+        signal.raise_signal(signal.SIGTERM)
+        train(mon, model, 10)
+        assert notices, notices
+        mon.close()
+        """,
+        tmp_path / "r.zarr",
+    )
+    assert streamspec.open(tmp_path / "r.zarr").to_xarray().sizes["step"] == 20
+
+
+def test_a_sigterm_while_the_exit_waits_for_a_training_thread_finishes_at_once(tmp_path) -> None:
+    """The main module has ended and the exit waits for the (non-daemon) thread that trains;
+    a SIGTERM then waited 20 s for the exit's lock and ended the process with the rows lost."""
+    script = PRELUDE + textwrap.dedent(
+        """
+        model = mlp()
+        mon = streamspec.watch(model, ["a", "b"], rank=2, store=path, live=False)
+        labelled = threading.Event()
+        def job():
+            train(mon, model, 1)
+            labelled.set()  # the monitor is the thread's from here on: the exit waits for it
+            train(mon, model, 19)
+            print("ready", flush=True)
+            while True:
+                train(mon, model, 1)
+        threading.Thread(target=job).start()
+        labelled.wait()
+        """
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", script, str(tmp_path / "r.zarr")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "ready\n"
+        started = time.monotonic()
+        child.send_signal(signal.SIGTERM)
+        _, stderr = child.communicate(timeout=60)
+        took = time.monotonic() - started
+    finally:
+        child.kill()
+    assert child.returncode == TERMINATED, stderr
+    assert took < 10, took
+    ds = streamspec.open(tmp_path / "r.zarr").to_xarray()
+    assert ds.sizes["step"] >= 20 and ds.sizes["epoch"] == 1
+
+
+def test_a_sigterm_during_end_epoch_writes_the_epoch_once(tmp_path) -> None:
+    """The finishing ran the epoch's end a second time beside the training thread's (one epoch,
+    two epoch rows, the second all NaN); it now waits for the training thread's."""
+    run_script(
+        """
+        import os, signal, time
+        from streamspec.sketch import tracker
+        end_epoch = tracker.LayerTracker.end_epoch
+        def slow(self):  # a big model's epoch end takes a while
+            time.sleep(0.1)
+            return end_epoch(self)
+        tracker.LayerTracker.end_epoch = slow
+        model = mlp()
+        mon = streamspec.watch(model, ["a", "b"], rank=2, store=path, live=False)
+        train(mon, model, 30)
+        threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        mon.end_epoch()
+        while True:
+            train(mon, model, 1)
+        """,
+        tmp_path / "r.zarr",
+        returncode=TERMINATED,
+    )
+    ds = streamspec.open(tmp_path / "r.zarr").to_xarray()
+    assert ds.sizes["step"] == 30 and ds.sizes["epoch"] == 1
+    assert np.isfinite(ds.sigma_epoch.values).all()
+
+
+def test_a_main_thread_stuck_in_a_c_call_still_ends_on_sigterm_with_its_steps(tmp_path) -> None:
+    """A main thread blocked in C (a hung collective) never runs a Python handler: SIGTERM did
+    nothing until SIGKILL. The wakeup pipe's watcher finishes the monitor and ends the process."""
+    run_script(
+        """
+        import ctypes, os, signal
+        libc = ctypes.CDLL(None)
+        mutex = ctypes.create_string_buffer(64)  # PTHREAD_MUTEX_INITIALIZER (glibc: zeros)
+        libc.pthread_mutex_lock(mutex)
+        model = mlp()
+        mon = streamspec.watch(model, ["a", "b"], rank=2, store=path, live=False)
+        train(mon, model, 20)
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        libc.pthread_mutex_lock(mutex)  # blocks in C for good
+        """,
+        tmp_path / "r.zarr",
+        returncode=TERMINATED,
+        timeout=60,
+    )
+    ds = streamspec.open(tmp_path / "r.zarr").to_xarray()
+    assert ds.sizes["step"] == 20 and ds.sizes["epoch"] == 1
+
+
+def test_sigterm_ends_the_process_at_once_once_the_monitor_was_closed_off_the_main_thread(
+    tmp_path,
+) -> None:
+    """Closed on another thread, the handler cannot be given back (only the main thread may):
+    it then acts as the default, also for a main thread stuck in C."""
+    run_script(
+        """
+        import ctypes, os, signal
+        model = mlp()
+        mon = streamspec.watch(model, ["a", "b"], rank=2, store=path, live=False)
+        train(mon, model, 5)
+        closer = threading.Thread(target=mon.close)
+        closer.start(); closer.join()
+        libc = ctypes.CDLL(None)
+        mutex = ctypes.create_string_buffer(64)
+        libc.pthread_mutex_lock(mutex)
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        libc.pthread_mutex_lock(mutex)
+        """,
+        tmp_path / "r.zarr",
+        returncode=TERMINATED,
+        timeout=30,
+    )
+    assert streamspec.open(tmp_path / "r.zarr").to_xarray().sizes["step"] == 5
+
+
 def test_a_forked_child_ends_on_sigterm_at_once_and_leaves_its_parents_archive_alone(
     tmp_path,
 ) -> None:
-    """A DataLoader worker forked mid-run inherits the handler: a SIGTERM to it ends it, as by
-    default, and the parent's run goes on."""
+    """A DataLoader worker forked mid-run gets SIGTERM's default disposition back: a SIGTERM
+    ends it at once even while it is stuck in a C call (a fork deadlock), where an inherited
+    Python handler never ran; the parent's run goes on."""
     run_script(
         """
         import os, signal, time
@@ -440,9 +613,13 @@ def test_a_forked_child_ends_on_sigterm_at_once_and_leaves_its_parents_archive_a
         train(mon, model, 3)
         ready, started = os.pipe()
         pid = os.fork()
-        if pid == 0:
+        if pid == 0:  # stuck in C: a Python handler would never run there
+            import ctypes
+            libc = ctypes.CDLL(None)
+            mutex = ctypes.create_string_buffer(64)
+            libc.pthread_mutex_lock(mutex)
             os.write(started, b"1")  # (a SIGTERM before the child's interpreter is set up
-            time.sleep(60)           # after the fork is dropped by Python, handler or not)
+            libc.pthread_mutex_lock(mutex)  # after the fork is dropped by Python anyway)
             os._exit(0)
         os.read(ready, 1)
         os.kill(pid, signal.SIGTERM)
