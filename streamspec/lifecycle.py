@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import atexit
 import concurrent.futures.thread  # noqa: F401  (registers its exit hook before ours: ours runs first)
+import contextlib
 import itertools
 import os
 import signal
@@ -57,6 +58,8 @@ class Closable(Protocol):
     def _close_at_exit(self, terminated: bool = False) -> None: ...
 
     def _guards_termination(self) -> bool: ...
+
+    def _forget_in_child(self) -> None: ...
 
 
 class Joinable(Protocol):
@@ -129,6 +132,7 @@ def _finish_at_exit() -> None:
 # that schedulers give before SIGKILL (SLURM's default KillWait and Kubernetes' grace period are
 # 30 s), far above a normal close (a second or two: ≤ 64 queued steps, one block write).
 TERMINATION_GRACE = 20.0
+_HANDLER_WAIT = 0.5  # seconds the watcher leaves the Python handler to act first
 _guarded = False  # the SIGTERM handler is installed (the main thread reads and writes it)
 _wakeup: tuple[int, int] | None = None  # the watcher's pipe (read end, write end)
 _terminating = threading.Event()  # a SIGTERM is being handled: the exit hook waits no more
@@ -161,7 +165,10 @@ def guard_termination() -> None:
     except (ValueError, OSError):  # pragma: no cover - not the main interpreter, or no signals
         return
     _guarded = True
-    read, write = os.pipe()
+    try:
+        read, write = os.pipe()
+    except OSError:  # (EMFILE): the handler without a watcher
+        return
     try:
         os.set_blocking(write, False)
         previous = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
@@ -220,10 +227,17 @@ def _watch(read: int) -> None:
     """The watcher: a SIGTERM's byte in the wakeup pipe starts the finishing."""
     try:
         while data := os.read(read, 512):
-            # Only where streamspec's handler is the installed one (or has run): a handler
-            # installed later decides, and calls streamspec's if it wants its finishing.
-            handler = signal.getsignal(signal.SIGTERM)
-            if signal.SIGTERM in data and (handler is _on_sigterm or handler == signal.SIG_DFL):
+            if signal.SIGTERM not in data:
+                continue
+            # The Python handler acts if it runs (the main thread in Python code); this is for a
+            # main thread stuck in a C call. Only while streamspec's handler is the installed
+            # one: a handler installed later decides (and calls streamspec's for its finishing).
+            deadline = time.monotonic() + _HANDLER_WAIT
+            while not _begun and time.monotonic() < deadline:
+                time.sleep(0.01)
+            if not _begun and signal.getsignal(signal.SIGTERM) is _on_sigterm:
+                with contextlib.suppress(Exception):  # a second SIGTERM ends it at once
+                    _reset_default(signal.SIGTERM)
                 _begin(ending=True)
     except OSError:  # pragma: no cover - the pipe closed under it
         pass
@@ -306,18 +320,24 @@ def _die(signum: int) -> None:
     call); SIGKILL if even that fails."""
     try:
         if signal.getsignal(signum) != signal.SIG_DFL:
-            import ctypes
-
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.signal.restype = ctypes.c_void_p
-            libc.signal.argtypes = (ctypes.c_int, ctypes.c_void_p)
-            if libc.signal(signum, None) == ctypes.c_void_p(-1).value:  # SIG_DFL is NULL
-                raise OSError("signal() failed")
+            _reset_default(signum)
         os.kill(os.getpid(), signum)
         time.sleep(5.0)  # (delivered to some thread; the process ends meanwhile)
     except BaseException:
         pass
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _reset_default(signum: int) -> None:
+    """``signum``'s default disposition, from any thread: through the C library (Python's
+    ``signal.signal`` is for the main thread only, which may be stuck in a C call)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.signal.restype = ctypes.c_void_p
+    libc.signal.argtypes = (ctypes.c_int, ctypes.c_void_p)
+    if libc.signal(signum, None) == ctypes.c_void_p(-1).value:  # (SIG_DFL is NULL)
+        raise OSError("signal() failed")
 
 
 def _finish_all() -> None:
@@ -338,6 +358,8 @@ def _forget() -> None:
     global _lock, _finishing, _pid, _guarded, _wakeup, _terminating, _begun, _finished, _ending
     _lock = threading.RLock()  # the parent's may have been held by another thread at the fork
     _finishing = threading.Lock()
+    for monitor in list(_open.values()):  # the parent's: inert here (their locks may be held)
+        monitor._forget_in_child()
     _open.clear()
     _abandoned.clear()
     _pid = os.getpid()

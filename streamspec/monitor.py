@@ -528,11 +528,14 @@ class Monitor:
 
     def flush(self) -> None:
         """Process every recorded step and write it to the archive (blocks until done)."""
-        with self._close_lock:  # (not while another thread closes it)
-            if self._closed_at_exit:
+        if self._closed_at_exit:
+            return
+        self._pipeline.drain()
+        with self._close_lock:  # (not while another thread closes it; only the hand-over, so
+            if self._closed_at_exit:  # a flush on a side thread never holds training up)
                 return
-            self._pipeline.drain()
-            self._writer.flush(wait=True)
+            self._writer.flush(wait=False)
+        self._writer.flush(wait=True)
         self._emit_warnings()
         self._raise_worker_error()
 
@@ -575,7 +578,11 @@ class Monitor:
         try:
             if was_open:
                 self._remove_hooks()
-                self._drop_failed_backward()  # a closed monitor holds no dead step's rows
+                # Only the thread that runs the steps can tell a dead backward from a live one
+                # (the graph task id is per thread): a step in flight there is left to it, and
+                # its end does nothing once closed.
+                if threading.current_thread() is self._owner or not self._owner.is_alive():
+                    self._drop_failed_backward()  # a closed monitor holds no dead step's rows
                 if self._epoch_steps:
                     self._finish_epoch()
                 self._pipeline.drain()
@@ -588,6 +595,12 @@ class Monitor:
             self._writer.close(next_step=self._step)
             self._torn_down = True
             self._finalizer.detach()
+
+    def _forget_in_child(self) -> None:
+        """In a forked child (a DataLoader worker): the parent's monitor, inert here (its
+        threads are the parent's, its locks may have been held at the fork)."""
+        self._closed = True
+        self._closed_at_exit = True
 
     def _guards_termination(self) -> bool:
         """Whether a SIGTERM would lose rows of this monitor (see lifecycle.guard_termination)."""
@@ -653,7 +666,7 @@ class Monitor:
         if terminated:
             _exit_note(
                 "streamspec: the process received SIGTERM with a monitor open; streamspec closed "
-                f"it before the process ended: {written} are in {self._store_label}"
+                f"it: {written} are in {self._store_label}"
             )
             return
         note = (
@@ -873,6 +886,8 @@ class Monitor:
             except StreamspecError:
                 raise
             except Exception as error:  # never break the user's training
+                if self._closed:  # closed under it by another thread (SIGTERM, exit)
+                    return
                 self._fail(error)
 
         return hook

@@ -10,10 +10,12 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 import streamspec
 
@@ -653,3 +655,131 @@ def test_sigterm_keeps_its_default_without_a_persistent_archive_open(tmp_path) -
         """,
         tmp_path / "r.zarr",
     )
+
+
+def test_a_later_handler_that_stops_gracefully_without_calling_streamspecs_is_not_cut_short(
+    tmp_path,
+) -> None:
+    """A graceful stop installed after watch() that does not call streamspec's and sets the
+    default back for a second SIGTERM: the watcher read the default as streamspec's own handler
+    having run, closed the monitor and ended the process under it."""
+    done = run_script(
+        """
+        import signal
+        model = mlp()
+        mon = streamspec.watch(model, ["a", "b"], rank=2, store=path, live=False)
+        stop = threading.Event()
+        def graceful(signum, frame):
+            stop.set()
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second one ends it
+        signal.signal(signal.SIGTERM, graceful)
+        train(mon, model, 10)
+        signal.raise_signal(signal.SIGTERM)
+        for _ in range(40):  # the checkpoint, the last steps
+            train(mon, model, 1)
+        mon.close()
+        print("clean exit", stop.is_set())
+        """,
+        tmp_path / "r.zarr",
+    )
+    assert "clean exit True" in done.stdout
+    assert streamspec.open(tmp_path / "r.zarr").to_xarray().sizes["step"] == 50
+
+
+def test_a_close_on_another_thread_mid_backward_leaves_the_training_threads_step_alone() -> None:
+    """The SIGTERM's finishing (or any close on another thread) while the training thread is
+    inside a layer's hook: the close discarded the step in flight as a dead backward (the graph
+    task id is per thread), and the hook then failed with a StreamspecWarning, raised from
+    backward() under warnings as errors."""
+    from streamspec.capture import groups
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
+    mon = streamspec.watch(model, ["a", "b"], rank=2, live=False)
+    gather = groups.GroupPlan.gather
+    armed = []
+
+    def gather_then_close(self, rows):  # the close lands inside the hook
+        if armed and not mon._closed:
+            closer = threading.Thread(target=mon.close)
+            closer.start()
+            closer.join()
+        return gather(self, rows)
+
+    groups.GroupPlan.gather = gather_then_close
+    try:
+        for step in range(2):  # the second step's first hook closes it
+            mon.label(torch.arange(16) % 2)
+            armed += [True] if step == 1 else []
+            model(torch.randn(16, 8)).pow(2).mean().backward()
+            armed.clear()
+    finally:
+        groups.GroupPlan.gather = gather
+    assert mon._closed
+
+
+def test_a_forked_child_training_the_watched_model_never_waits_on_the_parents_locks(
+    tmp_path,
+) -> None:
+    """A child forked while a parent's thread held the monitor's close lock (a flush, an epoch
+    end) and training the watched model (Hogwild, a forked evaluation with gradients) waited
+    for it forever: the parent's monitors are inert in a child."""
+    run_script(
+        """
+        import os, time
+        model = mlp()
+        mon = streamspec.watch(model, ["a", "b"], rank=2, store=path, live=False)
+        train(mon, model, 3)
+        held, release = threading.Event(), threading.Event()
+        def hold():
+            with mon._close_lock:
+                held.set()
+                release.wait()
+        threading.Thread(target=hold).start()
+        held.wait()
+        pid = os.fork()
+        if pid == 0:
+            train(mon, model, 3)  # recorded nowhere, and never stuck
+            os._exit(0)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            time.sleep(0.05)
+        else:
+            os.kill(pid, 9)
+            raise AssertionError("the child hung")
+        release.set()
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+        train(mon, model, 3)
+        mon.close()
+        """,
+        tmp_path / "r.zarr",
+        timeout=90,
+    )
+    assert streamspec.open(tmp_path / "r.zarr").to_xarray().sizes["step"] == 6
+
+
+def test_no_pipe_left_for_the_watcher_still_handles_sigterm(tmp_path) -> None:
+    """os.pipe() failing (out of file descriptors) escaped watch() after the monitor was built,
+    leaving its hooks on the model and its archive locked; the handler now goes without a
+    watcher."""
+    run_script(
+        """
+        import os, signal
+        pipe = os.pipe
+        def no_pipe():
+            raise OSError(24, "Too many open files")
+        os.pipe = no_pipe
+        model = mlp()
+        mon = streamspec.watch(model, ["a", "b"], rank=2, store=path, live=False)
+        os.pipe = pipe
+        train(mon, model, 8)
+        signal.raise_signal(signal.SIGTERM)
+        while True:
+            train(mon, model, 1)
+        """,
+        tmp_path / "r.zarr",
+        returncode=TERMINATED,
+    )
+    assert streamspec.open(tmp_path / "r.zarr").to_xarray().sizes["step"] in (8, 9)
