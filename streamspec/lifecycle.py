@@ -104,19 +104,21 @@ def _at_exit() -> None:
         print("streamspec: interrupted while finishing an archive at exit", file=sys.stderr)
         return
     try:
-        _finish_at_exit()
+        _finish_open()
     finally:
         _finishing.release()
 
 
-def _finish_at_exit() -> None:
+def _finish_open(terminated: bool = False) -> None:
+    """Every open monitor finished as ``close()`` would (``terminated``: on SIGTERM, without
+    waiting for the threads driving them), then the host threads of collected ones waited for."""
     with _lock:
         found = [_open.get(key) for key in sorted(_open.keys())]
     monitors = [monitor for monitor in found if monitor is not None]
     monitors.sort(key=lambda monitor: monitor._exit_waits())  # those that need no wait first
     for monitor in monitors:
         try:
-            monitor._close_at_exit()
+            monitor._close_at_exit(terminated)
         except KeyboardInterrupt:
             print("streamspec: interrupted while finishing an archive at exit", file=sys.stderr)
         except BaseException as error:  # pragma: no cover - _close_at_exit raises nothing else
@@ -133,7 +135,6 @@ def _finish_at_exit() -> None:
 # 30 s), far above a normal close (a second or two: ≤ 64 queued steps, one block write).
 TERMINATION_GRACE = 20.0
 _HANDLER_WAIT = 0.5  # seconds the watcher leaves the Python handler to act first
-_guarded = False  # the SIGTERM handler is installed (the main thread reads and writes it)
 _wakeup: tuple[int, int] | None = None  # the watcher's pipe (read end, write end)
 _terminating = threading.Event()  # a SIGTERM is being handled: the exit hook waits no more
 _begun = False  # (under _lock) the SIGTERM's finishing has started
@@ -155,16 +156,15 @@ def guard_termination() -> None:
     taken, e.g. by an asyncio loop on the main thread): a Python handler runs only once the main
     thread is back in Python code, and one stuck in a C call (a hung collective, a long kernel)
     would never get there; the watcher starts the finishing at once either way."""
-    global _guarded, _wakeup
-    if _guarded or os.name != "posix" or threading.current_thread() is not threading.main_thread():
+    global _wakeup
+    if os.name != "posix" or threading.current_thread() is not threading.main_thread():
         return
     try:
-        if signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        if signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:  # (streamspec's already, too)
             return
         signal.signal(signal.SIGTERM, _on_sigterm)
     except (ValueError, OSError):  # pragma: no cover - not the main interpreter, or no signals
         return
-    _guarded = True
     try:
         read, write = os.pipe()
     except OSError:  # (EMFILE): the handler without a watcher
@@ -189,18 +189,10 @@ def release_termination() -> None:
     """Give ``SIGTERM`` its default disposition (and the wakeup pipe) back once no open monitor
     needs them; only on the main thread (elsewhere, the handler stays, acting as the default
     would once nothing needs it)."""
-    global _guarded
-    if not _guarded or threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread():
         return
-    if _guarding():
-        return
-    try:
-        if signal.getsignal(signal.SIGTERM) is _on_sigterm:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        _close_wakeup()
-    except (ValueError, OSError):  # pragma: no cover
-        return
-    _guarded = False
+    if (signal.getsignal(signal.SIGTERM) is _on_sigterm or _wakeup is not None) and not _guarding():
+        _unguard()
 
 
 def _guarding() -> bool:
@@ -210,17 +202,24 @@ def _guarding() -> bool:
     return any(m._guards_termination() for m in monitors)
 
 
-def _close_wakeup() -> None:
-    """The wakeup pipe given back (main thread); the watcher ends on its end of file."""
+def _unguard(child: bool = False) -> None:
+    """SIGTERM's default disposition and the wakeup pipe given back (main thread); the watcher
+    ends on its pipe's end of file (a forked ``child`` has no watcher: both ends close here)."""
     global _wakeup
-    if _wakeup is None:
-        return
-    read, write = _wakeup
-    _wakeup = None
-    current = signal.set_wakeup_fd(-1)
-    if current != write:  # replaced since: not ours to clear
-        signal.set_wakeup_fd(current)
-    os.close(write)
+    try:
+        if signal.getsignal(signal.SIGTERM) is _on_sigterm:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if _wakeup is not None:
+            read, write = _wakeup
+            _wakeup = None
+            current = signal.set_wakeup_fd(-1)
+            if current != write:  # replaced since: not ours to clear
+                signal.set_wakeup_fd(current)
+            os.close(write)
+            if child:
+                os.close(read)
+    except (ValueError, OSError):  # pragma: no cover - off the main thread
+        pass
 
 
 def _watch(read: int) -> None:
@@ -247,11 +246,9 @@ def _watch(read: int) -> None:
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     """The Python handler (main thread, once it runs Python code)."""
-    global _guarded
     handler = signal.getsignal(signum)
     if handler is _on_sigterm:  # installed: the default's stand-in
         signal.signal(signum, signal.SIG_DFL)  # a second SIGTERM ends the process at once
-        _guarded = False
         _begin(ending=True)
     else:  # called by a handler installed later: it hands over what the default would do,
         _begin(ending=not _graceful(handler))  # unless it stops training gracefully itself
@@ -300,7 +297,7 @@ def _terminate() -> None:
         if (_guarding() or _abandoned) and _finishing.acquire(timeout=TERMINATION_GRACE):
             try:
                 finisher = threading.Thread(
-                    target=_finish_all, name="streamspec-sigterm-close", daemon=True
+                    target=_finish_open, args=(True,), name="streamspec-sigterm-close", daemon=True
                 )
                 finisher.start()
                 finisher.join(max(deadline - time.monotonic(), 0.0))
@@ -340,22 +337,9 @@ def _reset_default(signum: int) -> None:
         raise OSError("signal() failed")
 
 
-def _finish_all() -> None:
-    """Every open monitor finished as at exit, without waiting for the threads driving them."""
-    with _lock:
-        monitors = [m for m in (_open.get(key) for key in sorted(_open.keys())) if m is not None]
-    for monitor in monitors:
-        try:
-            monitor._close_at_exit(terminated=True)
-        except BaseException as error:  # pragma: no cover - _close_at_exit raises nothing else
-            print(f"streamspec: finishing an archive on SIGTERM failed: {error!r}", file=sys.stderr)
-    for pipeline in list(_abandoned):
-        pipeline.join()
-
-
 def _forget() -> None:
     """In a forked child: its copies of the parent's monitors are not its own to finish."""
-    global _lock, _finishing, _pid, _guarded, _wakeup, _terminating, _begun, _finished, _ending
+    global _lock, _finishing, _pid, _terminating, _begun, _finished, _ending
     _lock = threading.RLock()  # the parent's may have been held by another thread at the fork
     _finishing = threading.Lock()
     for monitor in list(_open.values()):  # the parent's: inert here (their locks may be held)
@@ -366,20 +350,7 @@ def _forget() -> None:
     _terminating, _begun, _finished, _ending = threading.Event(), False, False, False
     # SIGTERM as by default again (a worker stuck in a C call must still end at once), and the
     # parent's wakeup pipe is not the child's (no watcher thread here).
-    if _guarded:
-        _guarded = False
-        try:
-            if signal.getsignal(signal.SIGTERM) is _on_sigterm:
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            if _wakeup is not None:
-                current = signal.set_wakeup_fd(-1)
-                if current != _wakeup[1]:  # replaced since: not ours to clear
-                    signal.set_wakeup_fd(current)
-                for fd in _wakeup:
-                    os.close(fd)
-        except (ValueError, OSError):  # pragma: no cover - forked off the main thread
-            pass
-        _wakeup = None
+    _unguard(child=True)
 
 
 def _register() -> None:

@@ -278,6 +278,26 @@ def test_a_busy_executor_worker_is_waited_for_until_its_job_is_done(tmp_path) ->
 TERMINATED = -signal.SIGTERM  # the return code of a process ended by SIGTERM
 
 
+def terminate_when_ready(body: str, path: Path) -> tuple[int, str, float]:
+    """Run a script until it prints "ready", send it SIGTERM: its return code, its stderr and
+    the seconds it took to end."""
+    script = PRELUDE + textwrap.dedent(body)
+    child = subprocess.Popen(
+        [sys.executable, "-c", script, str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "ready\n"
+        started = time.monotonic()
+        child.send_signal(signal.SIGTERM)
+        _, stderr = child.communicate(timeout=60)
+        return child.returncode, stderr, time.monotonic() - started
+    finally:
+        child.kill()
+
+
 def test_a_sigterm_keeps_every_recorded_step_and_still_ends_the_process_by_sigterm(
     tmp_path,
 ) -> None:
@@ -309,7 +329,7 @@ def test_a_sigterm_from_outside_mid_training_keeps_the_steps_recorded_until_then
     """The scheduler's SIGTERM lands anywhere in a training loop that never ends on its own
     (a hook, the optimizer, the monitor's own code): the steps recorded before it are written,
     the resumed run appends after them, and the process ends by SIGTERM."""
-    script = PRELUDE + textwrap.dedent(
+    returncode, stderr, _ = terminate_when_ready(
         """
         model = mlp()
         mon = streamspec.watch(model, ["a", "b"], rank=2, store=path, live=False)
@@ -317,21 +337,10 @@ def test_a_sigterm_from_outside_mid_training_keeps_the_steps_recorded_until_then
         print("ready", flush=True)
         while True:
             train(mon, model, 1)
-        """
+        """,
+        tmp_path / "r.zarr",
     )
-    child = subprocess.Popen(
-        [sys.executable, "-c", script, str(tmp_path / "r.zarr")],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert child.stdout is not None and child.stdout.readline() == "ready\n"
-        child.send_signal(signal.SIGTERM)
-        _, stderr = child.communicate(timeout=60)
-    finally:
-        child.kill()
-    assert child.returncode == TERMINATED, stderr
+    assert returncode == TERMINATED, stderr
     ds = streamspec.open(tmp_path / "r.zarr").to_xarray()
     assert ds.sizes["step"] >= 20 and ds.sizes["epoch"] == 1
     assert np.isfinite(ds.sigma.values).all()
@@ -488,7 +497,7 @@ def test_a_handler_installed_later_that_does_not_call_streamspecs_decides_alone(
 def test_a_sigterm_while_the_exit_waits_for_a_training_thread_finishes_at_once(tmp_path) -> None:
     """The main module has ended and the exit waits for the (non-daemon) thread that trains;
     a SIGTERM then waited 20 s for the exit's lock and ended the process with the rows lost."""
-    script = PRELUDE + textwrap.dedent(
+    returncode, stderr, took = terminate_when_ready(
         """
         model = mlp()
         mon = streamspec.watch(model, ["a", "b"], rank=2, store=path, live=False)
@@ -502,23 +511,10 @@ def test_a_sigterm_while_the_exit_waits_for_a_training_thread_finishes_at_once(t
                 train(mon, model, 1)
         threading.Thread(target=job).start()
         labelled.wait()
-        """
+        """,
+        tmp_path / "r.zarr",
     )
-    child = subprocess.Popen(
-        [sys.executable, "-c", script, str(tmp_path / "r.zarr")],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert child.stdout is not None and child.stdout.readline() == "ready\n"
-        started = time.monotonic()
-        child.send_signal(signal.SIGTERM)
-        _, stderr = child.communicate(timeout=60)
-        took = time.monotonic() - started
-    finally:
-        child.kill()
-    assert child.returncode == TERMINATED, stderr
+    assert returncode == TERMINATED, stderr
     assert took < 10, took
     ds = streamspec.open(tmp_path / "r.zarr").to_xarray()
     assert ds.sizes["step"] >= 20 and ds.sizes["epoch"] == 1
