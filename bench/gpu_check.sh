@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One prepared device run (see bench/README.md): GPU tests, then the GPU benchmarks.
+# One prepared device run (see bench/README.md): the GPU benchmarks and the GPU tests.
 # Installs nothing but carried wheels (zarr & co. travel as .whl/); writes results under $OUT.
 #   bash bench/gpu_check.sh [BASE_MODES] [MID_MODES]
+# The end-to-end gpu-base comparison runs first, so that a run cut short still has it.
 set -uo pipefail
 OUT=${OUT:-bench/results}
 BASE_MODES=${1:-plain,watch,watch10,lowrank,paper}
@@ -14,12 +15,12 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONPATH=${PYTHONPATH:-$PWD}
 nvidia-smi --query-gpu=name,memory.total --format=csv
+python3 -m bench --config gpu-base --device cuda --modes "$BASE_MODES" --profile 3 --out "$OUT" 2>&1
 python3 -m pytest -q -m gpu tests/gpu -p no:cacheprovider 2>&1 | tee "$OUT/gpu-tests.log"
 # The row products alone, as the monitor runs them and in variants (split-K, layers batched).
 python3 -m bench.products --config gpu-base --device cuda --out "$OUT" 2>&1
-python3 -m bench --config gpu-base --device cuda --modes "$BASE_MODES" --profile 3 --out "$OUT" 2>&1
 if [ "$MID_MODES" != "none" ]; then
-  # --profile: is gpu-mid bound by the host's Python and launches (then CUDA graphs are the lever)?
-  python3 -m bench --config gpu-mid --device cuda --modes "$MID_MODES" --no-accuracy --profile 3 \
+  # Is gpu-mid bound by the host's Python and launches (then CUDA graphs are the lever)?
+  python3 -m bench --config gpu-mid --device cuda --modes "$MID_MODES" --no-accuracy \
     --out "$OUT" 2>&1
 fi

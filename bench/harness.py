@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 import streamspec
+import streamspec.monitor
 from streamspec.testing.reference import ExactRecorder
 
 
@@ -193,12 +194,27 @@ class ModeResult:
         }
 
 
-MODES = ("plain", "watch", "watch10", "paper", "lowrank", "hostless", "batched")
+# ``watch`` under other settings of its GPU options (streamspec.monitor.batch_layers and
+# side_stream; on CUDA ``watch`` batches 4 layers on a side stream by default).
+_BATCH, _SIDE = "STREAMSPEC_BATCH_LAYERS", "STREAMSPEC_SIDE_STREAM"
+VARIANTS: dict[str, dict[str, str]] = {
+    "layerwise": {_BATCH: "1", _SIDE: "0"},
+    "batched": {_BATCH: "4", _SIDE: "0"},
+    "batched12": {_BATCH: "12", _SIDE: "0"},
+    "stream": {_BATCH: "1", _SIDE: "1"},
+    "batched12stream": {_BATCH: "12", _SIDE: "1"},
+}
+MODES = ("plain", "watch", "watch10", "paper", "lowrank", "hostless", *VARIANTS)
 """``hostless`` is a diagnostic, not a usable mode: ``watch`` with the host thread's spectra,
 statistics and writes skipped (it only waits for the copies), so that ``watch − hostless`` is
-what the host thread costs the training thread (Python's GIL, CPU cores). ``batched`` is
-``watch`` with ``STREAMSPEC_BATCH_LAYERS=4`` (a candidate default on GPUs: the products of
-four same-shape layers in one batched call)."""
+what the host thread costs the training thread (Python's GIL, CPU cores). The
+:data:`VARIANTS` are ``watch`` with its GPU options set otherwise (on CPUs they change
+nothing but the route through the monitor): ``layerwise`` (each layer's products in its own
+hook, on the training stream: the default before 2026-11-27), ``batched`` (four same-shape
+layers in one batched call, on the training stream), ``batched12`` (twelve, with the bank's
+cap on held rows raised to 1 GiB so that a BERT-base bank batches all its layers), ``stream``
+(one layer at a time on a side CUDA stream) and ``batched12stream`` (twelve on a side
+stream)."""
 
 
 def _wait_only(rec: Any) -> None:
@@ -229,9 +245,13 @@ def run_mode(cfg: Config, mode: str, device: torch.device, result: ModeResult) -
     sync()
     start = time.perf_counter()
     monitor: Any = None
-    if mode in ("watch", "watch10", "hostless", "batched"):
-        batched = {"STREAMSPEC_BATCH_LAYERS": "4"} if mode == "batched" else {}
-        with mock.patch.dict(os.environ, batched), warnings.catch_warnings():
+    if mode in ("watch", "watch10", "hostless", *VARIANTS):
+        cap = 1 << 30 if mode.startswith("batched12") else streamspec.monitor.BATCH_BYTES
+        with (
+            mock.patch.dict(os.environ, VARIANTS.get(mode, {})),
+            mock.patch.object(streamspec.monitor, "BATCH_BYTES", cap),
+            warnings.catch_warnings(),
+        ):
             warnings.simplefilter("ignore")
             monitor = streamspec.watch(
                 model, groups, rank=cfg.rank, live=False, every=10 if mode == "watch10" else 1

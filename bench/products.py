@@ -194,7 +194,7 @@ def _measure_shape(
             row[f"transposed split-k {chunks}"] = timer(
                 lambda chunks=chunks: _transposed(a, d, pr, chunks)
             )
-        for layers in (2, 4):
+        for layers in (2, 4, 12):
             stack = tuple(t.repeat(layers, 1, 1) for t in (a, d, b_in, b_out))
             row[f"layers {layers}"] = timer(lambda stack=stack: _products(*stack)) / layers
     saved = torch.get_float32_matmul_precision()

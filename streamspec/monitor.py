@@ -335,7 +335,15 @@ class Monitor:
         self._labels: torch.Tensor | None = None
         self._plan: GroupPlan | None = None
         self._state = [_LayerStepState() for _ in sites]
-        self._batch_layers = batch_layers()
+        # Per device type (see batch_layers(), side_stream()): how many layers of a bank run
+        # their products together, and whether they run on a side stream.
+        self._batch_layers = {kind: batch_layers(kind) for kind in ("cpu", "cuda")}
+        self._batch_bytes = BATCH_BYTES
+        # Per CUDA device: the side stream the row products run on (``side_stream()``), and
+        # the devices whose side stream holds products the step has not waited for yet.
+        self._side = side_stream("cuda")
+        self._side_streams: dict[torch.device, Any] = {}
+        self._side_pending: set[torch.device] = set()
         # Per bank: layers of the step whose products wait for a batch (index, A rows, Δ rows).
         self._queued: dict[int, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
         self._step_plans: dict[int, GroupPlan] = {}  # every labelling with a gradient this step
@@ -928,12 +936,13 @@ class Monitor:
         exact = rows_per_group <= self.config.exact_threshold
         adjoint = self._unscaled(adjoint)
         tracker = self._trackers[index]
+        kind = adjoint.device.type
+        batch = self._batch_layers.get(kind, 1)
         if (
-            self._batch_layers > 1
+            ((batch > 1 and tracker.bank.capacity > 1) or (self._side and kind == "cuda"))
             and not exact
             and tie is None
             and isinstance(activation, DenseRows)
-            and tracker.bank.capacity > 1
             and tracker.warm_started(adjoint.device)
             and len(state.plans) == 1
         ):
@@ -958,6 +967,7 @@ class Monitor:
         if state.products is None:
             state.products = products
             return
+        self._join_side_streams()  # the merge below reads products made on a side stream
         merged = merge_products(state.products, products)
         if merged is None:  # (the tying spectrum): left unrecorded rather than half of it
             state.products = None
@@ -988,12 +998,15 @@ class Monitor:
             # another labelling (its counts): the products of a batch share one
             or self._state[queue[0][0]].plans.keys() != self._state[index].plans.keys()
             # these rows would take the bank past BATCH_BYTES: the batch so far runs first
-            or sum((a.numel() + d.numel()) * 4 for _, a, d in queue) + size > BATCH_BYTES
+            or sum((a.numel() + d.numel()) * 4 for _, a, d in queue) + size > self._batch_bytes
         ):
             self._run_queue(key)  # (or another row count, another call pattern: not batched)
             queue = self._queued.setdefault(key, [])
         queue.append((index, rows, adjoint))
-        if len(queue) >= self._batch_layers or size >= BATCH_BYTES:
+        if (
+            len(queue) >= self._batch_layers.get(adjoint.device.type, 1)
+            or size >= self._batch_bytes
+        ):
             self._run_queue(key)
 
     def _run_queue(self, key: int) -> None:
@@ -1003,7 +1016,12 @@ class Monitor:
             return
         device = queue[0][2].device
         counts = self._layer_counts(self._state[queue[0][0]], device)
-        with as_written({device}, conv=False), _profiled("streamspec.fold"):
+        inputs = [t for _, a, d in queue for t in (a, d)]
+        with (
+            as_written({device}, conv=False),
+            _profiled("streamspec.fold"),
+            self._on_side_stream(device, inputs),
+        ):
             if len(queue) == 1:  # alone after all: no stacking copy
                 index, rows, adjoint = queue[0]
                 tracker = self._trackers[index]
@@ -1017,6 +1035,39 @@ class Monitor:
                 )
         for (index, _, _), p in zip(queue, products, strict=True):
             self._add_products(index, p)
+
+    @contextlib.contextmanager
+    def _on_side_stream(self, device: torch.device, inputs: list[torch.Tensor]) -> Iterator[None]:
+        """The row products on a side CUDA stream (``side_stream()``), so that their skinny
+        GEMMs, which fill few multiprocessors, run beside the model's backward instead of
+        between its kernels. The side stream first waits for the training stream's work so far
+        (the rows, the adjoints, the blocks); the step's end waits for the side stream
+        (:meth:`_join_side_streams`) before it reads the products.
+
+        Memory: the rows and adjoints were made on the training stream and are read here, so
+        they are marked as in use by the side stream (``record_stream``: their memory is not
+        handed out again before the side stream's reads are done). The products are made on
+        the side stream and read on the training stream only after it waited for the side
+        stream; they are freed after that read, and any later side-stream work is queued after
+        a fresh wait for the training stream, so it cannot overwrite them while they are read."""
+        if not self._side or device.type != "cuda":
+            yield
+            return
+        side = self._side_streams.get(device)
+        if side is None:
+            side = self._side_streams[device] = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            yield
+        for t in inputs:
+            t.record_stream(side)
+        self._side_pending.add(device)
+
+    def _join_side_streams(self) -> None:
+        """The training stream waits for the products queued on side streams (no host sync)."""
+        for device in self._side_pending:
+            torch.cuda.current_stream(device).wait_stream(self._side_streams[device])
+        self._side_pending.clear()
 
     def _layer_counts(self, state: _LayerStepState, device: torch.device) -> torch.Tensor | None:
         """A layer's samples per group in the step on ``device`` (what its epoch counts are made
@@ -1075,6 +1126,7 @@ class Monitor:
                     self._fold(index)
             for key in list(self._queued):  # batches not full at the end of the backward
                 self._run_queue(key)
+            self._join_side_streams()
             for index, state in enumerate(self._state):
                 # (left out: a call on shared ids, an unmergeable second fold of a sibling site)
                 if state.products is None or state.shared or not plans:
@@ -1323,18 +1375,39 @@ class _Unwatched:
         return None
 
 
-def batch_layers() -> int:
+GPU_BATCH_LAYERS = 4
+"""Layers of one bank whose sketched-route products run together on a CUDA device, by default."""
+
+
+def batch_layers(kind: str) -> int:
     """How many layers of one bank (same shape, same device) run their sketched-route products
-    together: ``STREAMSPEC_BATCH_LAYERS`` (default 1, each layer in its own hook).
+    together on devices of type ``kind``: ``STREAMSPEC_BATCH_LAYERS`` if set, else
+    :data:`GPU_BATCH_LAYERS` on CUDA devices and 1 (each layer in its own hook) elsewhere.
 
     Batching holds each layer's gathered rows until the batch is complete (at most
-    :data:`BATCH_BYTES` per bank), in exchange for products that fill a GPU better
-    (bench.products on an H200, BERT-base size: 12.8 → 6.9 ms of device time per step with 4).
-    Not yet measured end to end, so not the default; on CPUs it does not pay."""
-    try:
-        return max(1, int(os.environ.get("STREAMSPEC_BATCH_LAYERS", "1")))
-    except ValueError:
-        return 1
+    :data:`BATCH_BYTES` per bank), in exchange for products that fill a GPU better (an H200,
+    BERT-base size: the products' device time 12.0 → 6.5 ms per step with 4, and with the side
+    stream the watched step 1.27× → 1.17× the plain one; bench/README.md). On CPUs it does not
+    pay: their GEMMs use every core already, and the stacking copy costs more than it gains."""
+    value = os.environ.get("STREAMSPEC_BATCH_LAYERS", "").strip()
+    if value:
+        try:
+            return max(1, int(value))
+        except ValueError:
+            pass
+    return GPU_BATCH_LAYERS if kind == "cuda" else 1
+
+
+def side_stream(kind: str) -> bool:
+    """Whether the sketched-route row products of layers on devices of type ``kind`` run on a
+    side stream, beside the model's backward: ``STREAMSPEC_SIDE_STREAM`` (``1`` or ``0``) if
+    set, else on CUDA devices (the only ones with streams here). On an H200 alone it gains
+    nothing (the skinny products of one layer at a time still sit between the model's kernels),
+    but with the layers batched it takes another 2.5 ms off a BERT-base step (bench/README.md)."""
+    value = os.environ.get("STREAMSPEC_SIDE_STREAM", "").strip()
+    if value in ("0", "1"):
+        return value == "1"
+    return kind == "cuda"
 
 
 def _profiled(name: str) -> contextlib.AbstractContextManager[Any]:

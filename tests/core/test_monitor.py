@@ -966,8 +966,11 @@ def test_batched_layer_products_record_what_layer_by_layer_products_record(monke
 
     monkeypatch.setattr(monitor_module, "products_of_layers", counted)
     out = {}
-    for batch in ("1", "3"):
-        monkeypatch.setenv("STREAMSPEC_BATCH_LAYERS", batch)
+    for batch in ("1", "3", "side"):
+        # "side": STREAMSPEC_SIDE_STREAM on a CPU (no streams there): each layer alone, through
+        # the same queue as batches
+        monkeypatch.setenv("STREAMSPEC_BATCH_LAYERS", "1" if batch == "side" else batch)
+        monkeypatch.setenv("STREAMSPEC_SIDE_STREAM", "1" if batch == "side" else "0")
         calls.clear()
         torch.manual_seed(0)
         model = nn.Sequential(*[nn.Linear(40, 40) for _ in range(4)], nn.Linear(40, 8))
@@ -984,10 +987,11 @@ def test_batched_layer_products_record_what_layer_by_layer_products_record(monke
         # Batched: from the second step on, the four 40 × 40 layers as 3 + 1 (the one left
         # at the end of the backward runs alone, without stacking; the head is a bank of its
         # own and never batched).
-        assert calls == ([] if batch == "1" else [3] * 5), calls
-    for a, b in zip(out["1"], out["3"], strict=True):
+        assert calls == ([3] * 5 if batch == "3" else []), calls
+    for a, b, c in zip(out["1"], out["3"], out["side"], strict=True):
         assert np.isfinite(a).any()
         np.testing.assert_allclose(b, a, rtol=2e-4, atol=1e-6 * np.nanmax(np.abs(a)))
+        np.testing.assert_array_equal(c, a)
 
 
 def test_batched_rows_of_a_failed_backward_are_released_by_end_epoch_and_close(
