@@ -352,6 +352,10 @@ class Monitor:
         # undone when it ends, is no batch of the step; one before a reentrant-checkpointed
         # forward is, though that forward runs without grad).
         self._labels_in_step = 0
+        self._counted: dict[int, GroupPlan] = {}  # the labellings _labels_in_step counts
+        # Per labelling: its captured calls in the step whose gradient may still come (a
+        # paused() backward that keeps no graph spends them: see _spent()).
+        self._live: dict[int, tuple[GroupPlan, int]] = {}
         # Per thread, the labels it last set inside its open paused() block.
         self._block_labels: dict[int, torch.Tensor] = {}
         self._paused = 0  # open paused() blocks (forwards inside them are not watched)
@@ -459,6 +463,7 @@ class Monitor:
             self._block_labels[threading.get_ident()] = t
         elif torch.is_grad_enabled():  # (not a labelling for evaluation under no_grad)
             self._labels_in_step += 1
+            self._counted[id(self._plan)] = self._plan
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[Monitor]:
@@ -822,6 +827,9 @@ class Monitor:
             index = self._index.get((id(module), cap.key))
             if index is None or not cap.output.requires_grad:  # frozen, or no graph
                 continue
+            with self._lock:
+                live = self._live.get(id(plan), (plan, 0))[1]
+                self._live[id(plan)] = (plan, live + 1)
             if recording:
                 self._state[index].calls += 1
                 # The hook keeps the rows and the adjoint mapping, never the output tensor it
@@ -831,7 +839,7 @@ class Monitor:
                     self._adjoint_hook(index, cap.activation, cap.adjoint, plan)
                 )
             else:
-                cap.output.register_hook(self._count_only_hook)
+                cap.output.register_hook(self._count_only_hook_of(plan))
 
     def _records_step(self) -> bool:
         """Whether the current step is recorded (``every``, and no failure so far)."""
@@ -867,6 +875,35 @@ class Monitor:
         if not self._paused:
             self._queue_end_of_backward()
 
+    def _count_only_hook_of(self, plan: GroupPlan) -> Callable[[torch.Tensor], None]:
+        """:meth:`_count_only_hook` for a captured call of a step that is not recorded."""
+
+        def hook(grad: torch.Tensor) -> None:
+            if not self._paused:
+                self._queue_end_of_backward()
+            elif not self._closed and not torch.is_grad_enabled():
+                self._spent(None, plan)
+
+        return hook
+
+    def _spent(self, index: int | None, plan: GroupPlan) -> None:
+        """A captured call's gradient arrived in a paused() backward that keeps no graph
+        (``create_graph=False``: autograd runs the hooks with grad mode off): the call's forward
+        is spent without a step, as in a warm-up step whose whole backward runs inside the
+        block, so it is no call of the step to come, and a labelling all of whose calls are
+        spent is no batch of it (it was: under reentrant checkpointing the next step's
+        recomputed layers were then left unrecorded, as if it had two labelled batches). With
+        ``create_graph=True`` (an R1 penalty through the step's own outputs) the step's own
+        backward goes through the call again: it stays."""
+        with self._lock:
+            if index is not None:
+                state = self._state[index]
+                state.calls = max(0, state.calls - 1)
+            live = self._live.get(id(plan), (plan, 0))[1] - 1
+            self._live[id(plan)] = (plan, live)
+            if live <= 0 and self._counted.pop(id(plan), None) is not None:
+                self._labels_in_step -= 1
+
     def _adjoint_hook(
         self,
         index: int,
@@ -878,6 +915,8 @@ class Monitor:
             # Closed mid-step from another thread (at the process's exit); or a backward inside
             # paused() through this step's own outputs (an R1 penalty's autograd.grad).
             if self._closed or self._paused:
+                if not self._closed and not torch.is_grad_enabled():
+                    self._spent(index, plan)
                 return
             self._queue_end_of_backward()
             self._step_plans.setdefault(id(plan), plan)
@@ -1065,9 +1104,10 @@ class Monitor:
 
     def _join_side_streams(self) -> None:
         """The training stream waits for the products queued on side streams (no host sync)."""
-        for device in self._side_pending:
+        # (a copy: a model spread over devices folds on one autograd thread per device)
+        for device in list(self._side_pending):
+            self._side_pending.discard(device)
             torch.cuda.current_stream(device).wait_stream(self._side_streams[device])
-        self._side_pending.clear()
 
     def _layer_counts(self, state: _LayerStepState, device: torch.device) -> torch.Tensor | None:
         """A layer's samples per group in the step on ``device`` (what its epoch counts are made
@@ -1260,6 +1300,8 @@ class Monitor:
         self._queued = {}
         self._step_plans = {}
         self._labels_in_step = 0
+        self._counted = {}
+        self._live = {}
 
     def _discard_step(self) -> None:
         self._reset_step()

@@ -354,3 +354,86 @@ def test_a_training_threads_label_during_another_threads_block_is_kept(worker_la
         assert mon._plan is training_plan
     finally:
         mon.close()
+
+
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+def test_a_step_whose_whole_backward_is_paused_leaves_nothing_to_the_next_step(
+    reentrant: bool,
+) -> None:
+    """A warm-up step: the forward outside the block, its whole backward inside it. Its forward
+    was left to the next step as a labelled batch and as calls that never folded: with reentrant
+    checkpointing the next step's recomputed layers were left unrecorded (NaN, a warning about
+    several labelled batches). Now the next steps record what a run without the warm-up step
+    records."""
+    import warnings
+
+    def run(warm_up: bool) -> np.ndarray:
+        model = CheckpointedCritic(reentrant=reentrant)
+        with streamspec.watch(model, ["a", "b"], rank=3, live=False) as mon:
+            for i, (real, fake, groups) in enumerate(batches(3)):
+                if i == 0 and not warm_up:
+                    continue
+                mon.label(groups)
+                scores = model(torch.cat([real, fake]).requires_grad_(True))
+                if i == 0:
+                    with mon.paused():
+                        scores.sum().backward()
+                    model.zero_grad()
+                    continue
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error", streamspec.StreamspecWarning)
+                    scores.sum().backward()
+                model.zero_grad()
+            assert mon.step == 2
+        return mon.to_xarray().sigma.values
+
+    with_warm_up, without = run(True), run(False)
+    assert np.isfinite(without[:, :, :, :, 0]).all()
+    np.testing.assert_array_equal(with_warm_up, without)
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_an_attack_on_the_steps_own_forward_inside_paused_leaves_the_step_as_an_unwatched_attack(
+    every: int,
+) -> None:
+    """FGSM on the step's own first forward (outside the block), its input gradient taken inside
+    it, then the step on the adversarial batch: the first forward's calls are spent by the
+    paused backward, and the step records what a run whose attack used an unwatched copy
+    records (a tied GRU too: its tying spectrum needs the step's calls exactly)."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.GRU(4, 8, batch_first=True)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.rnn(x)[0][:, -1])
+
+    def run(watched_attack: bool) -> tuple[np.ndarray, np.ndarray]:
+        torch.manual_seed(0)
+        model = Net()
+        twin = copy.deepcopy(model)
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        gen = torch.Generator().manual_seed(3)
+        with streamspec.watch(model, ["a", "b"], rank=2, live=False, tied=True, every=every) as mon:
+            for _ in range(4):
+                x, y = torch.randn(12, 5, 4, generator=gen), torch.randint(0, 3, (12,))
+                mon.label(torch.arange(12) % 2)
+                x = x.requires_grad_(True)
+                logits = (model if watched_attack else twin)(x)
+                with mon.paused():
+                    (grad,) = torch.autograd.grad(nn.functional.cross_entropy(logits, y), x)
+                x_adv = (x + 0.1 * grad.sign()).detach()
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(x_adv), y).backward()
+                opt.step()
+            assert mon.step == 4
+            ds = mon.to_xarray()
+        return ds.sigma.values, ds.sigma_tied.values
+
+    watched, unwatched = run(True), run(False)
+    assert np.isfinite(unwatched[0][::every, :, :, :, 0]).all()
+    assert np.isfinite(unwatched[1][::every, :2, :, 0]).all()  # the GRU's two matrices
+    for a, b in zip(watched, unwatched, strict=True):
+        np.testing.assert_array_equal(a, b)
