@@ -222,6 +222,17 @@ class _LayerStepState:
     products: StepProducts | None = None
 
 
+@dataclass
+class _Queued:
+    """A layer's gathered rows waiting in its bank's queue (:meth:`Monitor._queue`)."""
+
+    index: int
+    rows: torch.Tensor
+    adjoint: torch.Tensor
+    size: int  # bytes the products read (float32)
+    stream: torch.cuda.Stream | None  # the CUDA stream the rows were made on
+
+
 class Monitor:
     """A running spectral monitor. Create it with :func:`streamspec.watch`.
 
@@ -341,11 +352,11 @@ class Monitor:
         self._batch_bytes = BATCH_BYTES
         # Per CUDA device: the side stream the row products run on (``side_stream()``), and
         # the devices whose side stream holds products the step has not waited for yet.
-        self._side = side_stream("cuda")
-        self._side_streams: dict[torch.device, Any] = {}
+        self._side = {kind: side_stream(kind) for kind in ("cpu", "cuda")}
+        self._side_streams: dict[torch.device, torch.cuda.Stream] = {}
         self._side_pending: set[torch.device] = set()
         # Per bank: layers of the step whose products wait for a batch (index, A rows, Δ rows).
-        self._queued: dict[int, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
+        self._queued: dict[int, list[_Queued]] = {}
         self._step_plans: dict[int, GroupPlan] = {}  # every labelling with a gradient this step
         # label() calls since the last step ended, with grad enabled and outside paused() (a
         # labelling for an evaluation under no_grad, or for a paused block, whose labelling is
@@ -978,7 +989,7 @@ class Monitor:
         kind = adjoint.device.type
         batch = self._batch_layers.get(kind, 1)
         if (
-            ((batch > 1 and tracker.bank.capacity > 1) or (self._side and kind == "cuda"))
+            ((batch > 1 and tracker.bank.capacity > 1) or self._side.get(kind, False))
             and not exact
             and tie is None
             and isinstance(activation, DenseRows)
@@ -1006,7 +1017,8 @@ class Monitor:
         if state.products is None:
             state.products = products
             return
-        self._join_side_streams()  # the merge below reads products made on a side stream
+        # The merge below reads products that may come from a side stream.
+        self._join_side_streams(products.s_in.device)
         merged = merge_products(state.products, products)
         if merged is None:  # (the tying spectrum): left unrecorded rather than half of it
             state.products = None
@@ -1024,28 +1036,31 @@ class Monitor:
         state.products = merged
 
     def _queue(self, index: int, rows: torch.Tensor, adjoint: torch.Tensor) -> None:
-        """Hold a layer's gathered rows until :data:`batch_layers` layers of its bank are there,
-        then run their products together; a bank never holds more than :data:`BATCH_BYTES` of
-        rows (a batch runs early rather than take more; a layer whose rows alone reach it runs
-        at once)."""
-        key = id(self._trackers[index].bank)
+        """Hold a layer's gathered rows until :data:`batch_layers` layers of its bank are there
+        (or all of them, in a bank of fewer), then run their products together; a bank never
+        holds more than :data:`BATCH_BYTES` of rows (a batch runs early rather than take more; a
+        layer whose rows alone reach it runs at once)."""
+        tracker = self._trackers[index]
+        key = id(tracker.bank)
+        device = adjoint.device
         queue = self._queued.setdefault(key, [])
         size = (rows.numel() + adjoint.numel()) * 4  # float32, as the products read them
         if queue and (
-            queue[0][1].shape != rows.shape
-            or queue[0][2].shape != adjoint.shape
+            queue[0].rows.shape != rows.shape
+            or queue[0].adjoint.shape != adjoint.shape
             # another labelling (its counts): the products of a batch share one
-            or self._state[queue[0][0]].plans.keys() != self._state[index].plans.keys()
+            or self._state[queue[0].index].plans.keys() != self._state[index].plans.keys()
             # these rows would take the bank past BATCH_BYTES: the batch so far runs first
-            or sum((a.numel() + d.numel()) * 4 for _, a, d in queue) + size > self._batch_bytes
+            or sum(q.size for q in queue) + size > self._batch_bytes
         ):
             self._run_queue(key)  # (or another row count, another call pattern: not batched)
             queue = self._queued.setdefault(key, [])
-        queue.append((index, rows, adjoint))
-        if (
-            len(queue) >= self._batch_layers.get(adjoint.device.type, 1)
-            or size >= self._batch_bytes
-        ):
+        # The stream the rows were made on: hooks run on their forward op's stream, which may
+        # differ from layer to layer (the products then wait for each).
+        stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+        queue.append(_Queued(index, rows, adjoint, size, stream))
+        batch = min(self._batch_layers.get(device.type, 1), tracker.bank.capacity)
+        if len(queue) >= batch or size >= self._batch_bytes:
             self._run_queue(key)
 
     def _run_queue(self, key: int) -> None:
@@ -1053,61 +1068,83 @@ class Monitor:
         queue = self._queued.pop(key, [])
         if not queue:
             return
-        device = queue[0][2].device
-        counts = self._layer_counts(self._state[queue[0][0]], device)
-        inputs = [t for _, a, d in queue for t in (a, d)]
+        device = queue[0].adjoint.device
+        counts = self._layer_counts(self._state[queue[0].index], device)
         with (
             as_written({device}, conv=False),
             _profiled("streamspec.fold"),
-            self._on_side_stream(device, inputs),
+            self._products_stream(device, queue),
         ):
             if len(queue) == 1:  # alone after all: no stacking copy
-                index, rows, adjoint = queue[0]
-                tracker = self._trackers[index]
-                products = [tracker.products(DenseRows(rows), adjoint, False, None, counts)]
+                tracker = self._trackers[queue[0].index]
+                products = [
+                    tracker.products(
+                        DenseRows(queue[0].rows), queue[0].adjoint, False, None, counts
+                    )
+                ]
             else:
                 products = products_of_layers(
-                    [self._trackers[i] for i, _, _ in queue],
-                    [a for _, a, _ in queue],
-                    [d for _, _, d in queue],
+                    [self._trackers[q.index] for q in queue],
+                    [q.rows for q in queue],
+                    [q.adjoint for q in queue],
                     counts,
                 )
-        for (index, _, _), p in zip(queue, products, strict=True):
-            self._add_products(index, p)
+        for q, p in zip(queue, products, strict=True):
+            self._add_products(q.index, p)
 
     @contextlib.contextmanager
-    def _on_side_stream(self, device: torch.device, inputs: list[torch.Tensor]) -> Iterator[None]:
-        """The row products on a side CUDA stream (``side_stream()``), so that their skinny
-        GEMMs, which fill few multiprocessors, run beside the model's backward instead of
-        between its kernels. The side stream first waits for the training stream's work so far
-        (the rows, the adjoints, the blocks); the step's end waits for the side stream
+    def _products_stream(self, device: torch.device, queue: list[_Queued]) -> Iterator[None]:
+        """The CUDA stream that runs queued products: a side stream (``side_stream()``), so
+        that their skinny GEMMs, which fill few multiprocessors, run beside the model's backward
+        instead of between its kernels; else the hook's own stream.
+
+        Order: that stream first waits for the work so far of every stream the queued rows were
+        made on (the rows, the adjoints, the blocks); the step's end waits for the side stream
         (:meth:`_join_side_streams`) before it reads the products.
 
-        Memory: the rows and adjoints were made on the training stream and are read here, so
-        they are marked as in use by the side stream (``record_stream``: their memory is not
-        handed out again before the side stream's reads are done). The products are made on
-        the side stream and read on the training stream only after it waited for the side
-        stream; they are freed after that read, and any later side-stream work is queued after
-        a fresh wait for the training stream, so it cannot overwrite them while they are read."""
-        if not self._side or device.type != "cuda":
+        Memory: rows read on another stream than the one they were made on are marked as in
+        use by it (``record_stream``: their memory is not handed out again before its reads are
+        done), before any product is launched, so that a failing product leaves them marked
+        too. The products are made on the side stream and read on the training stream only
+        after it waited for the side stream; they are freed after that read, and any later
+        side-stream work is queued after a fresh wait for the training stream, so it cannot
+        overwrite them while they are read."""
+        if device.type != "cuda":
             yield
             return
-        side = self._side_streams.get(device)
+        current = torch.cuda.current_stream(device)
+        side = self._side_streams.get(device) if self._side.get("cuda", False) else current
         if side is None:
             side = self._side_streams[device] = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
+        made_on = {current}
+        for q in queue:
+            if q.stream is not None:
+                made_on.add(q.stream)
+        for stream in made_on:
+            if stream != side:
+                side.wait_stream(stream)
+        for q in queue:
+            if q.stream != side:
+                q.rows.record_stream(side)
+                q.adjoint.record_stream(side)
+        if side == current:
+            yield
+            return
+        with self._lock:
+            self._side_pending.add(device)
         with torch.cuda.stream(side):
             yield
-        for t in inputs:
-            t.record_stream(side)
-        self._side_pending.add(device)
 
-    def _join_side_streams(self) -> None:
-        """The training stream waits for the products queued on side streams (no host sync)."""
-        # (a copy: a model spread over devices folds on one autograd thread per device)
-        for device in list(self._side_pending):
-            self._side_pending.discard(device)
-            torch.cuda.current_stream(device).wait_stream(self._side_streams[device])
+    def _join_side_streams(self, device: torch.device | None = None) -> None:
+        """The training stream waits for the products queued on side streams (no host sync):
+        on ``device`` (a merge of a layer's two folds, on that device's hook thread, whose
+        stream is the layer's), or on every device the step used (the step's end, on the
+        thread that called ``backward()``)."""
+        with self._lock:  # (a model spread over devices folds on one autograd thread per device)
+            devices = [device] if device is not None else list(self._side_pending)
+            pending = [d for d in devices if d in self._side_pending]
+        for d in pending:
+            torch.cuda.current_stream(d).wait_stream(self._side_streams[d])
 
     def _layer_counts(self, state: _LayerStepState, device: torch.device) -> torch.Tensor | None:
         """A layer's samples per group in the step on ``device`` (what its epoch counts are made
@@ -1167,6 +1204,8 @@ class Monitor:
             for key in list(self._queued):  # batches not full at the end of the backward
                 self._run_queue(key)
             self._join_side_streams()
+            with self._lock:
+                self._side_pending.clear()
             for index, state in enumerate(self._state):
                 # (left out: a call on shared ids, an unmergeable second fold of a sibling site)
                 if state.products is None or state.shared or not plans:
@@ -1302,6 +1341,7 @@ class Monitor:
         self._labels_in_step = 0
         self._counted = {}
         self._live = {}
+        self._side_pending = set()
 
     def _discard_step(self) -> None:
         self._reset_step()

@@ -958,20 +958,28 @@ def test_batched_layer_products_record_what_layer_by_layer_products_record(monke
     from streamspec.sketch import tracker as tracker_module
 
     calls: list[int] = []
+    runs: list[int] = []  # queue lengths run
     real = tracker_module.products_of_layers
+    real_run = monitor_module.Monitor._run_queue
 
     def counted(trackers, *args):  # type: ignore[no-untyped-def]
         calls.append(len(trackers))
         return real(trackers, *args)
 
+    def run_queue(self, key):  # type: ignore[no-untyped-def]
+        runs.append(len(self._queued.get(key, [])))
+        return real_run(self, key)
+
     monkeypatch.setattr(monitor_module, "products_of_layers", counted)
+    monkeypatch.setattr(monitor_module.Monitor, "_run_queue", run_queue)
     out = {}
     for batch in ("1", "3", "side"):
-        # "side": STREAMSPEC_SIDE_STREAM on a CPU (no streams there): each layer alone, through
-        # the same queue as batches
+        # "side": STREAMSPEC_SIDE_STREAM on a CPU (no streams there: the hook's own thread
+        # runs them): each layer alone, through the same queue as batches
         monkeypatch.setenv("STREAMSPEC_BATCH_LAYERS", "1" if batch == "side" else batch)
         monkeypatch.setenv("STREAMSPEC_SIDE_STREAM", "1" if batch == "side" else "0")
         calls.clear()
+        runs.clear()
         torch.manual_seed(0)
         model = nn.Sequential(*[nn.Linear(40, 40) for _ in range(4)], nn.Linear(40, 8))
         gen = torch.Generator().manual_seed(1)
@@ -988,10 +996,50 @@ def test_batched_layer_products_record_what_layer_by_layer_products_record(monke
         # at the end of the backward runs alone, without stacking; the head is a bank of its
         # own and never batched).
         assert calls == ([3] * 5 if batch == "3" else []), calls
+        # Through the queue: 5 steps after the seeding one; per step, "3": the four layers as
+        # 3 + 1 (the head's bank of one is not queued); "side": each of the five layers alone.
+        queued = {"1": [], "3": [3, 1] * 5, "side": [1] * 25}[batch]
+        assert [n for n in runs if n] == queued, runs
     for a, b, c in zip(out["1"], out["3"], out["side"], strict=True):
         assert np.isfinite(a).any()
         np.testing.assert_allclose(b, a, rtol=2e-4, atol=1e-6 * np.nanmax(np.abs(a)))
         np.testing.assert_array_equal(c, a)
+
+
+def test_a_bank_smaller_than_the_batch_runs_in_its_own_hooks(monkeypatch) -> None:
+    """``STREAMSPEC_BATCH_LAYERS=4`` on banks of one and two layers: each runs once all its
+    layers are there, in the backward, not at its end (they held their rows through the whole
+    backward, the first layer's longest)."""
+    from streamspec import monitor as monitor_module
+
+    monkeypatch.setenv("STREAMSPEC_BATCH_LAYERS", "4")
+    runs: list[tuple[int, bool]] = []  # (queue length, at the step's end)
+    at_end = [False]
+    real_run, real_end = monitor_module.Monitor._run_queue, monitor_module.Monitor._end_step
+
+    def run_queue(self, key):  # type: ignore[no-untyped-def]
+        if self._queued.get(key):
+            runs.append((len(self._queued[key]), at_end[0]))
+        return real_run(self, key)
+
+    def end_step(self):  # type: ignore[no-untyped-def]
+        at_end[0] = True
+        try:
+            return real_end(self)
+        finally:
+            at_end[0] = False
+
+    monkeypatch.setattr(monitor_module.Monitor, "_run_queue", run_queue)
+    monkeypatch.setattr(monitor_module.Monitor, "_end_step", end_step)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 40), nn.Tanh(), nn.Linear(40, 40), nn.Linear(40, 30))
+    with streamspec.watch(model, ["a", "b"], rank=4, live=False, exact_rows=0) as mon:
+        for _ in range(3):
+            mon.label(torch.arange(48) % 2)
+            model(torch.randn(48, 40)).pow(2).mean().backward()
+    # From the second step on: the two 40 × 40 layers together, in the first one's hook (the
+    # head, a bank of one, is not queued without a side stream).
+    assert runs == [(2, False)] * 2, runs
 
 
 def test_batched_rows_of_a_failed_backward_are_released_by_end_epoch_and_close(
@@ -1036,7 +1084,7 @@ def test_batched_rows_held_per_bank_stay_within_batch_bytes(monkeypatch) -> None
     real = monitor_module.Monitor._run_queue
 
     def run_queue(self, key):  # type: ignore[no-untyped-def]
-        held.append(sum(a.nbytes + d.nbytes for _, a, d in self._queued.get(key, [])))
+        held.append(sum(q.rows.nbytes + q.adjoint.nbytes for q in self._queued.get(key, [])))
         return real(self, key)
 
     monkeypatch.setattr(monitor_module.Monitor, "_run_queue", run_queue)

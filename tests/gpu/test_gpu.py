@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -108,39 +110,92 @@ def test_gpu_spectra_equal_cpu_spectra(options, monkeypatch) -> None:
     np.testing.assert_allclose(out["cuda"], out["cpu"], rtol=2e-3, atol=1e-6)
 
 
-@pytest.mark.parametrize("batch", ["1", "4"])
-def test_side_stream_records_what_the_training_stream_records(batch, monkeypatch) -> None:
-    """The products on a side stream give the same numbers as on the training stream, over
-    steps whose backward frees and reallocates memory of the rows' size while the side stream
-    still reads them (what ``record_stream`` and the step end's wait are there for): a missing
-    mark or wait shows up as other spectra, not as an error."""
-    torch.manual_seed(0)
+LAG_CYCLES = 50_000_000  # ≈ 25 ms of a ≈ 2 GHz GPU: the side stream runs well behind
+
+
+def lagging_side_stream(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every side-stream batch start ≈ 25 ms late (a sleep kernel queued on it first), and
+    have the training stream fill fresh tensors of the queued rows' shapes with NaN right after
+    each batch is launched: the caching allocator hands such tensors the memory of rows freed
+    meanwhile, so rows read late by the side stream without ``record_stream`` would be NaN, and
+    products read by the step's end before the side stream is done would be unfinished."""
+    from streamspec import monitor as monitor_module
+
+    real_stream = monitor_module.Monitor._products_stream
+    real_run = monitor_module.Monitor._run_queue
+
+    @contextlib.contextmanager
+    def lagging(self, device, queue):  # type: ignore[no-untyped-def]
+        with real_stream(self, device, queue):
+            if torch.cuda.current_stream(device) != torch.cuda.default_stream(device):
+                torch.cuda._sleep(LAG_CYCLES)
+            yield
+
+    def run_queue(self, key):  # type: ignore[no-untyped-def]
+        shapes = [(q.rows.shape, q.adjoint.shape) for q in self._queued.get(key, [])]
+        real_run(self, key)
+        for a, d in shapes:
+            torch.full(a, float("nan"), device="cuda")
+            torch.full(d, float("nan"), device="cuda")
+
+    monkeypatch.setattr(monitor_module.Monitor, "_products_stream", lagging)
+    monkeypatch.setattr(monitor_module.Monitor, "_run_queue", run_queue)
+
+
+def side_stream_run(monkeypatch: pytest.MonkeyPatch, batch: str, side: str) -> np.ndarray:
+    monkeypatch.setenv("STREAMSPEC_BATCH_LAYERS", batch)
+    monkeypatch.setenv("STREAMSPEC_SIDE_STREAM", side)
     width, depth = 512, 8
     gen = torch.Generator().manual_seed(5)
     xs = [torch.randn(64, 32, width, generator=gen).cuda() for _ in range(3)]
     labels = torch.arange(64) % 2
-    out = {}
-    for side in ("0", "1"):
-        monkeypatch.setenv("STREAMSPEC_BATCH_LAYERS", batch)
-        monkeypatch.setenv("STREAMSPEC_SIDE_STREAM", side)
-        torch.manual_seed(0)
-        model = nn.Sequential(
-            *[nn.Sequential(nn.Linear(width, width), nn.GELU()) for _ in range(depth)]
-        )
-        model = model.cuda()
-        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-        with streamspec.watch(model, ["a", "b"], rank=8, live=False) as mon:
-            for step in range(6):
-                mon.label(labels)
-                loss = model(xs[step % 3]).pow(2).mean()
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                if step == 2:
-                    mon.end_epoch()
-            out[side] = mon.to_xarray()["sigma"].values
-    assert np.isfinite(out["0"]).all()
-    np.testing.assert_allclose(out["1"], out["0"], rtol=1e-5, atol=0)
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        *[nn.Sequential(nn.Linear(width, width), nn.GELU()) for _ in range(depth)]
+    )
+    model = model.cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    with streamspec.watch(model, ["a", "b"], rank=8, live=False) as mon:
+        for step in range(6):
+            mon.label(labels)
+            loss = model(xs[step % 3]).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if step == 2:
+                mon.end_epoch()
+        return mon.to_xarray()["sigma"].values
+
+
+@pytest.mark.parametrize("batch", ["1", "4"])
+def test_side_stream_records_what_the_training_stream_records(batch, monkeypatch) -> None:
+    """The products on a side stream give the same numbers as on the training stream, with the
+    side stream running ≈ 25 ms behind and the freed rows' memory overwritten meanwhile (what
+    ``record_stream`` and the step end's wait are there for): a missing mark or wait shows up as
+    other spectra, not as an error (the next test shows that it does)."""
+    reference = side_stream_run(monkeypatch, batch, "0")
+    lagging_side_stream(monkeypatch)
+    lagged = side_stream_run(monkeypatch, batch, "1")
+    assert np.isfinite(reference).all()
+    np.testing.assert_allclose(lagged, reference, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("broken", ["record_stream", "join"])
+def test_the_side_stream_test_fails_without_its_safeguards(broken, monkeypatch) -> None:
+    """The test above can fail: without ``record_stream`` (the lagging side stream reads rows
+    whose memory the training stream refilled with NaN) or without the step end's wait (it
+    reads products the side stream has not written yet), the records differ."""
+    from streamspec import monitor as monitor_module
+
+    reference = side_stream_run(monkeypatch, "4", "0")
+    lagging_side_stream(monkeypatch)
+    if broken == "record_stream":
+        monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: None)
+    else:
+        monkeypatch.setattr(monitor_module.Monitor, "_join_side_streams", lambda self, d=None: None)
+    broken_run = side_stream_run(monkeypatch, "4", "1")
+    torch.cuda.synchronize()
+    assert not np.allclose(broken_run, reference, rtol=1e-5, atol=0, equal_nan=True)
 
 
 class Families(nn.Module):
