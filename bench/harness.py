@@ -212,7 +212,8 @@ what the host thread costs the training thread (Python's GIL, CPU cores). The
 nothing but the route through the monitor): ``layerwise`` (each layer's products in its own
 hook, on the training stream: the default before 2026-11-27), ``batched`` (four same-shape
 layers in one batched call, on the training stream), ``batched12`` (twelve, with the bank's
-cap on held rows raised to 1 GiB so that a BERT-base bank batches all its layers), ``stream``
+cap on held rows raised to 1 GiB, and all banks' to 4 GiB, so that a BERT-base bank batches all
+its layers), ``stream``
 (one layer at a time on a side CUDA stream) and ``batched12stream`` (twelve on a side
 stream)."""
 
@@ -250,6 +251,7 @@ def run_mode(cfg: Config, mode: str, device: torch.device, result: ModeResult) -
         with (
             mock.patch.dict(os.environ, VARIANTS.get(mode, {})),
             mock.patch.object(streamspec.monitor, "BATCH_BYTES", cap),
+            mock.patch.object(streamspec.monitor, "QUEUED_BYTES", max(4 * cap, 4 << 30)),
             warnings.catch_warnings(),
         ):
             warnings.simplefilter("ignore")

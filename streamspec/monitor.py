@@ -65,6 +65,7 @@ from streamspec.store.writer import ArchiveWriter
 QUEUED_STEPS = 64  # recorded steps waiting for the host thread (back-pressure beyond)
 # Layers of one bank whose sketched-route products run together (see batch_layers()).
 BATCH_BYTES = 256 << 20  # gathered rows one bank holds for its next batch, at most
+QUEUED_BYTES = 4 * BATCH_BYTES  # gathered rows all banks of a device hold together, at most
 FLUSH_EVERY = 256 - QUEUED_STEPS  # rows the writer buffers before writing a block
 
 
@@ -350,6 +351,7 @@ class Monitor:
         # their products together, and whether they run on a side stream.
         self._batch_layers = {kind: batch_layers(kind) for kind in ("cpu", "cuda")}
         self._batch_bytes = BATCH_BYTES
+        self._queued_bytes = QUEUED_BYTES
         # Per CUDA device: the side stream the row products run on (``side_stream()``), and
         # the devices whose side stream holds products the step has not waited for yet.
         self._side = {kind: side_stream(kind) for kind in ("cpu", "cuda")}
@@ -1039,7 +1041,9 @@ class Monitor:
         """Hold a layer's gathered rows until :data:`batch_layers` layers of its bank are there
         (or all of them, in a bank of fewer), then run their products together; a bank never
         holds more than :data:`BATCH_BYTES` of rows (a batch runs early rather than take more; a
-        layer whose rows alone reach it runs at once)."""
+        layer whose rows alone reach it runs at once), and the banks of a device no more than
+        :data:`QUEUED_BYTES` together (the fullest runs first: a model of many shapes, each
+        bank a few layers short of a batch, would otherwise hold rows of all of them)."""
         tracker = self._trackers[index]
         key = id(tracker.bank)
         device = adjoint.device
@@ -1062,6 +1066,15 @@ class Monitor:
         batch = min(self._batch_layers.get(device.type, 1), tracker.bank.capacity)
         if len(queue) >= batch or size >= self._batch_bytes:
             self._run_queue(key)
+        while True:
+            held = {
+                k: sum(q.size for q in held_queue)
+                for k, held_queue in self._queued.items()
+                if held_queue and held_queue[0].adjoint.device == device
+            }
+            if sum(held.values()) <= self._queued_bytes:
+                break
+            self._run_queue(max(held, key=held.__getitem__))
 
     def _run_queue(self, key: int) -> None:
         """The products of a bank's queued layers, in one batched call per product."""

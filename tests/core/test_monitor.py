@@ -1097,6 +1097,43 @@ def test_batched_rows_held_per_bank_stay_within_batch_bytes(monkeypatch) -> None
     assert held and max(held) <= 23040, held
 
 
+def test_rows_held_by_all_banks_stay_within_queued_bytes(monkeypatch) -> None:
+    """Banks of two shapes, each a layer short of a batch most of the backward: together they
+    never hold more than ``QUEUED_BYTES`` of rows after a layer is queued (the fullest runs
+    first), and the records are those of layer-by-layer products."""
+    from streamspec import monitor as monitor_module
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        *[m for _ in range(3) for m in (nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 32), nn.Tanh())]
+    )
+    # Rows of one layer: A and Δ [3, 20, 32 + 64] float32, 23040 bytes; room for two.
+    cap = 2 * 23040
+    monkeypatch.setattr(monitor_module, "QUEUED_BYTES", cap)
+    held: list[int] = []
+    real = monitor_module.Monitor._queue
+
+    def queue(self, *args):  # type: ignore[no-untyped-def]
+        real(self, *args)
+        held.append(sum(q.size for qs in self._queued.values() for q in qs))
+
+    monkeypatch.setattr(monitor_module.Monitor, "_queue", queue)
+    out = {}
+    for batch in ("1", "4"):
+        monkeypatch.setenv("STREAMSPEC_BATCH_LAYERS", batch)
+        held.clear()
+        gen = torch.Generator().manual_seed(1)
+        with streamspec.watch(model, ["a", "b", "c"], rank=4, live=False) as mon:
+            for _ in range(3):
+                mon.label(torch.arange(12) % 3)
+                model(torch.randn(12, 5, 32, generator=gen)).pow(2).mean().backward()
+            out[batch] = mon.to_xarray().sigma.values
+        if batch == "4":
+            assert held and max(held) <= cap and cap in held, held
+    assert np.isfinite(out["1"][:, :, :, :, 0]).all()
+    np.testing.assert_allclose(out["4"], out["1"], rtol=2e-4, atol=1e-6 * np.nanmax(out["1"]))
+
+
 def _separate_or_together(model_fn, x1, g1, x2, g2, steps=1, **watch_kwargs):  # type: ignore[no-untyped-def]
     """The records of ``label(g1); f(x1); label(g2); f(x2)`` and of one forward of both."""
     out = {}
