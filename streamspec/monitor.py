@@ -353,11 +353,12 @@ class Monitor:
         self._batch_bytes = BATCH_BYTES
         self._queued_bytes = QUEUED_BYTES
         # Per CUDA device: the side stream the row products run on (``side_stream()``), and
-        # the devices whose side stream holds products the step has not waited for yet.
+        # the devices whose side stream holds products the step has not waited for yet. (On a
+        # CPU, STREAMSPEC_SIDE_STREAM=1 routes each layer through the queue, without a stream.)
         self._side = {kind: side_stream(kind) for kind in ("cpu", "cuda")}
         self._side_streams: dict[torch.device, torch.cuda.Stream] = {}
         self._side_pending: set[torch.device] = set()
-        # Per bank: layers of the step whose products wait for a batch (index, A rows, Δ rows).
+        # Per bank: layers of the step whose products wait for a batch.
         self._queued: dict[int, list[_Queued]] = {}
         self._step_plans: dict[int, GroupPlan] = {}  # every labelling with a gradient this step
         # label() calls since the last step ended, with grad enabled and outside paused() (a
