@@ -754,6 +754,13 @@ class Monitor:
             or not torch.is_grad_enabled()
             or id(module) not in self._modules
         ):
+            if (
+                self._paused
+                and not self._closed
+                and id(module) in self._modules
+                and torch._C._current_graph_task_id() != -1  # (rare: no cost on the hot path)
+            ):
+                self._recomputed_while_paused(module, inputs, output)
             return None  # evaluation, paused(), or a copy of a watched module (deepcopy)
         if not isinstance(output, torch.Tensor) or not output.requires_grad:
             return None
@@ -823,7 +830,12 @@ class Monitor:
             # end; queue the end-of-step callback now, on the enclosing (outer) backward.
             self._queue_end_of_backward()
             plan = self._plan
-            if plan is not None and (self._labels_in_step > 1 or plan.batch_size != batch):
+            if plan is not None and (
+                self._labels_in_step > 1
+                # the labelling in force was spent (a paused backward), another one was not
+                or (self._counted and id(plan) not in self._counted)
+                or plan.batch_size != batch
+            ):
                 # Which batch this recomputation belongs to is unknown: several labelled batches
                 # in this step (the labels in force are the last one's), or a batch the labels
                 # in force do not fit (a paused() block's forward recomputed outside it; batches
@@ -896,27 +908,50 @@ class Monitor:
             if not self._paused:
                 self._queue_end_of_backward()
             elif not self._closed and not torch.is_grad_enabled():
-                self._spent(None, plan)
+                self._spent(plan)
 
         return hook
 
-    def _spent(self, index: int | None, plan: GroupPlan) -> None:
+    def _spent(self, plan: GroupPlan, calls: int = 1) -> None:
         """A captured call's gradient arrived in a paused() backward that keeps no graph
-        (``create_graph=False``: autograd runs the hooks with grad mode off): the call's forward
-        is spent without a step, as in a warm-up step whose whole backward runs inside the
-        block, so it is no call of the step to come, and a labelling all of whose calls are
-        spent is no batch of it (it was: under reentrant checkpointing the next step's
-        recomputed layers were then left unrecorded, as if it had two labelled batches). With
-        ``create_graph=True`` (an R1 penalty through the step's own outputs) the step's own
-        backward goes through the call again: it stays."""
+        (``create_graph=False``: autograd runs the hooks with grad mode off): a labelling all
+        of whose calls are spent so is no batch of the step to come (it was: under reentrant
+        checkpointing a warm-up step, its forward outside the block and its whole backward
+        inside it, left the next step's recomputed layers unrecorded, as if it had two labelled
+        batches). With ``create_graph=True`` (an R1 penalty through the step's own outputs) the
+        step's own backward goes through the call again: it stays.
+
+        The layer's count of calls whose gradient is awaited is left as it is: a call that a
+        paused ``retain_graph=True`` backward reached may still get the step's gradient (an
+        input-gradient probe, then the step's backward of the same graph), and a count too high
+        only defers the layer's fold to the step's end, while one too low folds a module called
+        several times in parts that do not always combine."""
         with self._lock:
-            if index is not None:
-                state = self._state[index]
-                state.calls = max(0, state.calls - 1)
-            live = self._live.get(id(plan), (plan, 0))[1] - 1
+            live = self._live.get(id(plan), (plan, 0))[1] - calls
             self._live[id(plan)] = (plan, live)
             if live <= 0 and self._counted.pop(id(plan), None) is not None:
                 self._labels_in_step -= 1
+
+    def _recomputed_while_paused(
+        self, module: nn.Module, inputs: tuple[Any, ...], output: Any
+    ) -> None:
+        """A forward recomputed inside a paused backward (reentrant checkpointing, which keeps
+        no graph through its segments: it refuses ``autograd.grad``, and ``create_graph=True``
+        leaves the inputs' gradients without one): when its batch fits
+        the labelling in force, that labelling's forward is being spent, as a warm-up step's on
+        a model whose watched layers are all checkpointed (its first forward captured nothing:
+        reentrant checkpointing runs it without grad)."""
+        plan = self._plan
+        if plan is None:
+            return
+        try:  # (never a usage error from a paused block)
+            captures = self._capture(
+                family_of(module), module, inputs, output, self._sample_dim.get(id(module), 0)
+            )
+        except StreamspecError:
+            return
+        if captures and plan.batch_size == captures[0].activation.batch_size:
+            self._spent(plan, calls=0)
 
     def _adjoint_hook(
         self,
@@ -930,7 +965,7 @@ class Monitor:
             # paused() through this step's own outputs (an R1 penalty's autograd.grad).
             if self._closed or self._paused:
                 if not self._closed and not torch.is_grad_enabled():
-                    self._spent(index, plan)
+                    self._spent(plan)
                 return
             self._queue_end_of_backward()
             self._step_plans.setdefault(id(plan), plan)

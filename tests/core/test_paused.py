@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import streamspec
 from streamspec.errors import StreamspecError
@@ -129,7 +130,6 @@ class CheckpointedCritic(nn.Module):
         self.reentrant = reentrant
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from torch.utils.checkpoint import checkpoint
 
         return self.head(checkpoint(self.body, x, use_reentrant=self.reentrant))
 
@@ -253,7 +253,6 @@ def test_a_label_inside_paused_is_undone_when_the_block_ends() -> None:
 def test_reentrant_checkpointing_without_labels_is_still_a_usage_error() -> None:
     """A recomputation with no labels ever set is the user's mistake, as without checkpointing
     (a change for paused() had turned it into a misleading warning and an unrecorded step)."""
-    from torch.utils.checkpoint import checkpoint
 
     model = critic()  # all of it checkpointed: its forward only runs inside the backward
     with streamspec.watch(model, ["a", "b"], rank=3, live=False):
@@ -268,7 +267,6 @@ def test_backwards_in_another_order_than_their_forwards_never_raise(reentrant) -
     first's: the first batch's recomputation meets the second's labels. A review found the
     usage error raised into the user's backward (with non-reentrant checkpointing, whose
     recomputed outputs never even get gradients)."""
-    from torch.utils.checkpoint import checkpoint
 
     model = critic()
     context = (
@@ -437,3 +435,118 @@ def test_an_attack_on_the_steps_own_forward_inside_paused_leaves_the_step_as_an_
     assert np.isfinite(unwatched[1][::every, :2, :, 0]).all()  # the GRU's two matrices
     for a, b in zip(watched, unwatched, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_an_input_gradient_probe_with_retain_graph_inside_paused_leaves_the_step_as_it_was() -> (
+    None
+):
+    """A paused ``autograd.grad(loss, a, retain_graph=True)`` reaching one of a module's two
+    calls (a siamese GRU), then the step's backward of the same graph: the records are those of
+    the step without the probe (counting the probed call as spent folded the GRU in two parts,
+    whose tying spectra do not combine: NaN)."""
+
+    class Siamese(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.rnn = nn.GRU(4, 8, batch_first=True)
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.cat([self.rnn(a)[0][:, -1], self.rnn(b)[0][:, -1]], 1))
+
+    def run(probe: bool) -> tuple[np.ndarray, np.ndarray]:
+        model = Siamese()
+        gen = torch.Generator().manual_seed(3)
+        with streamspec.watch(model, ["a", "b"], rank=2, live=False, tied=True) as mon:
+            for _ in range(3):
+                a = torch.randn(12, 5, 4, generator=gen).requires_grad_(True)
+                b = torch.randn(12, 5, 4, generator=gen)
+                mon.label(torch.arange(12) % 2)
+                loss = model(a, b).pow(2).mean()
+                if probe:
+                    with mon.paused():
+                        torch.autograd.grad(loss, a, retain_graph=True)
+                loss.backward()
+            ds = mon.to_xarray()
+        return ds.sigma.values, ds.sigma_tied.values
+
+    probed, plain = run(True), run(False)
+    assert np.isfinite(plain[1][:, :2, :, 0]).all()  # the GRU's two matrices
+    for a, b in zip(probed, plain, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_spent_labelling_in_force_is_not_credited_with_a_recomputed_forward() -> None:
+    """Batch A through a reentrant-checkpointed body only, batch B labelled next and its
+    forward's backward run inside paused() (spent): A's body, recomputed in the step's backward
+    under B's labels, is left unrecorded with a warning, never credited to B's groups (with
+    only A's labelling counted, it was, silently)."""
+
+    def run(probe: bool) -> np.ndarray:
+        model = CheckpointedCritic(reentrant=True)
+        gen = torch.Generator().manual_seed(1)
+        g_a, g_b = torch.arange(20) % 2, (torch.arange(20) >= 10).long()
+        with streamspec.watch(model, ["a", "b"], rank=3, live=False) as mon:
+            for _ in range(2):
+                x_a = torch.randn(20, 6, generator=gen).requires_grad_(True)
+                x_b = torch.randn(20, 6, generator=gen).requires_grad_(True)
+                mon.label(g_a)
+                features = checkpoint(model.body, x_a, use_reentrant=True)
+                if probe:
+                    mon.label(g_b)
+                    out = model(x_b)
+                    with mon.paused():
+                        out.sum().backward()
+                    model.zero_grad()
+                features.pow(2).sum().backward()
+                model.zero_grad()
+        return mon.to_xarray().sigma.values
+
+    with pytest.warns(streamspec.StreamspecWarning, match="recomputed inside the backward"):
+        probed = run(True)
+    plain = run(False)
+    body = probed[:, :1]  # body.0 (the head is not in A's step)
+    assert np.isfinite(plain[:, :1, :, :, 0]).all()
+    assert np.isnan(body).all(), "A's body credited to B's labels"
+
+
+def test_a_warm_up_step_of_a_wholly_checkpointed_model_leaves_nothing_to_the_next_step() -> None:
+    """Every watched layer inside one reentrant checkpoint: the warm-up step's forward captures
+    nothing (it runs without grad), its recomputation runs inside the paused backward; its
+    labelling was left to the next step as a second batch, whose layers were then all
+    unrecorded (the step not even written)."""
+    import warnings
+
+    class Whole(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.body = nn.Sequential(nn.Linear(6, 24), nn.Tanh(), nn.Linear(24, 1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return checkpoint(self.body, x, use_reentrant=True)
+
+    def run(warm_up: bool) -> np.ndarray:
+        model = Whole()
+        with streamspec.watch(model, ["a", "b"], rank=3, live=False) as mon:
+            for i, (real, fake, groups) in enumerate(batches(3)):
+                if i == 0 and not warm_up:
+                    continue
+                mon.label(groups)
+                scores = model(torch.cat([real, fake]).requires_grad_(True))
+                if i == 0:
+                    with mon.paused():
+                        scores.sum().backward()
+                    model.zero_grad()
+                    continue
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error", streamspec.StreamspecWarning)
+                    scores.sum().backward()
+                model.zero_grad()
+            assert mon.step == 2
+        return mon.to_xarray().sigma.values
+
+    with_warm_up, without = run(True), run(False)
+    assert np.isfinite(without[:, :, :, :, 0]).all()
+    np.testing.assert_array_equal(with_warm_up, without)
