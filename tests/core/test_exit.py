@@ -303,8 +303,8 @@ def test_a_sigterm_keeps_every_recorded_step_and_still_ends_the_process_by_sigte
 ) -> None:
     """30 steps, then SIGTERM: the process ended at once and the archive held none of them (the
     writer buffers 192 rows); now all 30 and the partial epoch are written first (training goes
-    on meanwhile, unrecorded), and the process still ends by SIGTERM (schedulers read the exit
-    status)."""
+    on meanwhile; the steps that end before the monitor is closed are recorded too), and the
+    process still ends by SIGTERM (schedulers read the exit status)."""
     done = run_script(
         """
         import signal
@@ -319,8 +319,9 @@ def test_a_sigterm_keeps_every_recorded_step_and_still_ends_the_process_by_sigte
         returncode=TERMINATED,
     )
     ds = streamspec.open(tmp_path / "r.zarr").to_xarray()
-    # (a step in flight when the handler ran may be recorded too)
-    assert ds.sizes["step"] in (30, 31) and ds.sizes["epoch"] == 1
+    # (steps that end while the finishing thread starts are recorded too: 32 on a loaded
+    # machine; this asserted 30 or 31 and failed there)
+    assert ds.sizes["step"] >= 30 and ds.sizes["epoch"] == 1
     assert np.isfinite(ds.sigma.values).all() and np.isfinite(ds.sigma_epoch.values).all()
     assert "received SIGTERM" in done.stderr and "partial epoch 0" in done.stderr
 
