@@ -1399,6 +1399,9 @@ class Monitor:
     # -- epochs, errors, teardown ---------------------------------------------------------------
 
     def _finish_epoch(self) -> None:
+        # The epoch's end rewrites the blocks (Ω) that products queued on a side stream may still
+        # read (an end_epoch() on another thread while a backward runs): it waits for them.
+        self._join_side_streams()
         layout = self.layout
         sigma = np.full((len(self.sites), len(KINDS), len(layout.groups), layout.rank), np.nan)
         k = layout.rank
