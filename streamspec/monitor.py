@@ -1534,13 +1534,16 @@ def batch_layers(kind: str) -> int:
 
 def side_stream(kind: str) -> bool:
     """Whether the sketched-route row products of layers on devices of type ``kind`` run on a
-    side stream, beside the model's backward: ``STREAMSPEC_SIDE_STREAM`` (``1`` or ``0``) if
-    set, else on CUDA devices (the only ones with streams here). On an H200 alone it gains
-    nothing (the skinny products of one layer at a time still sit between the model's kernels),
-    but with the layers batched it takes another 2.5 ms off a BERT-base step (bench/README.md)."""
-    value = os.environ.get("STREAMSPEC_SIDE_STREAM", "").strip()
-    if value in ("0", "1"):
-        return value == "1"
+    side stream, beside the model's backward: ``STREAMSPEC_SIDE_STREAM`` if set (``1``, ``true``,
+    ``yes``, ``on``; ``0``, ``false``, ``no``, ``off``), else on CUDA devices (the only ones with
+    streams here). On an H200 alone it gains nothing (the skinny products of one layer at a time
+    still sit between the model's kernels), but with the layers batched it takes another 2.5 ms
+    off a BERT-base step (bench/README.md)."""
+    value = os.environ.get("STREAMSPEC_SIDE_STREAM", "").strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
     return kind == "cuda"
 
 

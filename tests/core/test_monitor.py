@@ -1530,3 +1530,27 @@ def test_every_weight_of_a_tied_recurrent_module_in_two_segments_is_left_unrecor
         assert np.isnan(ds["sigma"].sel(layer=name).values).all(), name
         assert np.isnan(ds["sigma_tied"].sel(layer=name).values).all(), name
     assert np.isfinite(ds["sigma"].sel(layer="head.weight").values[..., 0]).all()
+
+
+def test_gpu_options_default_to_four_layers_on_a_side_stream_on_cuda_only(monkeypatch) -> None:
+    """The documented defaults (README, CHANGELOG): CUDA batches 4 layers on a side stream,
+    other devices run each layer in its own hook; the variables override both, and a value
+    that is no number or switch (1/true/yes/on, 0/false/no/off) falls back to the default."""
+    from streamspec.monitor import batch_layers, side_stream
+
+    for var in ("STREAMSPEC_BATCH_LAYERS", "STREAMSPEC_SIDE_STREAM"):
+        monkeypatch.delenv(var, raising=False)
+    assert (batch_layers("cuda"), side_stream("cuda")) == (4, True)
+    assert (batch_layers("cpu"), side_stream("cpu")) == (1, False)
+    assert (batch_layers("mps"), side_stream("mps")) == (1, False)
+    monkeypatch.setenv("STREAMSPEC_BATCH_LAYERS", "1")
+    monkeypatch.setenv("STREAMSPEC_SIDE_STREAM", "0")
+    assert (batch_layers("cuda"), side_stream("cuda")) == (1, False)
+    monkeypatch.setenv("STREAMSPEC_BATCH_LAYERS", "8")
+    monkeypatch.setenv("STREAMSPEC_SIDE_STREAM", "1")
+    assert (batch_layers("cpu"), side_stream("cpu")) == (8, True)
+    monkeypatch.setenv("STREAMSPEC_SIDE_STREAM", "off")
+    assert side_stream("cuda") is False
+    monkeypatch.setenv("STREAMSPEC_BATCH_LAYERS", "many")
+    monkeypatch.setenv("STREAMSPEC_SIDE_STREAM", "maybe")
+    assert (batch_layers("cuda"), side_stream("cuda")) == (4, True)
