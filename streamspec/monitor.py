@@ -849,13 +849,13 @@ class Monitor:
                 return
         plan = self._plan_for(batch, module)  # (a usage error: no labels, or another length)
         recording = self._records_step()
+        count_only: Callable[[torch.Tensor], None] | None = None
+        hooked = 0
         for cap in captures:
             index = self._index.get((id(module), cap.key))
             if index is None or not cap.output.requires_grad:  # frozen, or no graph
                 continue
-            with self._lock:
-                live = self._live.get(id(plan), (plan, 0))[1]
-                self._live[id(plan)] = (plan, live + 1)
+            hooked += 1
             if recording:
                 self._state[index].calls += 1
                 # The hook keeps the rows and the adjoint mapping, never the output tensor it
@@ -865,7 +865,12 @@ class Monitor:
                     self._adjoint_hook(index, cap.activation, cap.adjoint, plan)
                 )
             else:
-                cap.output.register_hook(self._count_only_hook_of(plan))
+                count_only = count_only or self._count_only_hook_of(plan)
+                cap.output.register_hook(count_only)
+        if hooked:
+            with self._lock:
+                live = self._live.get(id(plan), (plan, 0))[1]
+                self._live[id(plan)] = (plan, live + hooked)
 
     def _records_step(self) -> bool:
         """Whether the current step is recorded (``every``, and no failure so far)."""
