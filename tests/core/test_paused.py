@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -354,19 +355,13 @@ def test_a_training_threads_label_during_another_threads_block_is_kept(worker_la
         mon.close()
 
 
-@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
-def test_a_step_whose_whole_backward_is_paused_leaves_nothing_to_the_next_step(
-    reentrant: bool,
-) -> None:
-    """A warm-up step: the forward outside the block, its whole backward inside it. Its forward
-    was left to the next step as a labelled batch and as calls that never folded: with reentrant
-    checkpointing the next step's recomputed layers were left unrecorded (NaN, a warning about
-    several labelled batches). Now the next steps record what a run without the warm-up step
-    records."""
+def assert_warm_up_leaves_nothing(make_model: Callable[[], nn.Module]) -> None:
+    """A warm-up step (its forward outside paused(), its whole backward inside it), then two
+    steps under warnings as errors: they record what the same two steps record without it."""
     import warnings
 
     def run(warm_up: bool) -> np.ndarray:
-        model = CheckpointedCritic(reentrant=reentrant)
+        model = make_model()
         with streamspec.watch(model, ["a", "b"], rank=3, live=False) as mon:
             for i, (real, fake, groups) in enumerate(batches(3)):
                 if i == 0 and not warm_up:
@@ -388,6 +383,19 @@ def test_a_step_whose_whole_backward_is_paused_leaves_nothing_to_the_next_step(
     with_warm_up, without = run(True), run(False)
     assert np.isfinite(without[:, :, :, :, 0]).all()
     np.testing.assert_array_equal(with_warm_up, without)
+
+
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+def test_a_step_whose_whole_backward_is_paused_leaves_nothing_to_the_next_step(
+    reentrant: bool,
+) -> None:
+    """A warm-up step: the forward outside the block, its whole backward inside it. Its forward
+    was left to the next step as a labelled batch and as calls that never folded: with reentrant
+    checkpointing the next step's recomputed layers were left unrecorded (NaN, a warning about
+    several labelled batches). Now the next steps record what a run without the warm-up step
+    records."""
+
+    assert_warm_up_leaves_nothing(lambda: CheckpointedCritic(reentrant=reentrant))
 
 
 @pytest.mark.parametrize("every", [1, 2])
@@ -516,7 +524,6 @@ def test_a_warm_up_step_of_a_wholly_checkpointed_model_leaves_nothing_to_the_nex
     nothing (it runs without grad), its recomputation runs inside the paused backward; its
     labelling was left to the next step as a second batch, whose layers were then all
     unrecorded (the step not even written)."""
-    import warnings
 
     class Whole(nn.Module):
         def __init__(self) -> None:
@@ -527,26 +534,4 @@ def test_a_warm_up_step_of_a_wholly_checkpointed_model_leaves_nothing_to_the_nex
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return checkpoint(self.body, x, use_reentrant=True)
 
-    def run(warm_up: bool) -> np.ndarray:
-        model = Whole()
-        with streamspec.watch(model, ["a", "b"], rank=3, live=False) as mon:
-            for i, (real, fake, groups) in enumerate(batches(3)):
-                if i == 0 and not warm_up:
-                    continue
-                mon.label(groups)
-                scores = model(torch.cat([real, fake]).requires_grad_(True))
-                if i == 0:
-                    with mon.paused():
-                        scores.sum().backward()
-                    model.zero_grad()
-                    continue
-                with warnings.catch_warnings():
-                    warnings.simplefilter("error", streamspec.StreamspecWarning)
-                    scores.sum().backward()
-                model.zero_grad()
-            assert mon.step == 2
-        return mon.to_xarray().sigma.values
-
-    with_warm_up, without = run(True), run(False)
-    assert np.isfinite(without[:, :, :, :, 0]).all()
-    np.testing.assert_array_equal(with_warm_up, without)
+    assert_warm_up_leaves_nothing(Whole)
