@@ -5,7 +5,7 @@
 # The end-to-end gpu-base comparison runs first, so that a run cut short still has it.
 set -uo pipefail
 OUT=${OUT:-bench/results}
-BASE_MODES=${1:-plain,watch,watch10,layerwise,lowrank,paper}
+BASE_MODES=${1:-plain,watch,stacked,watch10,layerwise,lowrank,paper}
 MID_MODES=${2:-plain,watch,watch10,layerwise,lowrank,paper}
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"

@@ -203,6 +203,7 @@ VARIANTS: dict[str, dict[str, str]] = {
     "batched12": {_BATCH: "12", _SIDE: "0"},
     "stream": {_BATCH: "1", _SIDE: "1"},
     "batched12stream": {_BATCH: "12", _SIDE: "1"},
+    "stacked": {},  # the defaults, with each batch's rows stacked by a copy (see run_mode)
 }
 MODES = ("plain", "watch", "watch10", "paper", "lowrank", "hostless", *VARIANTS)
 """``hostless`` is a diagnostic, not a usable mode: ``watch`` with the host thread's spectra,
@@ -213,9 +214,10 @@ nothing but the route through the monitor): ``layerwise`` (each layer's products
 hook, on the training stream: the default before 2026-11-27), ``batched`` (four same-shape
 layers in one batched call, on the training stream), ``batched12`` (twelve, with the bank's
 cap on held rows raised to 1 GiB, and all banks' to 4 GiB, so that a BERT-base bank batches all
-its layers), ``stream``
-(one layer at a time on a side CUDA stream) and ``batched12stream`` (twelve on a side
-stream)."""
+its layers), ``stream`` (one layer at a time on a side CUDA stream), ``batched12stream``
+(twelve on a side stream) and ``stacked`` (the defaults, but each layer's rows gathered on their
+own and a batch's stacked by a copy: the route before 2026-11-27, when rows began to be
+gathered straight into their batch's buffer)."""
 
 
 def _wait_only(rec: Any) -> None:
@@ -260,6 +262,8 @@ def run_mode(cfg: Config, mode: str, device: torch.device, result: ModeResult) -
             )
         if mode == "hostless":
             monitor._pipeline._on_step = _wait_only
+        if mode == "stacked":
+            monitor._slot = lambda *args: None
     elif mode in ("paper", "lowrank"):
         monitor = PaperBaseline(model, "full" if mode == "paper" else "lowrank", cfg.rank)
     steps, warmup = cfg.steps, cfg.warmup

@@ -37,6 +37,7 @@ from streamspec.capture.groups import GroupPlan, as_labels, describe
 from streamspec.capture.registry import (
     BatchDim,
     Capture,
+    DenseSource,
     RowSource,
     as_batch_dim,
     batch_dim_of,
@@ -59,6 +60,7 @@ from streamspec.sketch.tracker import (
     finish_banks,
     merge_products,
     products_of_layers,
+    stacked_products,
 )
 from streamspec.store.writer import ArchiveWriter
 
@@ -221,6 +223,26 @@ class _LayerStepState:
     group_rows: np.ndarray | None = None  # [C] rows per group over the step's calls
     n_positions: int = 0
     products: StepProducts | None = None
+    slot: tuple[_BatchBuffer, int] | None = None  # where its rows were gathered, if batched
+
+
+@dataclass
+class _BatchBuffer:
+    """One allocation for the gathered rows of a bank's next batch (:meth:`Monitor._slot`):
+    each layer is gathered into its own slot, so the batch's products read the slots as one
+    stacked tensor, without a stacking copy."""
+
+    rows: torch.Tensor  # [S, C, m, h_in] float32
+    adjoints: torch.Tensor  # [S, C, m, h_out] float32
+    used: int = 0  # slots handed out
+
+    @property
+    def slot_bytes(self) -> int:
+        return (self.rows[0].nbytes + self.adjoints[0].nbytes) if len(self.rows) else 0
+
+    @property
+    def free_bytes(self) -> int:
+        return (len(self.rows) - self.used) * self.slot_bytes
 
 
 @dataclass
@@ -232,6 +254,7 @@ class _Queued:
     adjoint: torch.Tensor
     size: int  # bytes the products read (float32)
     stream: torch.cuda.Stream | None  # the CUDA stream the rows were made on
+    slot: tuple[_BatchBuffer, int] | None = None  # the buffer slot the rows are in, if any
 
 
 class Monitor:
@@ -358,8 +381,11 @@ class Monitor:
         self._side = {kind: side_stream(kind) for kind in ("cpu", "cuda")}
         self._side_streams: dict[torch.device, torch.cuda.Stream] = {}
         self._side_pending: set[torch.device] = set()
-        # Per bank: layers of the step whose products wait for a batch.
+        # Per bank: layers of the step whose products wait for a batch; the buffer the next
+        # layers are gathered into, and how many of the bank's layers were given a slot.
         self._queued: dict[int, list[_Queued]] = {}
+        self._open: dict[int, _BatchBuffer] = {}
+        self._slotted: dict[int, int] = {}
         self._step_plans: dict[int, GroupPlan] = {}  # every labelling with a gradient this step
         # label() calls since the last step ended, with grad enabled and outside paused() (a
         # labelling for an evaluation under no_grad, or for a paused block, whose labelling is
@@ -979,8 +1005,17 @@ class Monitor:
                 return  # a step without grouped samples is still recorded: counts 0, σ NaN
             try:
                 state = self._state[index]
-                activation = source.gather(plan)
-                adjoint = plan.gather(adjoint_rows(grad.detach()))
+                adjoint_in = adjoint_rows(grad.detach())
+                slot = self._slot(index, source, adjoint_in, plan)
+                if slot is None:
+                    activation = source.gather(plan)
+                    adjoint = plan.gather(adjoint_in)
+                else:  # straight into the bank's next batch
+                    buffer, at = slot
+                    assert isinstance(source, DenseSource)
+                    activation = DenseRows(plan.gather(source.rows, out=buffer.rows[at]))
+                    adjoint = plan.gather(adjoint_in, out=buffer.adjoints[at])
+                    state.slot = slot
                 state.pending.append((activation, adjoint, source.positions, plan))
                 if len(state.pending) == state.calls:
                     self._fold(index)
@@ -1025,6 +1060,7 @@ class Monitor:
         state.group_rows = group_rows if state.group_rows is None else state.group_rows + group_rows
         tie = self._positions(state) if self._tied[index] else None
         state.pending.clear()
+        slot, state.slot = state.slot, None
         rows_per_group = activation.shape[1]
         exact = rows_per_group <= self.config.exact_threshold
         adjoint = self._unscaled(adjoint)
@@ -1039,7 +1075,7 @@ class Monitor:
             and tracker.warm_started(adjoint.device)
             and len(state.plans) == 1
         ):
-            self._queue(index, activation.rows, adjoint)
+            self._queue(index, activation.rows, adjoint, slot)
         else:
             # Sketches accumulate in float32 even when the step runs under autocast (the
             # autocast state reaches tensor hooks).
@@ -1078,70 +1114,158 @@ class Monitor:
             return
         state.products = merged
 
-    def _queue(self, index: int, rows: torch.Tensor, adjoint: torch.Tensor) -> None:
+    def _slot(
+        self, index: int, source: RowSource, adjoint: torch.Tensor, plan: GroupPlan
+    ) -> tuple[_BatchBuffer, int] | None:
+        """Where to gather a layer's rows (and adjoint rows) when :meth:`_fold` will queue them
+        for a batch: a slot of the bank's next batch, whose layers' slots are then read as one
+        stacked tensor (no stacking copy). The same conditions as the fold's queue, checked
+        before the gather (one call of the layer in the step, explicit float32 rows of the
+        sketched route, one labelling, no tying, no loss scale to divide out). The buffer takes
+        as many slots as layers of the bank may still come in the step, up to the batch and
+        within :data:`BATCH_BYTES` and the device's :data:`QUEUED_BYTES`; None (gathered on
+        their own) when that is fewer than two."""
+        tracker = self._trackers[index]
+        bank, device, state = tracker.bank, adjoint.device, self._state[index]
+        batch = min(self._batch_layers.get(device.type, 1), bank.capacity)
+        if batch < 2 or not isinstance(source, DenseSource) or adjoint.dim() != 3:
+            return None
+        rows = source.rows
+        m = plan.n_max * rows.shape[1]
+        if (
+            state.calls != 1
+            or state.pending
+            or len(state.plans) != 1
+            or self._tied[index]
+            or self._grad_scaler is not None
+            or rows.dtype != torch.float32
+            or adjoint.dtype != torch.float32
+            or rows.device != device
+            or m <= self.config.exact_threshold
+            or not tracker.warm_started(device)
+        ):
+            return None
+        key = id(bank)
+        c, h_in, h_out = plan.n_groups, rows.shape[2], adjoint.shape[2]
+        size = c * m * (h_in + h_out) * 4
+        if not self._fits(key, (c, m, h_in), (c, m, h_out), index, size):
+            self._run_queue(key)  # (which also closes the open buffer)
+        buffer = self._open.get(key)
+        if buffer is not None and (
+            buffer.used == len(buffer.rows)
+            or buffer.rows.shape[1:] != (c, m, h_in)
+            or buffer.adjoints.shape[-1] != h_out
+            or buffer.rows.device != device
+        ):
+            self._run_queue(key)
+            buffer = None
+        if buffer is None:
+            room = self._queued_bytes - sum(self._held(device).values())
+            slots = min(batch, bank.capacity - self._slotted.get(key, 0), self._batch_bytes // size)
+            slots = min(slots, max(room, 0) // size)
+            if slots < 2:
+                return None
+            buffer = self._open[key] = _BatchBuffer(
+                torch.empty((slots, c, m, h_in), dtype=torch.float32, device=device),
+                torch.empty((slots, c, m, h_out), dtype=torch.float32, device=device),
+            )
+        at = buffer.used
+        buffer.used += 1
+        self._slotted[key] = self._slotted.get(key, 0) + 1
+        return buffer, at
+
+    def _fits(
+        self,
+        key: int,
+        rows: tuple[int, ...],
+        adjoint: tuple[int, ...],
+        index: int,
+        size: int,
+    ) -> bool:
+        """Whether a layer's rows (shapes ``rows``, ``adjoint``; ``size`` bytes) may join its
+        bank's queued batch: the same row counts and labellings (the products of a batch share
+        one), and the batch stays within :data:`BATCH_BYTES`."""
+        queue = self._queued.get(key)
+        return not queue or (
+            tuple(queue[0].rows.shape) == rows
+            and tuple(queue[0].adjoint.shape) == adjoint
+            and self._state[queue[0].index].plans.keys() == self._state[index].plans.keys()
+            and sum(q.size for q in queue) + size <= self._batch_bytes
+        )
+
+    def _held(self, device: torch.device) -> dict[int, int]:
+        """Bytes of gathered rows each bank on ``device`` holds for its next batch: its queued
+        layers' and the slots of its open buffer not handed out yet."""
+        held = {
+            k: sum(q.size for q in queue)
+            for k, queue in self._queued.items()
+            if queue and queue[0].adjoint.device == device
+        }
+        for k, buffer in self._open.items():
+            if buffer.rows.device == device:
+                held[k] = held.get(k, 0) + buffer.free_bytes
+        return held
+
+    def _queue(
+        self,
+        index: int,
+        rows: torch.Tensor,
+        adjoint: torch.Tensor,
+        slot: tuple[_BatchBuffer, int] | None = None,
+    ) -> None:
         """Hold a layer's gathered rows until :data:`batch_layers` layers of its bank are there
         (or all of them, in a bank of fewer), then run their products together; a bank never
         holds more than :data:`BATCH_BYTES` of rows (a batch runs early rather than take more; a
         layer whose rows alone reach it runs at once), and the banks of a device no more than
         :data:`QUEUED_BYTES` together (the fullest runs first: a model of many shapes, each
-        bank a few layers short of a batch, would otherwise hold rows of all of them)."""
+        bank a few layers short of a batch, would otherwise hold rows of all of them).
+        ``slot``: the rows were gathered into the bank's batch buffer (:meth:`_slot`)."""
         tracker = self._trackers[index]
         key = id(tracker.bank)
         device = adjoint.device
-        queue = self._queued.setdefault(key, [])
         size = (rows.numel() + adjoint.numel()) * 4  # float32, as the products read them
-        if queue and (
-            queue[0].rows.shape != rows.shape
-            or queue[0].adjoint.shape != adjoint.shape
-            # another labelling (its counts): the products of a batch share one
-            or self._state[queue[0].index].plans.keys() != self._state[index].plans.keys()
-            # these rows would take the bank past BATCH_BYTES: the batch so far runs first
-            or sum(q.size for q in queue) + size > self._batch_bytes
-        ):
+        if not self._fits(key, tuple(rows.shape), tuple(adjoint.shape), index, size):
             self._run_queue(key)  # (or another row count, another call pattern: not batched)
-            queue = self._queued.setdefault(key, [])
+        queue = self._queued.setdefault(key, [])
         # The stream the rows were made on: hooks run on their forward op's stream, which may
         # differ from layer to layer (the products then wait for each).
         stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
-        queue.append(_Queued(index, rows, adjoint, size, stream))
+        queue.append(_Queued(index, rows, adjoint, size, stream, slot))
         batch = min(self._batch_layers.get(device.type, 1), tracker.bank.capacity)
         if len(queue) >= batch or size >= self._batch_bytes:
             self._run_queue(key)
         while True:
-            held = {
-                k: sum(q.size for q in held_queue)
-                for k, held_queue in self._queued.items()
-                if held_queue and held_queue[0].adjoint.device == device
-            }
+            held = self._held(device)
             if sum(held.values()) <= self._queued_bytes:
                 break
             self._run_queue(max(held, key=held.__getitem__))
 
     def _run_queue(self, key: int) -> None:
-        """The products of a bank's queued layers, in one batched call per product."""
+        """The products of a bank's queued layers, in one batched call per product (closing the
+        bank's open buffer: the next layers start another)."""
+        self._open.pop(key, None)
         queue = self._queued.pop(key, [])
         if not queue:
             return
         device = queue[0].adjoint.device
         counts = self._layer_counts(self._state[queue[0].index], device)
+        trackers = [self._trackers[q.index] for q in queue]
         with (
             as_written({device}, conv=False),
             _profiled("streamspec.fold"),
             self._products_stream(device, queue),
         ):
             if len(queue) == 1:  # alone after all: no stacking copy
-                tracker = self._trackers[queue[0].index]
                 products = [
-                    tracker.products(
+                    trackers[0].products(
                         DenseRows(queue[0].rows), queue[0].adjoint, False, None, counts
                     )
                 ]
+            elif (stacked := _stacked_slots(queue)) is not None:
+                products = stacked_products(trackers, *stacked, counts)
             else:
                 products = products_of_layers(
-                    [self._trackers[q.index] for q in queue],
-                    [q.rows for q in queue],
-                    [q.adjoint for q in queue],
-                    counts,
+                    trackers, [q.rows for q in queue], [q.adjoint for q in queue], counts
                 )
         for q, p in zip(queue, products, strict=True):
             self._add_products(q.index, p)
@@ -1391,6 +1515,8 @@ class Monitor:
     def _reset_step(self) -> None:
         self._state = [_LayerStepState() for _ in self.sites]
         self._queued = {}
+        self._open = {}
+        self._slotted = {}
         self._step_plans = {}
         self._labels_in_step = 0
         self._counted = {}
@@ -1550,6 +1676,31 @@ def side_stream(kind: str) -> bool:
     if value in ("0", "false", "no", "off"):
         return False
     return kind == "cuda"
+
+
+def _stacked_slots(queue: list[_Queued]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The queued layers' rows and adjoint rows as one stacked ``[n·C, m, h]`` view each, when
+    they sit in consecutive slots of one batch buffer (as :meth:`Monitor._slot` hands them
+    out), else None (then stacked by a copy)."""
+    first = queue[0].slot
+    if first is None:
+        return None
+    buffer, start = first
+    for i, q in enumerate(queue):
+        at = start + i
+        if (
+            q.slot is None
+            or q.slot[0] is not buffer
+            or q.slot[1] != at
+            # the rows the fold queued are the slot's own (nothing replaced them on the way)
+            or q.rows.data_ptr() != buffer.rows[at].data_ptr()
+            or q.adjoint.data_ptr() != buffer.adjoints[at].data_ptr()
+            or q.rows.shape != buffer.rows[at].shape
+            or q.adjoint.shape != buffer.adjoints[at].shape
+        ):
+            return None
+    end = start + len(queue)
+    return buffer.rows[start:end].flatten(0, 1), buffer.adjoints[start:end].flatten(0, 1)
 
 
 def _profiled(name: str) -> contextlib.AbstractContextManager[Any]:

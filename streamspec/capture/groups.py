@@ -103,19 +103,28 @@ class GroupPlan:
         """``[C]`` float64 :attr:`counts` on ``device`` (copied once per device)."""
         return self._indices(device)[2]
 
-    def gather_samples(self, x: torch.Tensor, fill: float = 0) -> torch.Tensor:
-        """``[B, …]`` → ``[C, n_max, …]``: each group's samples in a block, ``fill`` for padding."""
+    def gather_samples(
+        self, x: torch.Tensor, fill: float = 0, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``[B, …]`` → ``[C, n_max, …]``: each group's samples in a block, ``fill`` for padding;
+        into ``out`` (``C·n_max`` samples' worth of ``x``'s dtype, contiguous) if given."""
         src, dst, _ = self._indices(x.device)
+        shape = (self.n_groups * self.n_max, *x.shape[1:])
         if self._dense:  # every group has n_max samples: no padding, one copy
-            return x.index_select(0, src).view(self.n_groups, self.n_max, *x.shape[1:])
-        out = x.new_full((self.n_groups * self.n_max, *x.shape[1:]), fill)
-        out.index_copy_(0, dst, x.index_select(0, src))
-        return out.view(self.n_groups, self.n_max, *x.shape[1:])
+            if out is None:
+                flat = x.index_select(0, src)
+            else:
+                flat = torch.index_select(x, 0, src, out=out.view(shape))
+        else:
+            flat = x.new_full(shape, fill) if out is None else out.view(shape).fill_(fill)
+            flat.index_copy_(0, dst, x.index_select(0, src))
+        return flat.view(self.n_groups, self.n_max, *x.shape[1:])
 
-    def gather(self, rows: torch.Tensor) -> torch.Tensor:
-        """``[B, T, h]`` samples-first rows → ``[C, n_max·T, h]`` group blocks, zero-padded."""
+    def gather(self, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B, T, h]`` samples-first rows → ``[C, n_max·T, h]`` group blocks, zero-padded (into
+        ``out``, of that shape and ``rows``' dtype, if given)."""
         _, t, h = rows.shape
-        return self.gather_samples(rows).view(self.n_groups, self.n_max * t, h)
+        return self.gather_samples(rows, out=out).view(self.n_groups, self.n_max * t, h)
 
 
 def describe(values: Sequence[object], limit: int = 8) -> str:

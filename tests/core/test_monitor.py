@@ -951,59 +951,74 @@ def test_an_unbatched_input_names_the_module() -> None:
 
 def test_batched_layer_products_record_what_layer_by_layer_products_record(monkeypatch) -> None:
     """``STREAMSPEC_BATCH_LAYERS=3``: a bank's sketched-route products run three layers at a
-    time (the fourth, and a shorter layer's call pattern, alone at the end of the backward);
-    the recorded step and epoch spectra, error estimates and t-statistics are those of the
-    layer-by-layer products, and a model's exact-route and first (seeding) steps are unchanged."""
+    time (the fourth, and a shorter layer's call pattern, alone at the end of the backward),
+    their rows gathered straight into one buffer (no stacking copy); the recorded step and epoch
+    spectra, error estimates and t-statistics are those of the layer-by-layer products, and a
+    model's exact-route and first (seeding) steps are unchanged. So are they when the batch's
+    rows are stacked by a copy (rows gathered on their own)."""
     from streamspec import monitor as monitor_module
-    from streamspec.sketch import tracker as tracker_module
 
-    calls: list[int] = []
+    calls: list[int] = []  # batches through one buffer (layers each)
+    copied: list[int] = []  # batches stacked by a copy
     runs: list[int] = []  # queue lengths run
-    real = tracker_module.products_of_layers
+    real_stacked = monitor_module.stacked_products
+    real_copied = monitor_module.products_of_layers
     real_run = monitor_module.Monitor._run_queue
 
-    def counted(trackers, *args):  # type: ignore[no-untyped-def]
+    def stacked(trackers, a, d, counts):  # type: ignore[no-untyped-def]
         calls.append(len(trackers))
-        return real(trackers, *args)
+        return real_stacked(trackers, a, d, counts)
+
+    def copied_products(trackers, *args):  # type: ignore[no-untyped-def]
+        copied.append(len(trackers))
+        return real_copied(trackers, *args)
 
     def run_queue(self, key):  # type: ignore[no-untyped-def]
         runs.append(len(self._queued.get(key, [])))
         return real_run(self, key)
 
-    monkeypatch.setattr(monitor_module, "products_of_layers", counted)
+    monkeypatch.setattr(monitor_module, "stacked_products", stacked)
+    monkeypatch.setattr(monitor_module, "products_of_layers", copied_products)
     monkeypatch.setattr(monitor_module.Monitor, "_run_queue", run_queue)
     out = {}
-    for batch in ("1", "3", "side"):
+    for batch in ("1", "3", "side", "3-copied"):
         # "side": STREAMSPEC_SIDE_STREAM on a CPU (no streams there: the hook's own thread
-        # runs them): each layer alone, through the same queue as batches
-        monkeypatch.setenv("STREAMSPEC_BATCH_LAYERS", "1" if batch == "side" else batch)
-        monkeypatch.setenv("STREAMSPEC_SIDE_STREAM", "1" if batch == "side" else "0")
-        calls.clear()
-        runs.clear()
-        torch.manual_seed(0)
-        model = nn.Sequential(*[nn.Linear(40, 40) for _ in range(4)], nn.Linear(40, 8))
-        gen = torch.Generator().manual_seed(1)
-        with streamspec.watch(model, ["a", "b"], rank=4, live=False, exact_rows=0) as mon:
-            for _epoch in range(2):
-                for _ in range(3):
-                    x = torch.randn(48, 40, generator=gen)
-                    mon.label(torch.arange(48) % 2)
-                    model(x).pow(2).mean().backward()
-                mon.end_epoch()
-            ds = mon.to_xarray()
+        # runs them): each layer alone, through the same queue as batches. "3-copied": no
+        # buffer slots (each layer's rows gathered on their own, then stacked).
+        with monkeypatch.context() as patch:
+            if batch == "3-copied":
+                patch.setattr(monitor_module.Monitor, "_slot", lambda self, *args: None)
+            patch.setenv("STREAMSPEC_BATCH_LAYERS", "1" if batch == "side" else batch[0])
+            patch.setenv("STREAMSPEC_SIDE_STREAM", "1" if batch == "side" else "0")
+            calls.clear()
+            copied.clear()
+            runs.clear()
+            torch.manual_seed(0)
+            model = nn.Sequential(*[nn.Linear(40, 40) for _ in range(4)], nn.Linear(40, 8))
+            gen = torch.Generator().manual_seed(1)
+            with streamspec.watch(model, ["a", "b"], rank=4, live=False, exact_rows=0) as mon:
+                for _epoch in range(2):
+                    for _ in range(3):
+                        x = torch.randn(48, 40, generator=gen)
+                        mon.label(torch.arange(48) % 2)
+                        model(x).pow(2).mean().backward()
+                    mon.end_epoch()
+                ds = mon.to_xarray()
         out[batch] = [ds[v].values for v in ("sigma", "sigma_err", "sigma_epoch", "welch_t")]
         # Batched: from the second step on, the four 40 × 40 layers as 3 + 1 (the one left
         # at the end of the backward runs alone, without stacking; the head is a bank of its
         # own and never batched).
         assert calls == ([3] * 5 if batch == "3" else []), calls
+        assert copied == ([3] * 5 if batch == "3-copied" else []), copied
         # Through the queue: 5 steps after the seeding one; per step, "3": the four layers as
         # 3 + 1 (the head's bank of one is not queued); "side": each of the five layers alone.
-        queued = {"1": [], "3": [3, 1] * 5, "side": [1] * 25}[batch]
+        queued = {"1": [], "3": [3, 1] * 5, "side": [1] * 25, "3-copied": [3, 1] * 5}[batch]
         assert [n for n in runs if n] == queued, runs
-    for a, b, c in zip(out["1"], out["3"], out["side"], strict=True):
+    for a, b, c, d in zip(out["1"], out["3"], out["side"], out["3-copied"], strict=True):
         assert np.isfinite(a).any()
         np.testing.assert_allclose(b, a, rtol=2e-4, atol=1e-6 * np.nanmax(np.abs(a)))
         np.testing.assert_array_equal(c, a)
+        np.testing.assert_array_equal(d, b)
 
 
 def test_a_bank_smaller_than_the_batch_runs_in_its_own_hooks(monkeypatch) -> None:
@@ -1074,7 +1089,8 @@ def test_batched_rows_of_a_failed_backward_are_released_by_end_epoch_and_close(
 
 
 def test_batched_rows_held_per_bank_stay_within_batch_bytes(monkeypatch) -> None:
-    """A bank's queue runs before a layer's rows would take it past ``BATCH_BYTES``."""
+    """A bank's queue runs before a layer's rows would take it past ``BATCH_BYTES`` (its rows
+    and the slots of its batch buffer not filled yet)."""
     from streamspec import monitor as monitor_module
 
     monkeypatch.setenv("STREAMSPEC_BATCH_LAYERS", "4")
@@ -1084,7 +1100,8 @@ def test_batched_rows_held_per_bank_stay_within_batch_bytes(monkeypatch) -> None
     real = monitor_module.Monitor._run_queue
 
     def run_queue(self, key):  # type: ignore[no-untyped-def]
-        held.append(sum(q.rows.nbytes + q.adjoint.nbytes for q in self._queued.get(key, [])))
+        rows = sum(q.rows.nbytes + q.adjoint.nbytes for q in self._queued.get(key, []))
+        held.append(rows + (self._open[key].free_bytes if key in self._open else 0))
         return real(self, key)
 
     monkeypatch.setattr(monitor_module.Monitor, "_run_queue", run_queue)
@@ -1100,7 +1117,8 @@ def test_batched_rows_held_per_bank_stay_within_batch_bytes(monkeypatch) -> None
 def test_rows_held_by_all_banks_stay_within_queued_bytes(monkeypatch) -> None:
     """Banks of two shapes, each a layer short of a batch most of the backward: together they
     never hold more than ``QUEUED_BYTES`` of rows after a layer is queued (the fullest runs
-    first), and the records are those of layer-by-layer products."""
+    first; counting the slots of batch buffers not filled yet), and the records are those of
+    layer-by-layer products."""
     from streamspec import monitor as monitor_module
 
     torch.manual_seed(0)
@@ -1115,7 +1133,8 @@ def test_rows_held_by_all_banks_stay_within_queued_bytes(monkeypatch) -> None:
 
     def queue(self, *args):  # type: ignore[no-untyped-def]
         real(self, *args)
-        held.append(sum(q.size for qs in self._queued.values() for q in qs))
+        free = sum(b.free_bytes for b in self._open.values())
+        held.append(sum(q.size for qs in self._queued.values() for q in qs) + free)
 
     monkeypatch.setattr(monitor_module.Monitor, "_queue", queue)
     out = {}
