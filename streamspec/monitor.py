@@ -234,6 +234,9 @@ class _BatchBuffer:
 
     rows: torch.Tensor  # [S, C, m, h_in] float32
     adjoints: torch.Tensor  # [S, C, m, h_out] float32
+    # The CUDA stream it was allocated on, the only one that writes it (the caching allocator
+    # orders reuse of its memory on that stream alone); None on a CPU.
+    stream: torch.cuda.Stream | None
     used: int = 0  # slots handed out
 
     @property
@@ -385,7 +388,10 @@ class Monitor:
         # layers are gathered into, and how many of the bank's layers were given a slot.
         self._queued: dict[int, list[_Queued]] = {}
         self._open: dict[int, _BatchBuffer] = {}
-        self._slotted: dict[int, int] = {}
+        # Per bank, this step: its layers called (with a gradient to come) and gathered so far
+        # (what a new buffer may expect still to come).
+        self._called: dict[int, int] = {}
+        self._gathered: dict[int, int] = {}
         self._step_plans: dict[int, GroupPlan] = {}  # every labelling with a gradient this step
         # label() calls since the last step ended, with grad enabled and outside paused() (a
         # labelling for an evaluation under no_grad, or for a paused block, whose labelling is
@@ -883,7 +889,11 @@ class Monitor:
                 continue
             hooked += 1
             if recording:
-                self._state[index].calls += 1
+                state = self._state[index]
+                state.calls += 1
+                if state.calls == 1:
+                    key = id(self._trackers[index].bank)
+                    self._called[key] = self._called.get(key, 0) + 1
                 # The hook keeps the rows and the adjoint mapping, never the output tensor it
                 # hangs on: output → hook → output would be a reference cycle that keeps every
                 # step's activations alive until Python's cycle collector happens to run.
@@ -1007,6 +1017,8 @@ class Monitor:
                 state = self._state[index]
                 adjoint_in = adjoint_rows(grad.detach())
                 slot = self._slot(index, source, adjoint_in, plan)
+                key = id(self._trackers[index].bank)
+                self._gathered[key] = self._gathered.get(key, 0) + 1
                 if slot is None:
                     activation = source.gather(plan)
                     adjoint = plan.gather(adjoint_in)
@@ -1121,10 +1133,15 @@ class Monitor:
         for a batch: a slot of the bank's next batch, whose layers' slots are then read as one
         stacked tensor (no stacking copy). The same conditions as the fold's queue, checked
         before the gather (one call of the layer in the step, explicit float32 rows of the
-        sketched route, one labelling, no tying, no loss scale to divide out). The buffer takes
-        as many slots as layers of the bank may still come in the step, up to the batch and
-        within :data:`BATCH_BYTES` and the device's :data:`QUEUED_BYTES`; None (gathered on
-        their own) when that is fewer than two."""
+        sketched route, one labelling, no tying, no loss scale to divide out).
+
+        A buffer takes as many slots as the bank's layers called in the step and not gathered
+        yet (a layer whose gradient never comes, behind a ``detach()``, leaves its slot free),
+        up to the batch, within :data:`BATCH_BYTES` and what the device's :data:`QUEUED_BYTES`
+        leaves (its free slots count as held); None (gathered on their own) when that is fewer
+        than two, or when rows gathered on their own already wait in the bank (their batch is
+        stacked by a copy anyway). It is written on the stream it was allocated on only: a
+        hook on another stream closes it and opens another."""
         tracker = self._trackers[index]
         bank, device, state = tracker.bank, adjoint.device, self._state[index]
         batch = min(self._batch_layers.get(device.type, 1), bank.capacity)
@@ -1135,6 +1152,7 @@ class Monitor:
         if (
             state.calls != 1
             or state.pending
+            or state.shared
             or len(state.plans) != 1
             or self._tied[index]
             or self._grad_scaler is not None
@@ -1150,28 +1168,32 @@ class Monitor:
         size = c * m * (h_in + h_out) * 4
         if not self._fits(key, (c, m, h_in), (c, m, h_out), index, size):
             self._run_queue(key)  # (which also closes the open buffer)
+        stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
         buffer = self._open.get(key)
         if buffer is not None and (
             buffer.used == len(buffer.rows)
             or buffer.rows.shape[1:] != (c, m, h_in)
             or buffer.adjoints.shape[-1] != h_out
             or buffer.rows.device != device
+            or buffer.stream != stream
         ):
             self._run_queue(key)
             buffer = None
         if buffer is None:
+            if self._queued.get(key):
+                return None
             room = self._queued_bytes - sum(self._held(device).values())
-            slots = min(batch, bank.capacity - self._slotted.get(key, 0), self._batch_bytes // size)
-            slots = min(slots, max(room, 0) // size)
+            expected = self._called.get(key, 0) - self._gathered.get(key, 0)
+            slots = min(batch, expected, self._batch_bytes // size, max(room, 0) // size)
             if slots < 2:
                 return None
             buffer = self._open[key] = _BatchBuffer(
                 torch.empty((slots, c, m, h_in), dtype=torch.float32, device=device),
                 torch.empty((slots, c, m, h_out), dtype=torch.float32, device=device),
+                stream,
             )
         at = buffer.used
         buffer.used += 1
-        self._slotted[key] = self._slotted.get(key, 0) + 1
         return buffer, at
 
     def _fits(
@@ -1196,12 +1218,13 @@ class Monitor:
     def _held(self, device: torch.device) -> dict[int, int]:
         """Bytes of gathered rows each bank on ``device`` holds for its next batch: its queued
         layers' and the slots of its open buffer not handed out yet."""
+        # (snapshots: hooks of a multi-device backward change these on other threads)
         held = {
             k: sum(q.size for q in queue)
-            for k, queue in self._queued.items()
+            for k, queue in list(self._queued.items())
             if queue and queue[0].adjoint.device == device
         }
-        for k, buffer in self._open.items():
+        for k, buffer in list(self._open.items()):
             if buffer.rows.device == device:
                 held[k] = held.get(k, 0) + buffer.free_bytes
         return held
@@ -1224,8 +1247,12 @@ class Monitor:
         key = id(tracker.bank)
         device = adjoint.device
         size = (rows.numel() + adjoint.numel()) * 4  # float32, as the products read them
-        if not self._fits(key, tuple(rows.shape), tuple(adjoint.shape), index, size):
-            self._run_queue(key)  # (or another row count, another call pattern: not batched)
+        if not self._fits(key, tuple(rows.shape), tuple(adjoint.shape), index, size) or (
+            slot is None and key in self._open
+        ):
+            # (or another row count, another call pattern: not batched; rows gathered on their
+            # own never join a buffer's, whose batch then runs first)
+            self._run_queue(key)
         queue = self._queued.setdefault(key, [])
         # The stream the rows were made on: hooks run on their forward op's stream, which may
         # differ from layer to layer (the products then wait for each).
@@ -1516,7 +1543,8 @@ class Monitor:
         self._state = [_LayerStepState() for _ in self.sites]
         self._queued = {}
         self._open = {}
-        self._slotted = {}
+        self._called = {}
+        self._gathered = {}
         self._step_plans = {}
         self._labels_in_step = 0
         self._counted = {}

@@ -1090,12 +1090,69 @@ def test_batched_rows_of_a_failed_backward_are_released_by_end_epoch_and_close(
 
 def test_batched_rows_held_per_bank_stay_within_batch_bytes(monkeypatch) -> None:
     """A bank's queue runs before a layer's rows would take it past ``BATCH_BYTES`` (its rows
-    and the slots of its batch buffer not filled yet)."""
+    and the slots of its batch buffer not filled yet), with room for one and a half layers (no
+    buffer: each layer alone) and for two and a half (buffers of two slots)."""
     from streamspec import monitor as monitor_module
 
     monkeypatch.setenv("STREAMSPEC_BATCH_LAYERS", "4")
-    # One layer's rows: A and Δ [3, 20, 32] float32, 15360 bytes: room for one and a half.
-    monkeypatch.setattr(monitor_module, "BATCH_BYTES", 23040)
+    held: list[int] = []
+    buffers: list[int] = []  # slots of each buffer opened
+    real, real_slot = monitor_module.Monitor._run_queue, monitor_module.Monitor._slot
+
+    def run_queue(self, key):  # type: ignore[no-untyped-def]
+        rows = sum(q.rows.nbytes + q.adjoint.nbytes for q in self._queued.get(key, []))
+        held.append(rows + (self._open[key].free_bytes if key in self._open else 0))
+        return real(self, key)
+
+    def slot(self, *args):  # type: ignore[no-untyped-def]
+        out = real_slot(self, *args)
+        if out is not None and out[1] == 0:
+            buffers.append(len(out[0].rows))
+        return out
+
+    monkeypatch.setattr(monitor_module.Monitor, "_run_queue", run_queue)
+    monkeypatch.setattr(monitor_module.Monitor, "_slot", slot)
+    # One layer's rows: A and Δ [3, 20, 32] float32, 15360 bytes.
+    for layers, slots in ((1.5, []), (2.5, [2, 2] * 2)):
+        cap = int(layers * 15360)
+        monkeypatch.setattr(monitor_module, "BATCH_BYTES", cap)
+        held.clear()
+        buffers.clear()
+        torch.manual_seed(0)
+        model = nn.Sequential(*[nn.Sequential(nn.Linear(32, 32), nn.Tanh()) for _ in range(4)])
+        with streamspec.watch(model, ["a", "b", "c"], rank=4, live=False) as mon:
+            for _ in range(3):
+                mon.label(torch.arange(12) % 3)
+                model(torch.randn(12, 5, 32)).pow(2).mean().backward()
+        assert held and max(held) <= cap, (layers, held)
+        assert buffers == slots, (layers, buffers)
+
+
+def test_a_bank_with_rows_gathered_on_their_own_opens_no_buffer(monkeypatch) -> None:
+    """A layer gathered on its own (the device's ``QUEUED_BYTES`` left no room for a buffer)
+    waits in its bank: the bank's next layers are not given a buffer on top of it (the batch is
+    stacked by a copy anyway), so the bank never holds more than ``BATCH_BYTES``; and the
+    records are those of layer-by-layer products."""
+    from streamspec import monitor as monitor_module
+
+    class Mixed(nn.Module):
+        """Backward order B1, A1, B2, A2, A3, A4 (A: a bank of four 40 → 40 layers, B: two
+        40 → 120)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.ModuleList([nn.Linear(40, 40) for _ in range(4)])
+            self.b = nn.ModuleList([nn.Linear(40, 120) for _ in range(2)])
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.a[3](x).tanh()
+            h = self.a[2](h).tanh()
+            h = self.a[1](h).tanh()
+            h = self.b[1](h)[..., :40].tanh()
+            h = self.a[0](h).tanh()
+            return self.b[0](h)
+
+    size = 2 * 24 * (40 + 40) * 4  # one A layer's rows
     held: list[int] = []
     real = monitor_module.Monitor._run_queue
 
@@ -1105,13 +1162,76 @@ def test_batched_rows_held_per_bank_stay_within_batch_bytes(monkeypatch) -> None
         return real(self, key)
 
     monkeypatch.setattr(monitor_module.Monitor, "_run_queue", run_queue)
-    torch.manual_seed(0)
-    model = nn.Sequential(*[nn.Sequential(nn.Linear(32, 32), nn.Tanh()) for _ in range(4)])
-    with streamspec.watch(model, ["a", "b", "c"], rank=4, live=False) as mon:
-        for _ in range(3):
-            mon.label(torch.arange(12) % 3)
-            model(torch.randn(12, 5, 32)).pow(2).mean().backward()
-    assert held and max(held) <= 23040, held
+    out = {}
+    for batch in ("1", "4"):
+        monkeypatch.setenv("STREAMSPEC_BATCH_LAYERS", batch)
+        with monkeypatch.context() as patch:
+            if batch == "4":
+                patch.setattr(monitor_module, "BATCH_BYTES", 4 * size)
+                patch.setattr(monitor_module, "QUEUED_BYTES", 5 * size)
+            held.clear()
+            torch.manual_seed(0)
+            model = Mixed()
+            gen = torch.Generator().manual_seed(1)
+            with streamspec.watch(model, ["a", "b"], rank=4, live=False, exact_rows=0) as mon:
+                for _ in range(3):
+                    mon.label(torch.arange(48) % 2)
+                    model(torch.randn(48, 40, generator=gen)).pow(2).mean().backward()
+                out[batch] = mon.to_xarray().sigma.values
+        if batch == "4":
+            assert held and max(held) <= 4 * size, [h / size for h in held]
+    np.testing.assert_allclose(out["4"], out["1"], rtol=2e-4, atol=1e-6 * np.nanmax(out["1"]))
+
+
+def test_batch_buffers_take_the_layers_called_in_the_step_and_padded_groups(monkeypatch) -> None:
+    """A buffer takes as many slots as the bank's layers called in the step (a model that calls
+    two of its six same-shape layers: two slots, none left free), and groups of unequal sizes
+    (zero-padded rows) through slots record what layer-by-layer products record."""
+    from streamspec import monitor as monitor_module
+
+    class Some(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList([nn.Linear(40, 40) for _ in range(6)])
+
+        def forward(self, x: torch.Tensor, use: int) -> torch.Tensor:
+            for layer in self.layers[:use]:
+                x = layer(x).tanh()
+            return x
+
+    free: list[int] = []
+    stacked: list[int] = []
+    real_run, real_stacked = monitor_module.Monitor._run_queue, monitor_module.stacked_products
+
+    def run_queue(self, key):  # type: ignore[no-untyped-def]
+        if key in self._open:
+            free.append(len(self._open[key].rows) - self._open[key].used)
+        return real_run(self, key)
+
+    def counted(trackers, a, d, counts):  # type: ignore[no-untyped-def]
+        stacked.append(len(trackers))
+        return real_stacked(trackers, a, d, counts)
+
+    monkeypatch.setattr(monitor_module.Monitor, "_run_queue", run_queue)
+    monkeypatch.setattr(monitor_module, "stacked_products", counted)
+    out = {}
+    for batch in ("1", "4"):
+        monkeypatch.setenv("STREAMSPEC_BATCH_LAYERS", batch)
+        free.clear()
+        stacked.clear()
+        torch.manual_seed(0)
+        model = Some()
+        gen = torch.Generator().manual_seed(1)
+        with streamspec.watch(model, ["a", "b", "c"], rank=4, live=False, exact_rows=0) as mon:
+            for step in range(4):
+                mon.label(torch.tensor([0] * (20 + step) + [1] * 7 + [2] * (21 - step)))
+                x = torch.randn(48, 6, 40, generator=gen)
+                model(x, use=2 if step % 2 else 5).pow(2).mean().backward()
+            out[batch] = mon.to_xarray().sigma.values
+    # Steps 1-3 (step 0 seeds): two layers as 2, five as 4 + 1 (the last gathered alone), 2.
+    assert stacked == [2, 4, 2], stacked
+    assert free and max(free) == 0, free
+    np.testing.assert_allclose(out["4"], out["1"], rtol=2e-4, atol=1e-6 * np.nanmax(out["1"]))
 
 
 def test_rows_held_by_all_banks_stay_within_queued_bytes(monkeypatch) -> None:

@@ -116,9 +116,9 @@ LAG_CYCLES = 50_000_000  # ≈ 25 ms of a ≈ 2 GHz GPU: the side stream runs we
 
 def lagging_side_stream(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make every side-stream batch start ≈ 25 ms late (a sleep kernel queued on it first), and
-    have the training stream fill fresh tensors of the queued rows' shapes with NaN right after
-    each batch is launched: the caching allocator hands such tensors the memory of rows freed
-    meanwhile, so rows read late by the side stream without ``record_stream`` would be NaN, and
+    have the training stream fill fresh tensors of the queued rows' shapes (and of their batch
+    buffer's) with NaN right after each batch is launched: the caching allocator hands such
+    tensors the memory of rows freed meanwhile, so rows read late by the side stream without ``record_stream`` would be NaN, and
     products read by the step's end before the side stream is done would be unfinished."""
     from streamspec import monitor as monitor_module
 
@@ -134,6 +134,9 @@ def lagging_side_stream(monkeypatch: pytest.MonkeyPatch) -> None:
 
     def run_queue(self, key):  # type: ignore[no-untyped-def]
         shapes = [(q.rows.shape, q.adjoint.shape) for q in self._queued.get(key, [])]
+        buffer = self._open.get(key)  # the rows' own allocation when gathered into slots
+        if buffer is not None:
+            shapes.append((buffer.rows.shape, buffer.adjoints.shape))
         real_run(self, key)
         for a, d in shapes:
             torch.full(a, float("nan"), device="cuda")
