@@ -118,8 +118,9 @@ def lagging_side_stream(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make every side-stream batch start ≈ 25 ms late (a sleep kernel queued on it first), and
     have the training stream fill fresh tensors of the queued rows' shapes (and of their batch
     buffer's) with NaN right after each batch is launched: the caching allocator hands such
-    tensors the memory of rows freed meanwhile, so rows read late by the side stream without ``record_stream`` would be NaN, and
-    products read by the step's end before the side stream is done would be unfinished."""
+    tensors the memory of rows freed meanwhile, so rows read late by the side stream without
+    ``record_stream`` would be NaN, and products read by the step's end before the side stream
+    is done would be unfinished."""
     from streamspec import monitor as monitor_module
 
     real_stream = monitor_module.Monitor._products_stream
