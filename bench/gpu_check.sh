@@ -20,7 +20,8 @@ python3 -m pytest -q -m gpu tests/gpu -p no:cacheprovider 2>&1 | tee "$OUT/gpu-t
 # The row products alone, as the monitor runs them and in variants (split-K, layers batched).
 python3 -m bench.products --config gpu-base --device cuda --out "$OUT" 2>&1
 if [ "$MID_MODES" != "none" ]; then
-  # Is gpu-mid bound by the host's Python and launches (then CUDA graphs are the lever)?
+  # Is gpu-mid bound by the host's Python and launches (then CUDA graphs are the lever)? The
+  # profile (torch's tables and the training thread's cProfile) says where its host time goes.
   python3 -m bench --config gpu-mid --device cuda --modes "$MID_MODES" --no-accuracy \
-    --out "$OUT" 2>&1
+    --profile 3 --out "$OUT" 2>&1
 fi

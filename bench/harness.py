@@ -9,9 +9,12 @@ compares the recorded spectra with float64 SVDs of the exact matrices and checks
 
 from __future__ import annotations
 
+import cProfile
 import gc
+import io
 import json
 import os
+import pstats
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -355,12 +358,26 @@ def profile(cfg: Config, device: torch.device, steps: int = 3, rows: int = 40) -
             step()
         if device.type == "cuda":
             torch.cuda.synchronize()
+    # The training thread's Python, by each function's own time (torch ops appear as builtins,
+    # with their dispatch and launch time): where a host-bound step's time goes.
+    python = cProfile.Profile()
+    python.enable()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    python.disable()
     mon.close()
     table = prof.key_averages()
     parts = [f"{steps} monitored steps, config {cfg.name}, {device}", load_line]
     if device.type == "cuda":
         parts.append(table.table(sort_by="self_cuda_time_total", row_limit=rows))
     parts.append(table.table(sort_by="self_cpu_time_total", row_limit=rows))
+    text = io.StringIO()
+    pstats.Stats(python, stream=text).sort_stats("tottime").print_stats(rows)
+    parts.append(
+        f"The training thread's Python (cProfile, further steps: {steps}):\n{text.getvalue()}"
+    )
     return "\n\n".join(parts)
 
 

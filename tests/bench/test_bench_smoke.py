@@ -38,16 +38,21 @@ def test_products_bench_smoke(tmp_path, capsys) -> None:
 
 
 def test_bench_diagnostic_modes_smoke(tmp_path, monkeypatch) -> None:
-    """``hostless`` and ``batched`` run end to end; ``batched`` leaves the environment as it
-    found it."""
+    """``hostless``, ``batched`` and ``stacked`` run end to end; ``batched`` leaves the
+    environment as it found it; ``--profile`` writes torch's tables and the training thread's
+    cProfile, which sees streamspec's hooks."""
     import os
 
     monkeypatch.delenv("STREAMSPEC_BATCH_LAYERS", raising=False)
     args = ["--config", "smoke", "--device", "cpu", "--out", str(tmp_path), "--no-accuracy"]
-    assert main([*args, "--modes", "plain,hostless,batched"]) == 0
+    assert main([*args, "--modes", "plain,hostless,batched,stacked", "--profile", "1"]) == 0
     data = json.loads((tmp_path / "smoke-cpu.json").read_text())
-    assert set(data["modes"]) == {"plain", "hostless", "batched"}
+    assert set(data["modes"]) == {"plain", "hostless", "batched", "stacked"}
     assert "STREAMSPEC_BATCH_LAYERS" not in os.environ
+    text = (tmp_path / "profile-smoke-cpu.txt").read_text()
+    tables, python = text.split("The training thread's Python (cProfile, further steps: 1):")
+    assert "streamspec.end_step" in tables
+    assert "streamspec/monitor.py" in python and "tottime" in python
 
 
 def test_bench_model_families_smoke() -> None:
