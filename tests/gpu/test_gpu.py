@@ -185,6 +185,61 @@ def test_side_stream_records_what_the_training_stream_records(batch, monkeypatch
     np.testing.assert_allclose(lagged, reference, rtol=1e-5, atol=0)
 
 
+class TwoStreams(nn.Module):
+    """Four same-shape layers, the last two forwarded on a second CUDA stream: their backward,
+    and the monitor's hooks for them, run on that stream too."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(width, width) for _ in range(4)])
+        self.other = torch.cuda.Stream()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        main = torch.cuda.current_stream()
+        h = self.layers[1](self.layers[0](x).tanh()).tanh()
+        self.other.wait_stream(main)
+        with torch.cuda.stream(self.other):
+            h = self.layers[3](self.layers[2](h).tanh()).tanh()
+        main.wait_stream(self.other)
+        h.record_stream(main)
+        return h
+
+
+def test_a_bank_hooked_on_two_streams_records_what_one_stream_records(monkeypatch) -> None:
+    """A batch buffer is written on the stream it was allocated on only: a bank whose layers'
+    hooks run on two streams opens one buffer per stream (here two batches of two a step), and
+    records what layer-by-layer products on one stream record."""
+    from streamspec import monitor as monitor_module
+
+    batches: list[int] = []
+    real = monitor_module.stacked_products
+
+    def counted(trackers, a, d, counts):  # type: ignore[no-untyped-def]
+        batches.append(len(trackers))
+        return real(trackers, a, d, counts)
+
+    monkeypatch.setattr(monitor_module, "stacked_products", counted)
+    gen = torch.Generator().manual_seed(2)
+    xs = [torch.randn(32, 16, 64, generator=gen).cuda() for _ in range(3)]
+    out = {}
+    for batch in ("1", "4"):
+        monkeypatch.setenv("STREAMSPEC_BATCH_LAYERS", batch)
+        monkeypatch.setenv("STREAMSPEC_SIDE_STREAM", "0")
+        batches.clear()
+        torch.manual_seed(0)
+        model = TwoStreams(64).cuda()
+        with streamspec.watch(model, ["a", "b"], rank=4, live=False) as mon:
+            for x in xs:
+                mon.label(torch.arange(32) % 2)
+                model(x).pow(2).mean().backward()
+            out[batch] = mon.to_xarray()["sigma"].values
+        if batch == "4":
+            assert batches == [2, 2] * 2, batches  # (the first step seeds, unbatched)
+    assert np.isfinite(out["1"][..., 0]).all()
+    top = np.nanmax(np.abs(out["1"]))
+    np.testing.assert_allclose(out["4"], out["1"], rtol=2e-4, atol=1e-6 * top)
+
+
 @pytest.mark.parametrize("broken", ["record_stream", "join"])
 def test_the_side_stream_test_fails_without_its_safeguards(broken, monkeypatch) -> None:
     """The test above can fail: without ``record_stream`` (the lagging side stream reads rows
