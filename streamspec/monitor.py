@@ -224,6 +224,7 @@ class _LayerStepState:
     n_positions: int = 0
     products: StepProducts | None = None
     slot: tuple[_BatchBuffer, int] | None = None  # where its rows were gathered, if batched
+    gathered: bool = False  # a call's rows were gathered (counted in Monitor._gathered)
 
 
 @dataclass
@@ -388,6 +389,7 @@ class Monitor:
         # layers are gathered into, and how many of the bank's layers were given a slot.
         self._queued: dict[int, list[_Queued]] = {}
         self._open: dict[int, _BatchBuffer] = {}
+        self._switched: set[int] = set()  # banks hooked on several streams this step
         # Per bank, this step: its layers called (with a gradient to come) and gathered so far
         # (what a new buffer may expect still to come).
         self._called: dict[int, int] = {}
@@ -856,7 +858,8 @@ class Monitor:
             return
         self._drop_failed_backward()
         batch = captures[0].activation.batch_size
-        if torch._C._current_graph_task_id() != -1:
+        recomputed = torch._C._current_graph_task_id() != -1
+        if recomputed:
             # A forward inside a backward: a checkpointed segment being recomputed. With reentrant
             # checkpointing its gradients arrive in a nested backward, whose end is not the step's
             # end; queue the end-of-step callback now, on the enclosing (outer) backward.
@@ -889,16 +892,17 @@ class Monitor:
                 continue
             hooked += 1
             if recording:
-                state = self._state[index]
-                state.calls += 1
-                if state.calls == 1:
-                    key = id(self._trackers[index].bank)
-                    self._called[key] = self._called.get(key, 0) + 1
+                # A call recomputed inside the backward (activation checkpointing) counts when
+                # its gradient arrives: with non-reentrant checkpointing it never does (the
+                # first forward's call gets it), and counted now it would hold the layer's
+                # gathered rows until the step's end, waiting for it.
+                if not recomputed:
+                    self._count_call(index)
                 # The hook keeps the rows and the adjoint mapping, never the output tensor it
                 # hangs on: output → hook → output would be a reference cycle that keeps every
                 # step's activations alive until Python's cycle collector happens to run.
                 cap.output.register_hook(
-                    self._adjoint_hook(index, cap.activation, cap.adjoint, plan)
+                    self._adjoint_hook(index, cap.activation, cap.adjoint, plan, recomputed)
                 )
             else:
                 count_only = count_only or self._count_only_hook_of(plan)
@@ -994,12 +998,22 @@ class Monitor:
         if captures and plan.batch_size == captures[0].activation.batch_size:
             self._spent(plan, calls=0)
 
+    def _count_call(self, index: int) -> None:
+        """One more call of layer ``index`` in the step whose gradient is awaited (its fold waits
+        for all of them); the layer's first also counts for its bank (:meth:`_slot`)."""
+        state = self._state[index]
+        state.calls += 1
+        if state.calls == 1:
+            key = id(self._trackers[index].bank)
+            self._called[key] = self._called.get(key, 0) + 1
+
     def _adjoint_hook(
         self,
         index: int,
         source: RowSource,
         adjoint_rows: Callable[[torch.Tensor], torch.Tensor],
         plan: GroupPlan,
+        recomputed: bool = False,
     ) -> Any:
         def hook(grad: torch.Tensor) -> None:
             # Closed mid-step from another thread (at the process's exit); or a backward inside
@@ -1009,6 +1023,8 @@ class Monitor:
                     self._spent(plan)
                 return
             self._queue_end_of_backward()
+            if recomputed:  # (counted now that its gradient came: see _deliver)
+                self._count_call(index)
             self._step_plans.setdefault(id(plan), plan)
             self._state[index].plans.setdefault(id(plan), plan)
             if self._failed is not None or plan.n_max == 0:
@@ -1017,8 +1033,10 @@ class Monitor:
                 state = self._state[index]
                 adjoint_in = adjoint_rows(grad.detach())
                 slot = self._slot(index, source, adjoint_in, plan)
-                key = id(self._trackers[index].bank)
-                self._gathered[key] = self._gathered.get(key, 0) + 1
+                if not state.gathered:  # (its first call's gather: the bank counts layers)
+                    state.gathered = True
+                    key = id(self._trackers[index].bank)
+                    self._gathered[key] = self._gathered.get(key, 0) + 1
                 if slot is None:
                     activation = source.gather(plan)
                     adjoint = plan.gather(adjoint_in)
@@ -1141,7 +1159,8 @@ class Monitor:
         leaves (its free slots count as held); None (gathered on their own) when that is fewer
         than two, or when rows gathered on their own already wait in the bank (their batch is
         stacked by a copy anyway). It is written on the stream it was allocated on only: a
-        hook on another stream closes it and opens another."""
+        hook on another stream closes it, and the bank's later layers in the step are gathered
+        on their own."""
         tracker = self._trackers[index]
         bank, device, state = tracker.bank, adjoint.device, self._state[index]
         batch = min(self._batch_layers.get(device.type, 1), bank.capacity)
@@ -1170,6 +1189,10 @@ class Monitor:
             self._run_queue(key)  # (which also closes the open buffer)
         stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
         buffer = self._open.get(key)
+        if buffer is not None and buffer.stream != stream:
+            # Hooks of one bank on several streams: no more buffers for it this step (each new
+            # one would be sized for the bank's layers to come and closed after one or two).
+            self._switched.add(key)
         if buffer is not None and (
             buffer.used == len(buffer.rows)
             or buffer.rows.shape[1:] != (c, m, h_in)
@@ -1180,7 +1203,7 @@ class Monitor:
             self._run_queue(key)
             buffer = None
         if buffer is None:
-            if self._queued.get(key):
+            if self._queued.get(key) or key in self._switched:
                 return None
             room = self._queued_bytes - sum(self._held(device).values())
             expected = self._called.get(key, 0) - self._gathered.get(key, 0)
@@ -1543,6 +1566,7 @@ class Monitor:
         self._state = [_LayerStepState() for _ in self.sites]
         self._queued = {}
         self._open = {}
+        self._switched = set()
         self._called = {}
         self._gathered = {}
         self._step_plans = {}

@@ -1234,6 +1234,113 @@ def test_batch_buffers_take_the_layers_called_in_the_step_and_padded_groups(monk
     np.testing.assert_allclose(out["4"], out["1"], rtol=2e-4, atol=1e-6 * np.nanmax(out["1"]))
 
 
+def _batch_probe(monkeypatch, batch, model, run):  # type: ignore[no-untyped-def]
+    """``run(mon, model)`` watched with ``STREAMSPEC_BATCH_LAYERS=batch``: the records, the
+    slots of every buffer opened, the batches read from buffers, and per step the layers whose
+    rows still waited at its end."""
+    from streamspec import monitor as monitor_module
+
+    monkeypatch.setenv("STREAMSPEC_BATCH_LAYERS", batch)
+    opened: list[int] = []
+    stacked: list[int] = []
+    deferred: list[int] = []
+    real_slot, real_end = monitor_module.Monitor._slot, monitor_module.Monitor._end_step
+    real_stacked = monitor_module.stacked_products
+
+    def slot(self, *args):  # type: ignore[no-untyped-def]
+        out = real_slot(self, *args)
+        if out is not None and out[1] == 0:
+            opened.append(len(out[0].rows))
+        return out
+
+    def end_step(self):  # type: ignore[no-untyped-def]
+        deferred.append(sum(1 for s in self._state if s.pending))
+        return real_end(self)
+
+    def counted(trackers, a, d, counts):  # type: ignore[no-untyped-def]
+        stacked.append(len(trackers))
+        return real_stacked(trackers, a, d, counts)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(monitor_module.Monitor, "_slot", slot)
+        patch.setattr(monitor_module.Monitor, "_end_step", end_step)
+        patch.setattr(monitor_module, "stacked_products", counted)
+        with streamspec.watch(model, ["a", "b"], rank=4, live=False, exact_rows=0) as mon:
+            run(mon, model)
+            sigma = mon.to_xarray().sigma.values
+    return sigma, opened, stacked, deferred
+
+
+def test_a_layer_called_twice_counts_once_for_its_banks_buffers(monkeypatch) -> None:
+    """A bank's buffer expects its layers still to come, each counted once: a layer called
+    twice (gathered twice, stacked by a copy) leaves its three siblings a buffer of three slots,
+    one batch of three (not 2 + 1)."""
+
+    class Again(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList([nn.Linear(40, 40) for _ in range(4)])
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for layer in self.layers:
+                x = layer(x).tanh()
+            return self.layers[3](x).tanh()
+
+    def run(mon, model):  # type: ignore[no-untyped-def]
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            mon.label(torch.arange(48) % 2)
+            model(torch.randn(48, 40, generator=gen)).pow(2).mean().backward()
+
+    out = {}
+    for batch in ("1", "4"):
+        torch.manual_seed(0)
+        out[batch], opened, stacked, _ = _batch_probe(monkeypatch, batch, Again(), run)
+    assert (opened, stacked) == ([3, 3], [3, 3]), (opened, stacked)
+    np.testing.assert_allclose(out["4"], out["1"], rtol=2e-4, atol=1e-6 * np.nanmax(out["1"]))
+
+
+def test_non_reentrant_checkpointing_folds_each_layer_in_its_hook(monkeypatch) -> None:
+    """Under non-reentrant activation checkpointing the recomputed forward's calls get no
+    gradient (the first forward's do): they are not awaited, so a checkpointed layer's rows are
+    folded in its own hook (batched through a buffer), not held until the step's end; the
+    records are those of the same model without checkpointing."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(nn.Module):
+        def __init__(self, segment: bool) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList([nn.Linear(40, 40) for _ in range(4)])
+            self.segment = segment
+
+        def inner(self, h: torch.Tensor) -> torch.Tensor:
+            return self.layers[2](self.layers[1](h).tanh()).tanh()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.layers[0](x).tanh()
+            x = checkpoint(self.inner, x, use_reentrant=False) if self.segment else self.inner(x)
+            return self.layers[3](x)
+
+    def run(mon, model):  # type: ignore[no-untyped-def]
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            mon.label(torch.arange(48) % 2)
+            model(torch.randn(48, 40, generator=gen)).pow(2).mean().backward()
+
+    out = {}
+    for name, batch, segment in (("plain", "1", False), ("1", "1", True), ("4", "4", True)):
+        torch.manual_seed(0)
+        out[name], opened, stacked, deferred = _batch_probe(
+            monkeypatch, batch, Checkpointed(segment), run
+        )
+        assert deferred == [0, 0, 0], (name, deferred)
+        if name == "4":
+            assert (opened, stacked) == ([4, 4], [4, 4]), (opened, stacked)
+    top = np.nanmax(out["plain"])
+    for name in ("1", "4"):
+        np.testing.assert_allclose(out[name], out["plain"], rtol=2e-4, atol=1e-6 * top)
+
+
 def test_rows_held_by_all_banks_stay_within_queued_bytes(monkeypatch) -> None:
     """Banks of two shapes, each a layer short of a batch most of the backward: together they
     never hold more than ``QUEUED_BYTES`` of rows after a layer is queued (the fullest runs
