@@ -390,6 +390,7 @@ class Monitor:
         self._queued: dict[int, list[_Queued]] = {}
         self._open: dict[int, _BatchBuffer] = {}
         self._switched: set[int] = set()  # banks hooked on several streams this step
+        self._late: set[int] = set()  # banks with calls recomputed in the backward this step
         # Per bank, this step: its layers called (with a gradient to come) and gathered so far
         # (what a new buffer may expect still to come).
         self._called: dict[int, int] = {}
@@ -998,14 +999,18 @@ class Monitor:
         if captures and plan.batch_size == captures[0].activation.batch_size:
             self._spent(plan, calls=0)
 
-    def _count_call(self, index: int) -> None:
+    def _count_call(self, index: int, late: bool = False) -> None:
         """One more call of layer ``index`` in the step whose gradient is awaited (its fold waits
-        for all of them); the layer's first also counts for its bank (:meth:`_slot`)."""
+        for all of them); the layer's first also counts for its bank (:meth:`_slot`). ``late``:
+        counted when its gradient came (a call recomputed inside the backward): the bank's
+        count from the forward is then no guide to the layers still to come."""
         state = self._state[index]
         state.calls += 1
         if state.calls == 1:
             key = id(self._trackers[index].bank)
             self._called[key] = self._called.get(key, 0) + 1
+            if late:
+                self._late.add(key)
 
     def _adjoint_hook(
         self,
@@ -1024,7 +1029,7 @@ class Monitor:
                 return
             self._queue_end_of_backward()
             if recomputed:  # (counted now that its gradient came: see _deliver)
-                self._count_call(index)
+                self._count_call(index, late=True)
             self._step_plans.setdefault(id(plan), plan)
             self._state[index].plans.setdefault(id(plan), plan)
             if self._failed is not None or plan.n_max == 0:
@@ -1154,7 +1159,9 @@ class Monitor:
         sketched route, one labelling, no tying, no loss scale to divide out).
 
         A buffer takes as many slots as the bank's layers called in the step and not gathered
-        yet (a layer whose gradient never comes, behind a ``detach()``, leaves its slot free),
+        yet (all of the bank's under reentrant checkpointing, whose calls count as their
+        gradients come; a layer whose gradient never comes, behind a ``detach()``, leaves its
+        slot free),
         up to the batch, within :data:`BATCH_BYTES` and what the device's :data:`QUEUED_BYTES`
         leaves (its free slots count as held); None (gathered on their own) when that is fewer
         than two, or when rows gathered on their own already wait in the bank (their batch is
@@ -1206,7 +1213,10 @@ class Monitor:
             if self._queued.get(key) or key in self._switched:
                 return None
             room = self._queued_bytes - sum(self._held(device).values())
-            expected = self._called.get(key, 0) - self._gathered.get(key, 0)
+            # (layers recomputed in the backward, one checkpointed segment at a time, are
+            # counted as their gradients come: then any layer of the bank may still come)
+            called = bank.capacity if key in self._late else self._called.get(key, 0)
+            expected = called - self._gathered.get(key, 0)
             slots = min(batch, expected, self._batch_bytes // size, max(room, 0) // size)
             if slots < 2:
                 return None
@@ -1567,6 +1577,7 @@ class Monitor:
         self._queued = {}
         self._open = {}
         self._switched = set()
+        self._late = set()
         self._called = {}
         self._gathered = {}
         self._step_plans = {}

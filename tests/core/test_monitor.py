@@ -1300,11 +1300,17 @@ def test_a_layer_called_twice_counts_once_for_its_banks_buffers(monkeypatch) -> 
     np.testing.assert_allclose(out["4"], out["1"], rtol=2e-4, atol=1e-6 * np.nanmax(out["1"]))
 
 
-def test_non_reentrant_checkpointing_folds_each_layer_in_its_hook(monkeypatch) -> None:
-    """Under non-reentrant activation checkpointing the recomputed forward's calls get no
-    gradient (the first forward's do): they are not awaited, so a checkpointed layer's rows are
-    folded in its own hook (batched through a buffer), not held until the step's end; the
-    records are those of the same model without checkpointing."""
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_checkpointed_layers_fold_in_their_hooks_through_batch_buffers(
+    reentrant, monkeypatch
+) -> None:
+    """Under activation checkpointing a recomputed call counts when its gradient comes. Non-
+    reentrant: the recomputed forward's calls get none (the first forward's do), so they are not
+    awaited and a checkpointed layer's rows are folded in its own hook, not held until the
+    step's end. Reentrant (one segment per layer, as Hugging Face checkpoints each block): the
+    first forward captures nothing, and the bank's layers come one segment at a time, so a
+    buffer expects all of the bank's. Both batch their four layers through one buffer and
+    record what the same model without checkpointing records."""
     from torch.utils.checkpoint import checkpoint
 
     class Checkpointed(nn.Module):
@@ -1313,19 +1319,18 @@ def test_non_reentrant_checkpointing_folds_each_layer_in_its_hook(monkeypatch) -
             self.layers = nn.ModuleList([nn.Linear(40, 40) for _ in range(4)])
             self.segment = segment
 
-        def inner(self, h: torch.Tensor) -> torch.Tensor:
-            return self.layers[2](self.layers[1](h).tanh()).tanh()
-
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            x = self.layers[0](x).tanh()
-            x = checkpoint(self.inner, x, use_reentrant=False) if self.segment else self.inner(x)
-            return self.layers[3](x)
+            for layer in self.layers:
+                block = lambda h, layer=layer: layer(h).tanh()  # noqa: E731
+                x = checkpoint(block, x, use_reentrant=reentrant) if self.segment else block(x)
+            return x
 
     def run(mon, model):  # type: ignore[no-untyped-def]
         gen = torch.Generator().manual_seed(1)
         for _ in range(3):
             mon.label(torch.arange(48) % 2)
-            model(torch.randn(48, 40, generator=gen)).pow(2).mean().backward()
+            x = torch.randn(48, 40, generator=gen, requires_grad=reentrant)
+            model(x).pow(2).mean().backward()
 
     out = {}
     for name, batch, segment in (("plain", "1", False), ("1", "1", True), ("4", "4", True)):
