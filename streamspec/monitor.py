@@ -385,8 +385,8 @@ class Monitor:
         self._side = {kind: side_stream(kind) for kind in ("cpu", "cuda")}
         self._side_streams: dict[torch.device, torch.cuda.Stream] = {}
         self._side_pending: set[torch.device] = set()
-        # Per bank: layers of the step whose products wait for a batch; the buffer the next
-        # layers are gathered into, and how many of the bank's layers were given a slot.
+        # Per bank: layers of the step whose products wait for a batch, and the buffer its next
+        # layers are gathered into (see _slot).
         self._queued: dict[int, list[_Queued]] = {}
         self._open: dict[int, _BatchBuffer] = {}
         self._switched: set[int] = set()  # banks hooked on several streams this step
@@ -1161,11 +1161,10 @@ class Monitor:
         A buffer takes as many slots as the bank's layers called in the step and not gathered
         yet (all of the bank's under reentrant checkpointing, whose calls count as their
         gradients come; a layer whose gradient never comes, behind a ``detach()``, leaves its
-        slot free),
-        up to the batch, within :data:`BATCH_BYTES` and what the device's :data:`QUEUED_BYTES`
-        leaves (its free slots count as held); None (gathered on their own) when that is fewer
-        than two, or when rows gathered on their own already wait in the bank (their batch is
-        stacked by a copy anyway). It is written on the stream it was allocated on only: a
+        slot free), up to the batch, within :data:`BATCH_BYTES` and what the device's
+        :data:`QUEUED_BYTES` leaves (its free slots count as held); None (gathered on their own)
+        when that is fewer than two, or when rows gathered on their own already wait in the
+        bank (their batch is stacked by a copy anyway). It is written on the stream it was allocated on only: a
         hook on another stream closes it, and the bank's later layers in the step are gathered
         on their own."""
         tracker = self._trackers[index]
