@@ -1164,9 +1164,9 @@ class Monitor:
         slot free), up to the batch, within :data:`BATCH_BYTES` and what the device's
         :data:`QUEUED_BYTES` leaves (its free slots count as held); None (gathered on their own)
         when that is fewer than two, or when rows gathered on their own already wait in the
-        bank (their batch is stacked by a copy anyway). It is written on the stream it was allocated on only: a
-        hook on another stream closes it, and the bank's later layers in the step are gathered
-        on their own."""
+        bank (their batch is stacked by a copy anyway). It is written on the stream it was
+        allocated on only: a hook on another stream closes it, and the bank's later layers in
+        the step are gathered on their own."""
         tracker = self._trackers[index]
         bank, device, state = tracker.bank, adjoint.device, self._state[index]
         batch = min(self._batch_layers.get(device.type, 1), bank.capacity)
