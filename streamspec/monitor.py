@@ -225,6 +225,9 @@ class _LayerStepState:
     products: StepProducts | None = None
     slot: tuple[_BatchBuffer, int] | None = None  # where its rows were gathered, if batched
     gathered: bool = False  # a call's rows were gathered (counted in Monitor._gathered)
+    # Its calls recomputed inside the backward since a gradient last reached one of them: a
+    # [count, claimed] token their hooks share (see Monitor._deliver).
+    recomputing: list[Any] | None = None
 
 
 @dataclass
@@ -893,17 +896,27 @@ class Monitor:
                 continue
             hooked += 1
             if recording:
-                # A call recomputed inside the backward (activation checkpointing) counts when
-                # its gradient arrives: with non-reentrant checkpointing it never does (the
-                # first forward's call gets it), and counted now it would hold the layer's
-                # gathered rows until the step's end, waiting for it.
-                if not recomputed:
+                # Calls recomputed inside the backward (activation checkpointing) count once a
+                # gradient reaches one of them: with non-reentrant checkpointing none does (the
+                # first forward's calls get them), and counted now they would hold the layer's
+                # gathered rows until the step's end, waiting. Under reentrant checkpointing the
+                # layer's calls in one segment (a module applied twice, an LSTM's per-step
+                # projection) count together, when the first of them gets its gradient, so the
+                # layer folds once in the segment's backward, as without checkpointing.
+                token = None
+                if recomputed:
+                    state = self._state[index]
+                    if state.recomputing is None or state.recomputing[1]:
+                        state.recomputing = [0, False]
+                    state.recomputing[0] += 1
+                    token = state.recomputing
+                else:
                     self._count_call(index)
                 # The hook keeps the rows and the adjoint mapping, never the output tensor it
                 # hangs on: output → hook → output would be a reference cycle that keeps every
                 # step's activations alive until Python's cycle collector happens to run.
                 cap.output.register_hook(
-                    self._adjoint_hook(index, cap.activation, cap.adjoint, plan, recomputed)
+                    self._adjoint_hook(index, cap.activation, cap.adjoint, plan, token)
                 )
             else:
                 count_only = count_only or self._count_only_hook_of(plan)
@@ -1018,7 +1031,7 @@ class Monitor:
         source: RowSource,
         adjoint_rows: Callable[[torch.Tensor], torch.Tensor],
         plan: GroupPlan,
-        recomputed: bool = False,
+        recomputed: list[Any] | None = None,
     ) -> Any:
         def hook(grad: torch.Tensor) -> None:
             # Closed mid-step from another thread (at the process's exit); or a backward inside
@@ -1028,8 +1041,10 @@ class Monitor:
                     self._spent(plan)
                 return
             self._queue_end_of_backward()
-            if recomputed:  # (counted now that its gradient came: see _deliver)
-                self._count_call(index, late=True)
+            if recomputed is not None and not recomputed[1]:  # (the first of them: _deliver)
+                recomputed[1] = True
+                for _ in range(recomputed[0]):
+                    self._count_call(index, late=True)
             self._step_plans.setdefault(id(plan), plan)
             self._state[index].plans.setdefault(id(plan), plan)
             if self._failed is not None or plan.n_max == 0:
@@ -1160,13 +1175,13 @@ class Monitor:
 
         A buffer takes as many slots as the bank's layers called in the step and not gathered
         yet (all of the bank's under reentrant checkpointing, whose calls count as their
-        gradients come; a layer whose gradient never comes, behind a ``detach()``, leaves its
-        slot free), up to the batch, within :data:`BATCH_BYTES` and what the device's
-        :data:`QUEUED_BYTES` leaves (its free slots count as held); None (gathered on their own)
-        when that is fewer than two, or when rows gathered on their own already wait in the
-        bank (their batch is stacked by a copy anyway). It is written on the stream it was
-        allocated on only: a hook on another stream closes it, and the bank's later layers in
-        the step are gathered on their own."""
+        gradients come; a layer whose gradient never comes, behind a ``detach()`` or, there, not
+        called in the step, leaves its slot free until the step's end), up to the batch, within
+        :data:`BATCH_BYTES` and what the device's :data:`QUEUED_BYTES` leaves (its free slots
+        count as held); None (gathered on their own) when that is fewer than two, or when rows
+        gathered on their own already wait in the bank (their batch is stacked by a copy
+        anyway). It is written on the stream it was allocated on only: a hook on another stream
+        closes it, and the bank's later layers in the step are gathered on their own."""
         tracker = self._trackers[index]
         bank, device, state = tracker.bank, adjoint.device, self._state[index]
         batch = min(self._batch_layers.get(device.type, 1), bank.capacity)
