@@ -239,7 +239,8 @@ class _BatchBuffer:
     rows: torch.Tensor  # [S, C, m, h_in] float32
     adjoints: torch.Tensor  # [S, C, m, h_out] float32
     # The CUDA stream it was allocated on, the only one that writes it (the caching allocator
-    # orders reuse of its memory on that stream alone); None on a CPU.
+    # orders reuse of its memory on that stream alone); None on a CPU (never compared with a
+    # CUDA stream: ``stream != None`` is False).
     stream: torch.cuda.Stream | None
     used: int = 0  # slots handed out
 
@@ -1188,6 +1189,8 @@ class Monitor:
         if batch < 2 or not isinstance(source, DenseSource) or adjoint.dim() != 3:
             return None
         rows = source.rows
+        if rows.shape[:2] != adjoint.shape[:2]:  # (then the gather fails, and _fold reports it)
+            return None
         m = plan.n_max * rows.shape[1]
         if (
             state.calls != 1

@@ -56,10 +56,11 @@ def test_monitored_steps_do_not_synchronise(options, monkeypatch) -> None:
     model = encoder("cuda")
     opt = torch.optim.Adam(model.parameters())
     x = torch.randn(8, 16, 64, device="cuda")
-    labels = torch.arange(8) % 2  # labels on the CPU, as documented
+    # Labels on the CPU, as documented; equal groups, then unequal ones (zero-padded rows)
+    even, uneven = torch.arange(8) % 2, torch.tensor([0, 0, 0, 1, 0, 1, 0, 0])
     with streamspec.watch(model, ["a", "b"], rank=4, live=False) as mon:
-        for step in range(4):  # the first step warms up (allocations, seeding)
-            mon.label(labels)
+        for step in range(6):  # the first step warms up (allocations, seeding)
+            mon.label(even if step % 2 else uneven)
             if step >= 1:
                 torch.cuda.set_sync_debug_mode("error")
             try:
@@ -135,9 +136,9 @@ def lagging_side_stream(monkeypatch: pytest.MonkeyPatch) -> None:
 
     def run_queue(self, key):  # type: ignore[no-untyped-def]
         shapes = [(q.rows.shape, q.adjoint.shape) for q in self._queued.get(key, [])]
-        buffer = self._open.get(key)  # the rows' own allocation when gathered into slots
-        if buffer is not None:
-            shapes.append((buffer.rows.shape, buffer.adjoints.shape))
+        if key in self._open:  # the rows' own allocation when gathered into slots (its shapes
+            # only: a reference here would keep it from being freed before the fills)
+            shapes.append((self._open[key].rows.shape, self._open[key].adjoints.shape))
         real_run(self, key)
         for a, d in shapes:
             torch.full(a, float("nan"), device="cuda")
@@ -178,9 +179,33 @@ def test_side_stream_records_what_the_training_stream_records(batch, monkeypatch
     side stream running ≈ 25 ms behind and the freed rows' memory overwritten meanwhile (what
     ``record_stream`` and the step end's wait are there for): a missing mark or wait shows up as
     other spectra, not as an error (the next test shows that it does)."""
+    from streamspec import monitor as monitor_module
+
     reference = side_stream_run(monkeypatch, batch, "0")
     lagging_side_stream(monkeypatch)
+    # The mechanism itself: every batch read from a buffer (rows gathered straight into it) has
+    # that buffer's memory marked in use by the side stream (the NaN fills above may not land on
+    # it: the hook that ran the batch still holds it while they run).
+    marked: set[tuple[int, int]] = set()  # (storage, stream)
+    batches: list[int] = []  # storages the batched products read
+    real_mark, real_stacked = torch.Tensor.record_stream, monitor_module.stacked_products
+
+    def mark(self, stream):  # type: ignore[no-untyped-def]
+        marked.add((self.untyped_storage().data_ptr(), stream.cuda_stream))
+        return real_mark(self, stream)
+
+    def stacked(trackers, a, d, counts):  # type: ignore[no-untyped-def]
+        batches.append(a.untyped_storage().data_ptr())
+        assert torch.cuda.current_stream() != torch.cuda.default_stream()  # (on the side)
+        side = torch.cuda.current_stream().cuda_stream
+        assert (a.untyped_storage().data_ptr(), side) in marked
+        assert (d.untyped_storage().data_ptr(), side) in marked
+        return real_stacked(trackers, a, d, counts)
+
+    monkeypatch.setattr(torch.Tensor, "record_stream", mark)
+    monkeypatch.setattr(monitor_module, "stacked_products", stacked)
     lagged = side_stream_run(monkeypatch, batch, "1")
+    assert bool(batches) == (batch == "4"), batches
     assert np.isfinite(reference).all()
     np.testing.assert_allclose(lagged, reference, rtol=1e-5, atol=0)
 
@@ -205,7 +230,8 @@ class TwoStreams(nn.Module):
         return h
 
 
-def test_a_bank_hooked_on_two_streams_records_what_one_stream_records(monkeypatch) -> None:
+@pytest.mark.parametrize("side", ["0", "1"], ids=["training-stream", "side-stream"])
+def test_a_bank_hooked_on_two_streams_records_what_one_stream_records(side, monkeypatch) -> None:
     """A batch buffer is written on the stream it was allocated on only: a bank whose layers'
     hooks run on two streams closes its buffer at the switch (a batch of two a step through the
     buffer; the other two layers gathered on their own, stacked by a copy), and records what
@@ -225,7 +251,7 @@ def test_a_bank_hooked_on_two_streams_records_what_one_stream_records(monkeypatc
     out = {}
     for batch in ("1", "4"):
         monkeypatch.setenv("STREAMSPEC_BATCH_LAYERS", batch)
-        monkeypatch.setenv("STREAMSPEC_SIDE_STREAM", "0")
+        monkeypatch.setenv("STREAMSPEC_SIDE_STREAM", side if batch == "4" else "0")
         batches.clear()
         torch.manual_seed(0)
         model = TwoStreams(64).cuda()
