@@ -1028,6 +1028,7 @@ def test_a_bank_smaller_than_the_batch_runs_in_its_own_hooks(monkeypatch) -> Non
     from streamspec import monitor as monitor_module
 
     monkeypatch.setenv("STREAMSPEC_BATCH_LAYERS", "4")
+    monkeypatch.setenv("STREAMSPEC_SIDE_STREAM", "0")  # (with it, the head is queued too)
     runs: list[tuple[int, bool]] = []  # (queue length, at the step's end)
     at_end = [False]
     real_run, real_end = monitor_module.Monitor._run_queue, monitor_module.Monitor._end_step
