@@ -18,7 +18,7 @@ import threading
 import time
 import warnings
 import weakref
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -409,6 +409,12 @@ class Monitor:
         # Per labelling: its captured calls in the step whose gradient may still come (a
         # paused() backward that keeps no graph spends them: see _spent()).
         self._live: dict[int, tuple[GroupPlan, int]] = {}
+        # Recorded calls of the step whose graph may die before their gradient comes (a
+        # labelled forward whose backward never runs, e.g. a loss skipped as NaN): a weak
+        # reference to each call's hook, which the call's autograd node holds as long as the
+        # graph lives, and the calls whose graph died, to be taken out of the step (_drain_dead).
+        self._graph_refs: list[weakref.ref[Any]] = []
+        self._dead: deque[tuple[list[_LayerStepState], int, GroupPlan, bool]] = deque()
         # Per thread, the labels it last set inside its open paused() block.
         self._block_labels: dict[int, torch.Tensor] = {}
         self._paused = 0  # open paused() blocks (forwards inside them are not watched)
@@ -509,6 +515,7 @@ class Monitor:
             return
         self._owner = threading.current_thread()
         self._drop_failed_backward()
+        self._drain_dead()
         t = as_labels(labels, len(self.layout.groups))
         self._labels = t
         self._plan = GroupPlan(t, len(self.layout.groups))
@@ -862,6 +869,7 @@ class Monitor:
         if self._closed or self._paused or not torch.is_grad_enabled() or not captures:
             return
         self._drop_failed_backward()
+        self._drain_dead()
         batch = captures[0].activation.batch_size
         recomputed = torch._C._current_graph_task_id() != -1
         if recomputed:
@@ -916,9 +924,9 @@ class Monitor:
                 # The hook keeps the rows and the adjoint mapping, never the output tensor it
                 # hangs on: output → hook → output would be a reference cycle that keeps every
                 # step's activations alive until Python's cycle collector happens to run.
-                cap.output.register_hook(
-                    self._adjoint_hook(index, cap.activation, cap.adjoint, plan, token)
-                )
+                hook = self._adjoint_hook(index, cap.activation, cap.adjoint, plan, token)
+                cap.output.register_hook(hook)
+                self._track_graph(hook, index, plan, counted=not recomputed)
             else:
                 count_only = count_only or self._count_only_hook_of(plan)
                 cap.output.register_hook(count_only)
@@ -973,7 +981,8 @@ class Monitor:
         return hook
 
     def _spent(self, plan: GroupPlan, calls: int = 1) -> None:
-        """A captured call's gradient arrived in a paused() backward that keeps no graph
+        """A captured call's gradient will not come to the step: its graph died without it
+        (:meth:`_drain_dead`), or it arrived in a paused() backward that keeps no graph
         (``create_graph=False``: autograd runs the hooks with grad mode off): a labelling all
         of whose calls are spent so is no batch of the step to come (it was: under reentrant
         checkpointing a warm-up step, its forward outside the block and its whole backward
@@ -981,7 +990,8 @@ class Monitor:
         batches). With ``create_graph=True`` (an R1 penalty through the step's own outputs) the
         step's own backward goes through the call again: it stays.
 
-        The layer's count of calls whose gradient is awaited is left as it is: a call that a
+        The layer's count of calls whose gradient is awaited is left as it is here (a dead
+        call's is lowered by :meth:`_drain_dead`): a call that a
         paused ``retain_graph=True`` backward reached may still get the step's gradient (an
         input-gradient probe, then the step's backward of the same graph), and a count too high
         only defers the layer's fold to the step's end, while one too low folds a module called
@@ -1034,7 +1044,10 @@ class Monitor:
         plan: GroupPlan,
         recomputed: list[Any] | None = None,
     ) -> Any:
+        fired = [False]  # (read by _track_graph's callback)
+
         def hook(grad: torch.Tensor) -> None:
+            fired[0] = True
             # Closed mid-step from another thread (at the process's exit); or a backward inside
             # paused() through this step's own outputs (an R1 penalty's autograd.grad).
             if self._closed or self._paused:
@@ -1042,6 +1055,7 @@ class Monitor:
                     self._spent(plan)
                 return
             self._queue_end_of_backward()
+            self._drain_dead()
             if recomputed is not None and not recomputed[1]:  # (the first of them: _deliver)
                 recomputed[1] = True
                 for _ in range(recomputed[0]):
@@ -1077,7 +1091,42 @@ class Monitor:
                     return
                 self._fail(error)
 
+        hook.fired = fired  # type: ignore[attr-defined]
         return hook
+
+    def _track_graph(self, hook: Any, index: int, plan: GroupPlan, counted: bool) -> None:
+        """Take a recorded call out of the step if its graph dies before its gradient comes (a
+        labelled forward whose backward never runs): its layer's fold would otherwise wait for
+        the step's end with every call's rows held, and its labelling, still counted, would
+        leave a reentrant-checkpointed step unrecorded. The hook closure lives as long as the
+        call's autograd node (through the output's hook dict), not as long as the output tensor,
+        which may die long before its gradient comes. The callback runs wherever the graph is
+        freed, a garbage collection inside any locked region included: it only queues the call
+        (:meth:`_drain_dead` takes it out at the next hook, forward, label or step end)."""
+        fired, dead, state = hook.fired, self._dead, self._state
+
+        def graph_died(_ref: Any) -> None:
+            if not fired[0]:
+                dead.append((state, index, plan, counted))
+
+        self._graph_refs.append(weakref.ref(hook, graph_died))
+
+    def _drain_dead(self) -> None:
+        """Take the calls whose graph died without their gradient (:meth:`_track_graph`) out of
+        the step: no longer awaited by their layer's fold, no longer live in their labelling."""
+        while self._dead:
+            try:
+                state, index, plan, counted = self._dead.popleft()
+            except IndexError:  # (drained meanwhile by a hook on another device's thread)
+                return
+            if state is not self._state:  # a call of a step that has ended
+                continue
+            if counted:
+                with self._lock:
+                    layer = state[index]
+                    if layer.calls > len(layer.pending):
+                        layer.calls -= 1
+            self._spent(plan)
 
     def _queue_end_of_backward(self) -> None:
         with self._lock:
@@ -1601,6 +1650,8 @@ class Monitor:
         self._labels_in_step = 0
         self._counted = {}
         self._live = {}
+        self._graph_refs = []
+        self._dead.clear()
         self._side_pending = set()
 
     def _discard_step(self) -> None:

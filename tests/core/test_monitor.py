@@ -1347,6 +1347,65 @@ def test_checkpointed_layers_fold_in_their_hooks_through_batch_buffers(
         np.testing.assert_allclose(out[name], out["plain"], rtol=2e-4, atol=1e-6 * top)
 
 
+@pytest.mark.parametrize(
+    "reentrant", [None, False, True], ids=["plain", "non-reentrant", "reentrant"]
+)
+def test_a_labelled_forward_whose_backward_never_runs_leaves_the_next_step_alone(
+    reentrant, monkeypatch
+) -> None:
+    """A labelled forward whose backward never runs (a loss skipped as NaN), its graph dropped
+    at the next forward: its calls are taken out of the step when the graph dies, so the step's
+    layers fold in their own hooks (not all held to the step's end, waiting for them), and
+    under reentrant checkpointing the step is recorded (its labelling no longer counts as a
+    second batch, whose recomputed layers it would leave unrecorded); the records equal a run
+    without that forward."""
+    from torch.utils.checkpoint import checkpoint
+
+    from streamspec import monitor as monitor_module
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList([nn.Linear(40, 40) for _ in range(4)])
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.layers[0](x).tanh()
+            for layer in self.layers[1:]:
+                block = lambda h, layer=layer: layer(h).tanh()  # noqa: E731
+                x = block(x) if reentrant is None else checkpoint(block, x, use_reentrant=reentrant)
+            return x
+
+    deferred: list[int] = []
+    real_end = monitor_module.Monitor._end_step
+
+    def end_step(self):  # type: ignore[no-untyped-def]
+        deferred.append(sum(1 for s in self._state if s.pending))
+        return real_end(self)
+
+    monkeypatch.setattr(monitor_module.Monitor, "_end_step", end_step)
+    out = {}
+    for abandon in (False, True):
+        deferred.clear()
+        torch.manual_seed(0)
+        model = Net()
+        gen = torch.Generator().manual_seed(1)
+        grad = reentrant is not None  # (reentrant checkpointing needs an input with a gradient)
+        with streamspec.watch(model, ["a", "b"], rank=4, live=False, exact_rows=0) as mon:
+            for step in range(4):
+                x = torch.randn(48, 40, generator=gen, requires_grad=grad)
+                if abandon and step == 2:
+                    mon.label(torch.arange(48) % 2)
+                    loss = model(torch.randn(48, 40, requires_grad=grad)).pow(2).mean()
+                mon.label(torch.arange(48) % 2)
+                loss = model(x).pow(2).mean()  # (the skipped loss's graph dies here)
+                loss.backward()
+            out[abandon] = mon.to_xarray().sigma.values
+        assert deferred == [0, 0, 0, 0], (abandon, deferred)
+    assert np.isfinite(out[False][..., 0]).all()
+    top = np.nanmax(out[False])
+    np.testing.assert_allclose(out[True], out[False], rtol=2e-4, atol=1e-6 * top)
+
+
 def test_rows_held_by_all_banks_stay_within_queued_bytes(monkeypatch) -> None:
     """Banks of two shapes, each a layer short of a batch most of the backward: together they
     never hold more than ``QUEUED_BYTES`` of rows after a layer is queued (the fullest runs
