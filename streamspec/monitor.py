@@ -412,9 +412,9 @@ class Monitor:
         # Recorded calls of the step whose graph may die before their gradient comes (a
         # labelled forward whose backward never runs, e.g. a loss skipped as NaN): a weak
         # reference to each call's hook, which the call's autograd node holds as long as the
-        # graph lives, and the calls whose graph died, to be taken out of the step (_drain_dead).
+        # graph lives, and the calls whose graph died, no longer awaited (_drain_dead).
         self._graph_refs: list[weakref.ref[Any]] = []
-        self._dead: deque[tuple[list[_LayerStepState], int, GroupPlan, bool]] = deque()
+        self._dead: deque[tuple[list[_LayerStepState], int]] = deque()
         # Per thread, the labels it last set inside its open paused() block.
         self._block_labels: dict[int, torch.Tensor] = {}
         self._paused = 0  # open paused() blocks (forwards inside them are not watched)
@@ -515,7 +515,6 @@ class Monitor:
             return
         self._owner = threading.current_thread()
         self._drop_failed_backward()
-        self._drain_dead()
         t = as_labels(labels, len(self.layout.groups))
         self._labels = t
         self._plan = GroupPlan(t, len(self.layout.groups))
@@ -869,7 +868,6 @@ class Monitor:
         if self._closed or self._paused or not torch.is_grad_enabled() or not captures:
             return
         self._drop_failed_backward()
-        self._drain_dead()
         batch = captures[0].activation.batch_size
         recomputed = torch._C._current_graph_task_id() != -1
         if recomputed:
@@ -926,7 +924,8 @@ class Monitor:
                 # step's activations alive until Python's cycle collector happens to run.
                 hook = self._adjoint_hook(index, cap.activation, cap.adjoint, plan, token)
                 cap.output.register_hook(hook)
-                self._track_graph(hook, index, plan, counted=not recomputed)
+                if not recomputed:
+                    self._track_graph(hook, index)
             else:
                 count_only = count_only or self._count_only_hook_of(plan)
                 cap.output.register_hook(count_only)
@@ -981,8 +980,7 @@ class Monitor:
         return hook
 
     def _spent(self, plan: GroupPlan, calls: int = 1) -> None:
-        """A captured call's gradient will not come to the step: its graph died without it
-        (:meth:`_drain_dead`), or it arrived in a paused() backward that keeps no graph
+        """A captured call's gradient arrived in a paused() backward that keeps no graph
         (``create_graph=False``: autograd runs the hooks with grad mode off): a labelling all
         of whose calls are spent so is no batch of the step to come (it was: under reentrant
         checkpointing a warm-up step, its forward outside the block and its whole backward
@@ -990,8 +988,7 @@ class Monitor:
         batches). With ``create_graph=True`` (an R1 penalty through the step's own outputs) the
         step's own backward goes through the call again: it stays.
 
-        The layer's count of calls whose gradient is awaited is left as it is here (a dead
-        call's is lowered by :meth:`_drain_dead`): a call that a
+        The layer's count of calls whose gradient is awaited is left as it is: a call that a
         paused ``retain_graph=True`` backward reached may still get the step's gradient (an
         input-gradient probe, then the step's backward of the same graph), and a count too high
         only defers the layer's fold to the step's end, while one too low folds a module called
@@ -1094,39 +1091,41 @@ class Monitor:
         hook.fired = fired  # type: ignore[attr-defined]
         return hook
 
-    def _track_graph(self, hook: Any, index: int, plan: GroupPlan, counted: bool) -> None:
-        """Take a recorded call out of the step if its graph dies before its gradient comes (a
-        labelled forward whose backward never runs): its layer's fold would otherwise wait for
-        the step's end with every call's rows held, and its labelling, still counted, would
-        leave a reentrant-checkpointed step unrecorded. The hook closure lives as long as the
-        call's autograd node (through the output's hook dict), not as long as the output tensor,
-        which may die long before its gradient comes. The callback runs wherever the graph is
-        freed, a garbage collection inside any locked region included: it only queues the call
-        (:meth:`_drain_dead` takes it out at the next hook, forward, label or step end)."""
+    def _track_graph(self, hook: Any, index: int) -> None:
+        """Stop awaiting a counted call whose graph dies before its gradient comes (a labelled
+        forward whose backward never runs): its layer's fold would otherwise wait for the
+        step's end, with the rows of every call of the step held. The hook closure lives as long
+        as the call's autograd node (through the output's hook dict), not as long as the output
+        tensor, which may die long before its gradient comes. The callback runs wherever the
+        graph is freed, a garbage collection inside a locked region included: it only queues the
+        call, and the next hook takes it out (:meth:`_drain_dead`). The labelling still counts
+        as a batch of the step (whether the rest of its graph, a reentrant-checkpointed segment
+        that captured nothing, still lives is not known)."""
         fired, dead, state = hook.fired, self._dead, self._state
 
         def graph_died(_ref: Any) -> None:
             if not fired[0]:
-                dead.append((state, index, plan, counted))
+                dead.append((state, index))
 
-        self._graph_refs.append(weakref.ref(hook, graph_died))
+        refs = self._graph_refs
+        refs.append(weakref.ref(hook, graph_died))
+        if len(refs) >= 4096 and len(refs) & (len(refs) - 1) == 0:  # forwards without backward
+            refs[:] = [r for r in refs if r() is not None]  # (amortised: at powers of two)
 
     def _drain_dead(self) -> None:
-        """Take the calls whose graph died without their gradient (:meth:`_track_graph`) out of
-        the step: no longer awaited by their layer's fold, no longer live in their labelling."""
+        """The counted calls whose graph died without their gradient (:meth:`_track_graph`)
+        are no longer awaited by their layer's fold."""
         while self._dead:
             try:
-                state, index, plan, counted = self._dead.popleft()
+                state, index = self._dead.popleft()
             except IndexError:  # (drained meanwhile by a hook on another device's thread)
                 return
             if state is not self._state:  # a call of a step that has ended
                 continue
-            if counted:
-                with self._lock:
-                    layer = state[index]
-                    if layer.calls > len(layer.pending):
-                        layer.calls -= 1
-            self._spent(plan)
+            with self._lock:
+                layer = state[index]
+                if layer.calls > len(layer.pending):
+                    layer.calls -= 1
 
     def _queue_end_of_backward(self) -> None:
         with self._lock:

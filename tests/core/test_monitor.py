@@ -1354,11 +1354,13 @@ def test_a_labelled_forward_whose_backward_never_runs_leaves_the_next_step_alone
     reentrant, monkeypatch
 ) -> None:
     """A labelled forward whose backward never runs (a loss skipped as NaN), its graph dropped
-    at the next forward: its calls are taken out of the step when the graph dies, so the step's
-    layers fold in their own hooks (not all held to the step's end, waiting for them), and
-    under reentrant checkpointing the step is recorded (its labelling no longer counts as a
-    second batch, whose recomputed layers it would leave unrecorded); the records equal a run
-    without that forward."""
+    at the next forward: its calls are no longer awaited once the graph dies, so the step's
+    layers fold in their own hooks (not all held to the step's end, waiting for them), and the
+    records equal a run without that forward. Under reentrant checkpointing that step's
+    checkpointed layers stay unrecorded (NaN), as before: its labelling still counts as a
+    second batch (whether the rest of its graph lives is not known)."""
+    import contextlib
+
     from torch.utils.checkpoint import checkpoint
 
     from streamspec import monitor as monitor_module
@@ -1390,7 +1392,12 @@ def test_a_labelled_forward_whose_backward_never_runs_leaves_the_next_step_alone
         model = Net()
         gen = torch.Generator().manual_seed(1)
         grad = reentrant is not None  # (reentrant checkpointing needs an input with a gradient)
-        with streamspec.watch(model, ["a", "b"], rank=4, live=False, exact_rows=0) as mon:
+        warns = (
+            pytest.warns(streamspec.StreamspecWarning, match="recomputed inside the backward")
+            if abandon and reentrant
+            else contextlib.nullcontext()
+        )
+        with warns, streamspec.watch(model, ["a", "b"], rank=4, live=False, exact_rows=0) as mon:
             for step in range(4):
                 x = torch.randn(48, 40, generator=gen, requires_grad=grad)
                 if abandon and step == 2:
@@ -1403,7 +1410,13 @@ def test_a_labelled_forward_whose_backward_never_runs_leaves_the_next_step_alone
         assert deferred == [0, 0, 0, 0], (abandon, deferred)
     assert np.isfinite(out[False][..., 0]).all()
     top = np.nanmax(out[False])
-    np.testing.assert_allclose(out[True], out[False], rtol=2e-4, atol=1e-6 * top)
+    if reentrant:  # the step after the skipped forward: its checkpointed layers NaN (the next
+        # step's warm blocks then differ a little from the run without the skip)
+        assert np.isnan(out[True][2, 1:]).all() and np.isfinite(out[True][2, 0, ..., 0]).all()
+        assert np.isfinite(out[True][3, ..., 0]).all()
+        np.testing.assert_allclose(out[True][:2], out[False][:2], rtol=2e-4, atol=1e-6 * top)
+    else:
+        np.testing.assert_allclose(out[True], out[False], rtol=2e-4, atol=1e-6 * top)
 
 
 def test_rows_held_by_all_banks_stay_within_queued_bytes(monkeypatch) -> None:
