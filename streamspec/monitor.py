@@ -1266,11 +1266,11 @@ class Monitor:
             # one would be sized for the bank's layers to come and closed after one or two).
             self._switched.add(key)
         if buffer is not None and (
-            buffer.used == len(buffer.rows)
+            key in self._switched
+            or buffer.used == len(buffer.rows)
             or buffer.rows.shape[1:] != (c, m, h_in)
             or buffer.adjoints.shape[-1] != h_out
             or buffer.rows.device != device
-            or buffer.stream != stream
         ):
             self._run_queue(key)
             buffer = None

@@ -111,10 +111,7 @@ class GroupPlan:
         src, dst, _ = self._indices(x.device)
         shape = (self.n_groups * self.n_max, *x.shape[1:])
         if self._dense:  # every group has n_max samples: no padding, one copy
-            if out is None:
-                flat = x.index_select(0, src)
-            else:
-                flat = torch.index_select(x, 0, src, out=out.view(shape))
+            flat = torch.index_select(x, 0, src, out=None if out is None else out.view(shape))
         else:
             flat = x.new_full(shape, fill) if out is None else out.view(shape).fill_(fill)
             flat.index_copy_(0, dst, x.index_select(0, src))
