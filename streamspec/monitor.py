@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import concurrent.futures.thread
 import contextlib
+import functools
 import os
 import sys
 import threading
@@ -891,7 +892,7 @@ class Monitor:
                 # rather than credited to the wrong samples. (Never labelled: the usage error.)
                 for cap in captures:
                     if cap.output.requires_grad:
-                        cap.output.register_hook(self._unattributable_hook(module))
+                        _hook_target(cap)[0].register_hook(self._unattributable_hook(module))
                 return
         plan = self._plan_for(batch, module)  # (a usage error: no labels, or another length)
         recording = self._records_step()
@@ -902,6 +903,7 @@ class Monitor:
             if index is None or not cap.output.requires_grad:  # frozen, or no graph
                 continue
             hooked += 1
+            target, adjoint_rows = _hook_target(cap)
             if recording:
                 # Calls recomputed inside the backward (activation checkpointing) count once a
                 # gradient reaches one of them: with non-reentrant checkpointing none does (the
@@ -922,13 +924,13 @@ class Monitor:
                 # The hook keeps the rows and the adjoint mapping, never the output tensor it
                 # hangs on: output → hook → output would be a reference cycle that keeps every
                 # step's activations alive until Python's cycle collector happens to run.
-                hook = self._adjoint_hook(index, cap.activation, cap.adjoint, plan, token)
-                cap.output.register_hook(hook)
+                hook = self._adjoint_hook(index, cap.activation, adjoint_rows, plan, token)
+                target.register_hook(hook)
                 if not recomputed:
                     self._track_graph(hook, index)
             else:
                 count_only = count_only or self._count_only_hook_of(plan)
-                cap.output.register_hook(count_only)
+                target.register_hook(count_only)
         if hooked:
             with self._lock:
                 live = self._live.get(id(plan), (plan, 0))[1]
@@ -1808,6 +1810,35 @@ def side_stream(kind: str) -> bool:
     if value in ("0", "false", "no", "off"):
         return False
     return kind == "cuda"
+
+
+def _hook_target(cap: Capture) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """The tensor whose gradient hook stands for ``cap.output``'s, and its adjoint-rows map.
+
+    An output that is a view of a tensor of the same elements (``nn.Linear`` on 3-D input
+    returns its ``[B·T, h]`` product viewed as ``[B, T, h]``) is hooked through its base: an
+    in-place op on the output (``nn.ReLU(inplace=True)``, ``x += residual``) replaces a view's
+    autograd node, and the hook on the old node never fired (the layer silently unrecorded),
+    while the base's node stays in the graph and gets the gradient of the values before the op,
+    as a hook on a tensor that is no view does. The base's gradient is the output's, reshaped."""
+    output = cap.output
+    base = output._base
+    if (
+        base is None
+        or base.numel() != output.numel()
+        or base.data_ptr() != output.data_ptr()
+        or not base.is_contiguous()
+        or not output.is_contiguous()
+    ):
+        return output, cap.adjoint
+    return base, functools.partial(_reshaped_adjoint, cap.adjoint, output.shape)
+
+
+def _reshaped_adjoint(
+    adjoint: Callable[[torch.Tensor], torch.Tensor], shape: torch.Size, grad: torch.Tensor
+) -> torch.Tensor:
+    """A view's adjoint rows from its base's gradient (see :func:`_hook_target`)."""
+    return adjoint(grad.reshape(shape))
 
 
 def _stacked_slots(queue: list[_Queued]) -> tuple[torch.Tensor, torch.Tensor] | None:

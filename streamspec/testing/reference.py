@@ -67,15 +67,24 @@ class ExactRecorder:
                 self._queued = True
                 torch.autograd.Variable._execution_engine.queue_callback(self._end)
 
+            shape = output.shape
+
             def on_grad(grad: torch.Tensor) -> None:
                 mats = self._current.setdefault(name, StepMatrices())
                 mats.activation.append(activation)
-                mats.adjoint.append(self._rows(grad, batch_dim))
+                mats.adjoint.append(self._rows(grad.reshape(shape), batch_dim))
                 if not self._queued:
                     self._queued = True
                     torch.autograd.Variable._execution_engine.queue_callback(self._end)
 
-            output.register_hook(on_grad)
+            # Linear on 3-D input returns a view of its 2-D product: an in-place op on it (an
+            # in-place ReLU) replaces the view's autograd node, whose hooks then never run; the
+            # product's own node stays in the graph, and its gradient is the output's.
+            base = output._base
+            if base is not None and base.numel() == output.numel():
+                base.register_hook(on_grad)
+            else:
+                output.register_hook(on_grad)
 
         return hook
 
