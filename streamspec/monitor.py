@@ -1656,6 +1656,12 @@ class Monitor:
         self._side_pending = set()
 
     def _discard_step(self) -> None:
+        # A failed backward's products may still run on a side stream, reading the blocks that
+        # an end_epoch() right after rewrites: the training stream waits for them (no host
+        # sync), as at a step's end. A broken device (the error that failed the backward) must
+        # not turn this clean-up into a second error.
+        with contextlib.suppress(Exception):
+            self._join_side_streams()
         self._reset_step()
         self._callback_queued = False
 

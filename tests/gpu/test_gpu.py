@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 import warnings
 
 import numpy as np
@@ -436,3 +437,43 @@ def test_split_k_products_on_cuda_equal_the_cpu_ones() -> None:
         out[device].append(packed.cpu())
     for cpu, cuda in zip(out["cpu"], out["cuda"], strict=True):
         torch.testing.assert_close(cuda, cpu, rtol=1e-4, atol=1e-5 * float(cpu.abs().max()))
+
+
+def test_a_failed_backward_leaves_the_training_stream_waiting_for_its_side_stream(
+    monkeypatch,
+) -> None:
+    """A backward that raises after some layers' products were queued on the side stream is
+    discarded at the next forward (or end_epoch()): the training stream then waits for those
+    products, which read the blocks that an end_epoch() rewrites. It used to forget them: the
+    training stream ran on while the side stream still had them to do."""
+    monkeypatch.setenv("STREAMSPEC_BATCH_LAYERS", "1")  # each layer's products in its hook
+    monkeypatch.setenv("STREAMSPEC_SIDE_STREAM", "1")
+    model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 64), nn.Linear(64, 4))
+    model = model.cuda()
+    x = torch.randn(32, 64, device="cuda")
+    labels = torch.arange(32) % 2
+    device = torch.device("cuda", torch.cuda.current_device())
+    with streamspec.watch(model, ["a", "b"], rank=4, live=False) as mon:
+        mon.label(labels)
+        model(x).pow(2).mean().backward()  # a step: the side stream exists
+
+        def fail(grad: torch.Tensor) -> None:
+            raise RuntimeError("injected")
+
+        mon.label(labels)
+        hidden = model[1](model[0](x))
+        hidden.register_hook(fail)  # after the two last layers' products were queued
+        with pytest.raises(RuntimeError, match="injected"):
+            model[3](model[2](hidden)).pow(2).mean().backward()
+        side = mon._side_streams[device]
+        with torch.cuda.stream(side):  # the failed products, still running
+            torch.cuda._sleep(20 * LAG_CYCLES)  # ≈ 0.5 s
+        mon.label(labels)  # the failed step is discarded here (or at the next forward)
+        out = model(x)
+        start = time.perf_counter()
+        torch.cuda.current_stream(device).synchronize()
+        waited = time.perf_counter() - start
+        assert waited > 0.1, f"the training stream did not wait for the side stream ({waited} s)"
+        out.pow(2).mean().backward()  # recording goes on
+        ds = mon.to_xarray()
+    assert ds.sizes["step"] == 2 and np.isfinite(ds["sigma"].values[:, :, :, :, 0]).all()
