@@ -436,7 +436,9 @@ def test_a_handler_installed_later_that_calls_streamspecs_gets_the_defaults_endi
     )
     assert "my cleanup" in done.stdout
     ds = streamspec.open(tmp_path / "r.zarr").to_xarray()
-    assert ds.sizes["step"] in (12, 13) and ds.sizes["epoch"] == 1
+    # (training goes on until the finishing thread closes the monitor: more steps on a loaded
+    # machine, as in the test above)
+    assert ds.sizes["step"] >= 12 and ds.sizes["epoch"] == 1
 
 
 def test_pytorch_lightnings_handler_stops_training_itself_and_streamspec_only_finishes(
@@ -529,17 +531,22 @@ def test_a_sigterm_during_end_epoch_writes_the_epoch_once(tmp_path) -> None:
         import os, signal, time
         from streamspec.sketch import tracker
         end_epoch = tracker.LayerTracker.end_epoch
-        def slow(self):  # a big model's epoch end takes a while
+        sent = []
+        def slow(self):  # a big model's epoch end takes a while; the SIGTERM comes during it
+            if not sent:  # (from here, not a timer: a loaded machine may fire that too late)
+                sent.append(True)
+                os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(0.1)
             return end_epoch(self)
         tracker.LayerTracker.end_epoch = slow
         model = mlp()
         mon = streamspec.watch(model, ["a", "b"], rank=2, store=path, live=False)
         train(mon, model, 30)
-        threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGTERM)).start()
         mon.end_epoch()
-        while True:
-            train(mon, model, 1)
+        # No training after it: steps that end before the finishing thread closes the monitor
+        # are recorded (a loaded machine can take longer than the epoch's end to get there),
+        # and would make a partial epoch 1.
+        threading.Event().wait(60)
         """,
         tmp_path / "r.zarr",
         returncode=TERMINATED,
@@ -779,4 +786,6 @@ def test_no_pipe_left_for_the_watcher_still_handles_sigterm(tmp_path) -> None:
         tmp_path / "r.zarr",
         returncode=TERMINATED,
     )
-    assert streamspec.open(tmp_path / "r.zarr").to_xarray().sizes["step"] in (8, 9)
+    # (training goes on until the finishing thread closes the monitor: more steps on a loaded
+    # machine)
+    assert streamspec.open(tmp_path / "r.zarr").to_xarray().sizes["step"] >= 8

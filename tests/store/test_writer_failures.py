@@ -595,12 +595,13 @@ def test_a_base_exception_in_a_write_does_not_wedge_the_writer(monkeypatch) -> N
         pass
 
     w = ArchiveWriter(None, _LAYOUT, flush_every=4)
-    gate, calls = threading.Event(), [0]
+    writing, gate, calls = threading.Event(), threading.Event(), [0]
     real = ArchiveWriter._write_block
 
     def write_block(self, row_dim, rows):  # type: ignore[no-untyped-def]
         calls[0] += 1
         if calls[0] == 1:
+            writing.set()
             gate.wait(5)  # block A: a slow store, while B and an epoch row queue (one drain)
         if calls[0] == 2:
             raise Boom("escapes except Exception")  # block B
@@ -611,6 +612,9 @@ def test_a_base_exception_in_a_write_does_not_wedge_the_writer(monkeypatch) -> N
     for s in range(2):
         w.append_step(_row(s), step=s, epoch=0)
     w.flush(wait=False)
+    # B must queue behind A, not beside it: handed over before the thread took A (a loaded
+    # machine, the thread slow to start), it was merged into A's write and written with it.
+    assert writing.wait(5)
     w.append_step(_row(2), step=2, epoch=0)
     w.append_epoch(epoch_row, epoch=0)
     gate.set()

@@ -331,7 +331,7 @@ def test_a_watched_run_trains_on_while_its_store_hangs(monkeypatch, hanging_stor
 
 @pytest.mark.parametrize("prefix", ["sigma/c/", "zarr.json"], ids=["data", "commit"])
 def test_a_new_writer_of_the_store_waits_for_the_call_close_gave_up_on(
-    layout, step_row, hanging_store, prefix
+    layout, step_row, hanging_store, prefix, monkeypatch
 ):
     """close() gave up on a hung call, which may still land. A new writer of the store (a resume
     in the same process, the store answering again) used to write at once, and the late call then
@@ -351,6 +351,9 @@ def test_a_new_writer_of_the_store_waits_for_the_call_close_gave_up_on(
     )
     opening.join(DEADLINE)
     assert took and took[0] < TIMEOUT + SLACK, "the new writer did not refuse the store"
+    # The next one waits for it up to DEADLINE, not TIMEOUT: the call lands TIMEOUT / 2 from now,
+    # but a loaded machine can take longer than the rest of TIMEOUT for its thread to end.
+    monkeypatch.setattr(writer_module, "_WRITE_TIMEOUT", DEADLINE)
     threading.Timer(TIMEOUT / 2, store.release.set).start()  # lands while the next one waits
 
     def new_row(step: int) -> dict[str, np.ndarray]:
