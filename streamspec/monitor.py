@@ -591,7 +591,11 @@ class Monitor:
         with self._close_lock:  # (not while another thread closes it: the epoch once)
             if self._closed:
                 return
-            self._drop_failed_backward()  # a dead step's rows go now, not at the next label()
+            # A dead step's rows go now, not at the next label(). Only the thread that runs the
+            # steps can tell a dead backward from one in flight (the graph task id is per
+            # thread): called on another thread, a step whose backward is running is left to it.
+            if threading.current_thread() is self._owner or not self._owner.is_alive():
+                self._drop_failed_backward()
             self._finish_epoch()
         self._raise_worker_error()
 

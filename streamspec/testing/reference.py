@@ -31,8 +31,20 @@ class ExactRecorder:
             it, as ``watch(batch_dim=)`` takes.
     """
 
-    def __init__(self, model: nn.Module, batch_dim: int | Mapping[str, int] = 0) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        batch_dim: int | Mapping[str, int] = 0,
+        check_weight_grads: bool = False,
+    ) -> None:
         self.batch_dim = batch_dim
+        # An independent check of the recorded adjoints (it does not depend on which tensor the
+        # gradient hook hangs on): each step's Σ_calls AᵀΔ must equal what autograd added to the
+        # layer's weight.grad. Only for models whose weights get no other gradient (no weight
+        # tying, no penalty on the weights, one backward per step).
+        self._check = check_weight_grads
+        self._weights: dict[str, torch.Tensor] = {}
+        self._grad_before: dict[str, torch.Tensor] = {}
         self.names: list[str] = []
         self.steps: list[dict[str, StepMatrices]] = []
         self.labels: list[np.ndarray] = []
@@ -44,6 +56,7 @@ class ExactRecorder:
             if isinstance(module, nn.Linear) and module.weight.requires_grad:
                 name = f"{prefix}.weight" if prefix else "weight"
                 self.names.append(name)
+                self._weights[name] = module.weight
                 dim = _sample_dim(prefix, batch_dim)
                 self._handles.append(module.register_forward_hook(self._forward(name, dim)))
 
@@ -60,6 +73,13 @@ class ExactRecorder:
             if not torch.is_grad_enabled() or not output.requires_grad:
                 return
             activation = self._rows(inputs[0], batch_dim)
+            if self._check and name not in self._grad_before:
+                w = self._weights[name]
+                self._grad_before[name] = (
+                    torch.zeros_like(w, dtype=torch.float64)
+                    if w.grad is None
+                    else w.grad.detach().to(torch.float64).clone()
+                )
             if torch._C._current_graph_task_id() != -1 and not self._queued:
                 # A forward inside a backward (reentrant checkpointing's recomputation): its
                 # gradients arrive in a nested backward, whose end is not the step's; the step
@@ -90,6 +110,20 @@ class ExactRecorder:
 
     def _end(self) -> None:
         self._queued = False
+        if self._check:
+            for name, before in self._grad_before.items():
+                w, mats = self._weights[name], self._current.get(name)
+                grad = w.grad
+                added = torch.zeros_like(before) if grad is None else grad.double() - before
+                got = torch.zeros_like(before)
+                calls = zip(mats.activation, mats.adjoint, strict=True) if mats else ()
+                for a, d in calls:
+                    got += torch.einsum("bti,bto->oi", a, d)
+                scale = added.abs().max().clamp_min(1e-12)
+                assert (got - added).abs().max() <= 1e-6 * scale, (
+                    f"ExactRecorder: {name}'s recorded AᵀΔ differs from its weight gradient"
+                )
+            self._grad_before = {}
         self.steps.append(self._current)
         assert self._labels is not None
         self.labels.append(self._labels.copy())

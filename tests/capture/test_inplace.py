@@ -54,6 +54,28 @@ class Residual4d(nn.Module):
         return self.b(torch.tanh(h))
 
 
+class ConsumedBefore(nn.Module):
+    """The output read by another op before the in-place ones (the gradient of its values
+    before them comes through both), one of those through a transposed view of it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor, inplace: bool) -> torch.Tensor:
+        h = self.a(x)
+        skip = h * 0.5  # (a scalar product: saves no copy of h)
+        if inplace:
+            h.transpose(0, 1)[1:] *= 2.0
+            torch.relu_(h)
+        else:
+            scale = torch.ones(h.shape[1], 1)
+            scale[1:] = 2.0
+            h = torch.relu(h * scale)
+        return self.b(h + skip)
+
+
 class Attention(nn.Module):
     """``nn.MultiheadAttention`` (sequence first: its output is out_proj's own), a residual
     added in place (in the watched module's layout out_proj's output is no view: a guard)."""
@@ -92,6 +114,7 @@ class ConvNet(nn.Module):
 CASES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "linear-3d-relu": (Sequence3d, (6, 5, 8)),
     "linear-4d-residual": (Residual4d, (6, 3, 4, 8)),
+    "linear-3d-consumed-before": (ConsumedBefore, (6, 5, 8)),
     "attention-residual": (Attention, (6, 5, 8)),
     "conv-and-unbiased-linear": (ConvNet, (6, 8, 5)),
 }

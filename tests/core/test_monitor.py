@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import numpy as np
 import pytest
@@ -225,7 +226,7 @@ def test_inplace_activation_shared_module_and_sequences_match_reference() -> Non
             return self.head(h).mean(dim=1)
 
     model = Net()
-    rec = ExactRecorder(model)
+    rec = ExactRecorder(model, check_weight_grads=True)
     with streamspec.watch(model, ["a", "b"], rank=4, live=False) as mon:
         for _step in range(3):
             x = torch.randn(5, 7, 6)
@@ -233,6 +234,7 @@ def test_inplace_activation_shared_module_and_sequences_match_reference() -> Non
             mon.label(g)
             rec.label(g)
             model(x).pow(2).sum().backward()
+            model.zero_grad()
         ds = mon.to_xarray()
     sigma = ds["sigma"].values
     for s in range(3):
@@ -1878,3 +1880,38 @@ def test_gpu_options_default_to_four_layers_on_a_side_stream_on_cuda_only(monkey
     monkeypatch.setenv("STREAMSPEC_BATCH_LAYERS", "many")
     monkeypatch.setenv("STREAMSPEC_SIDE_STREAM", "maybe")
     assert (batch_layers("cuda"), side_stream("cuda")) == (4, True)
+
+
+def test_end_epoch_on_another_thread_during_a_backward_keeps_the_step_in_flight() -> None:
+    """end_epoch() from another thread (a scheduler, a UI) while the training thread's backward
+    runs: that thread's graph task id is always -1, so the live step was taken for a failed
+    backward and discarded mid-backward (a step lost). Only the owner thread drops a dead step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
+    in_backward, go_on = threading.Event(), threading.Event()
+
+    def slow(grad: torch.Tensor) -> torch.Tensor:  # between the last and the first layer's hooks
+        in_backward.set()
+        assert go_on.wait(10)
+        return grad
+
+    def other_thread() -> None:
+        assert in_backward.wait(10)
+        mon.end_epoch()
+        go_on.set()
+
+    with streamspec.watch(model, ["a", "b"], rank=2, live=False) as mon:
+        for step in range(3):
+            mon.label(torch.tensor([0, 1, 0, 1]))
+            h = model[0](torch.randn(4, 8))
+            if step == 1:
+                h.register_hook(slow)
+                thread = threading.Thread(target=other_thread, daemon=True)
+                thread.start()
+            model[4](model[3](model[2](model[1](h)))).pow(2).sum().backward()
+            if step == 1:
+                thread.join(10)
+                assert not thread.is_alive()
+        ds = mon.to_xarray()
+    assert ds.sizes["step"] == 3 and ds.sizes["epoch"] == 1  # (the last epoch: at close)
+    assert np.isfinite(ds["sigma"].values[..., 0]).all()
