@@ -19,13 +19,20 @@ from torch import nn
 import streamspec
 
 
-class Sequence3d(nn.Module):
+class TwoLinear(nn.Module):
+    """Two watched Linears, ``a`` (8 → ``mid``) then ``b`` (``mid`` → ``out``)."""
+
+    def __init__(self, mid: int = 8, out: int = 3) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, mid)
+        self.b = nn.Linear(mid, out)
+
+
+class Sequence3d(TwoLinear):
     """Linear on ``[B, T, h]`` then an in-place ReLU (the issue's reproduction)."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Linear(8, 16)
-        self.b = nn.Linear(16, 4)
+        super().__init__(16, 4)
 
     def forward(self, x: torch.Tensor, inplace: bool) -> torch.Tensor:
         h = self.a(x)
@@ -33,13 +40,8 @@ class Sequence3d(nn.Module):
         return self.b(h)
 
 
-class Residual4d(nn.Module):
+class Residual4d(TwoLinear):
     """Linear on ``[B, C, T, h]``, a residual added in place, then a slice scaled in place."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Linear(8, 8)
-        self.b = nn.Linear(8, 3)
 
     def forward(self, x: torch.Tensor, inplace: bool) -> torch.Tensor:
         h = self.a(x)
@@ -54,14 +56,9 @@ class Residual4d(nn.Module):
         return self.b(torch.tanh(h))
 
 
-class ConsumedBefore(nn.Module):
+class ConsumedBefore(TwoLinear):
     """The output read by another op before the in-place ones (the gradient of its values
     before them comes through both), one of those through a transposed view of it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Linear(8, 8)
-        self.b = nn.Linear(8, 3)
 
     def forward(self, x: torch.Tensor, inplace: bool) -> torch.Tensor:
         h = self.a(x)
