@@ -896,7 +896,8 @@ class Monitor:
                 # rather than credited to the wrong samples. (Never labelled: the usage error.)
                 for cap in captures:
                     if cap.output.requires_grad:
-                        _hook_target(cap)[0].register_hook(self._unattributable_hook(module))
+                        target = _hook_target(cap)[0]
+                        _register_hook(cap.output, target, self._unattributable_hook(module))
                 return
         plan = self._plan_for(batch, module)  # (a usage error: no labels, or another length)
         recording = self._records_step()
@@ -929,12 +930,12 @@ class Monitor:
                 # hangs on: output → hook → output would be a reference cycle that keeps every
                 # step's activations alive until Python's cycle collector happens to run.
                 hook = self._adjoint_hook(index, cap.activation, adjoint_rows, plan, token)
-                target.register_hook(hook)
+                _register_hook(cap.output, target, hook)
                 if not recomputed:
                     self._track_graph(hook, index)
             else:
                 count_only = count_only or self._count_only_hook_of(plan)
-                target.register_hook(count_only)
+                _register_hook(cap.output, target, count_only)
         if hooked:
             with self._lock:
                 live = self._live.get(id(plan), (plan, 0))[1]
@@ -1830,11 +1831,13 @@ def _hook_target(cap: Capture) -> tuple[torch.Tensor, Callable[[torch.Tensor], t
     in-place op on the output (``nn.ReLU(inplace=True)``, ``x += residual``) replaces a view's
     autograd node, and the hook on the old node never fired (the layer silently unrecorded),
     while the base's node stays in the graph and gets the gradient of the values before the op,
-    as a hook on a tensor that is no view does. The base's gradient is the output's, reshaped."""
+    as a hook on a tensor that is no view does. The base's gradient is the output's, reshaped.
+    (:func:`_register_hook` also covers a backward that stops at the output.)"""
     output = cap.output
     base = output._base
     if (
         base is None
+        or base.grad_fn is None
         or base.numel() != output.numel()
         or base.data_ptr() != output.data_ptr()
         or not base.is_contiguous()
@@ -1842,6 +1845,30 @@ def _hook_target(cap: Capture) -> tuple[torch.Tensor, Callable[[torch.Tensor], t
     ):
         return output, cap.adjoint
     return base, functools.partial(_reshaped_adjoint, cap.adjoint, output.shape)
+
+
+def _register_hook(
+    output: torch.Tensor, target: torch.Tensor, hook: Callable[[torch.Tensor], None]
+) -> None:
+    """Register ``hook`` for ``output``'s gradient on ``target`` (:func:`_hook_target`). On a
+    view's base, it is registered on the output too, where it runs only in a backward that will
+    not run the base's node: one that stops at the output (``autograd.grad(loss, inputs=[h])``),
+    whose gradient never reaches the base. In any other backward the base's hook runs, with the
+    whole gradient (the view's node also runs first with a part of it when the output was read
+    before an in-place op, which is why that hook waits for the base's)."""
+    target.register_hook(hook)
+    if target is not output:
+        output.register_hook(functools.partial(_unless_node_runs, target.grad_fn, hook))
+
+
+def _unless_node_runs(node: Any, hook: Callable[[torch.Tensor], None], grad: torch.Tensor) -> None:
+    """Run ``hook`` unless the backward under way will run ``node`` (see :func:`_register_hook`)."""
+    try:
+        runs = torch._C._will_engine_execute_node(node)
+    except RuntimeError:  # (never expected inside a backward: the base's hook stands)
+        return
+    if not runs:
+        hook(grad)
 
 
 def _reshaped_adjoint(

@@ -8,7 +8,9 @@ was silently unrecorded (NaN) at every step.
 
 from __future__ import annotations
 
+import gc
 import warnings
+import weakref
 from collections.abc import Callable
 
 import numpy as np
@@ -145,3 +147,52 @@ def test_an_in_place_op_on_the_output_records_as_out_of_place(case: str) -> None
     unrecorded = np.isnan(got[..., 0]).any(axis=(0, 2, 3)) & recorded
     assert not unrecorded.any(), [n for n, lost in zip(layers, unrecorded, strict=True) if lost]
     np.testing.assert_allclose(got, plain, rtol=1e-5, atol=1e-6)
+
+
+def test_a_gradient_taken_at_a_view_output_records_the_layer() -> None:
+    """``autograd.grad(loss, inputs=[h])`` outside paused() stops at ``h``, a Linear's output on
+    3-D input: the base's node never runs, so the hook there never fires; the one on ``h`` then
+    records the layer, as for a Linear whose output is no view. Such a backward is a step of its
+    own, with the same adjoints as the step's backward: both steps record the same spectra."""
+    torch.manual_seed(0)
+    model = Sequence3d()
+    gen = torch.Generator().manual_seed(1)
+    with streamspec.watch(model, ["a", "b"], rank=3, exact_rows=64, live=False) as mon:
+        for _ in range(2):  # (the exact route: the same rows, the same spectra)
+            mon.label(torch.tensor([0, 1, 0, 1, 1, 0]))
+            h = model.a(torch.randn(6, 5, 8, generator=gen))
+            loss = model.b(torch.relu(h)).pow(2).sum()
+            torch.autograd.grad(loss, h, retain_graph=True)
+            loss.backward()
+        ds = mon.to_xarray()
+    sigma = ds["sigma"].values  # [step, layer, kind, group, rank]
+    assert sigma.shape[0] == 4
+    assert not np.isnan(sigma[:, 0, :, :, 0]).any()  # a.weight in every step
+    np.testing.assert_allclose(sigma[0::2], sigma[1::2], rtol=1e-5)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_view_outputs_and_their_bases_are_freed_without_the_cycle_collector(inplace: bool) -> None:
+    """The hooks on a view output and on its base hold neither tensor: both are freed with the
+    step's graph, with the cycle collector off (a cycle would keep every step's activations)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(inplace=inplace), nn.Linear(8, 2))
+    seen: list[weakref.ref[torch.Tensor]] = []
+
+    def keep(module: nn.Module, inputs: object, output: torch.Tensor) -> None:
+        assert output._base is not None  # (a view: the case under test)
+        seen.extend([weakref.ref(output), weakref.ref(output._base)])
+
+    for layer in (model[0], model[2]):
+        layer.register_forward_hook(keep)
+    gc.disable()
+    try:
+        with streamspec.watch(model, ["a", "b"], rank=2, live=False) as mon:
+            for _ in range(3):
+                mon.label(torch.tensor([0, 1, 0, 1]))
+                model(torch.randn(4, 3, 4)).sum().backward()
+            assert len(seen) == 12
+            assert all(ref() is None for ref in seen)
+            assert not np.isnan(mon.to_xarray()["sigma"].values[..., 0]).any()
+    finally:
+        gc.enable()
