@@ -426,6 +426,7 @@ class Monitor:
         self._failed: BaseException | None = None
         self._warned_nonfinite = False
         self._warned_shared: set[int] = set()  # modules warned about ids shared by the batch
+        self._warned_replica = False  # nn.DataParallel's copies of the watched modules
 
         self._store_label = _store_label(store)
         self._persistent = _persistent(store)
@@ -811,6 +812,8 @@ class Monitor:
                 and torch._C._current_graph_task_id() != -1  # (rare: no cost on the hot path)
             ):
                 self._recomputed_while_paused(module, inputs, output)
+            elif id(module) not in self._modules:
+                self._foreign_call(module)
             return None  # evaluation, paused(), or a copy of a watched module (deepcopy)
         if not isinstance(output, torch.Tensor) or not output.requires_grad:
             return None
@@ -829,6 +832,29 @@ class Monitor:
             return None
         self._deliver(module, self._capture(family, module, inputs, output, bd))
         return None
+
+    def _foreign_call(self, module: nn.Module) -> None:
+        """A forward of a copy of a watched module, which shares its hooks (or its stepwise
+        sink) but is not watched. ``nn.DataParallel`` runs such copies on every GPU instead of
+        the watched modules, so nothing would be recorded, with no word: one warning says so
+        (the first stepwise copy raised a bare ``StopIteration`` from the monitor's lookup of
+        its name). Other copies (a ``deepcopy``: an EMA or teacher model) are left alone."""
+        if (
+            self._warned_replica
+            or self._closed
+            or not torch.is_grad_enabled()
+            or not getattr(module, "_is_replica", False)
+        ):
+            return
+        self._warned_replica = True
+        warnings.warn(
+            "streamspec: nn.DataParallel runs copies of the watched modules (one per GPU), which "
+            "streamspec does not watch: nothing of those forwards is recorded. Train on one "
+            "device (nn.DataParallel with one GPU runs the model itself), or use "
+            "DistributedDataParallel: each process then watches its own model and batch",
+            StreamspecWarning,
+            stacklevel=2,
+        )
 
     def _shared_call(
         self, module: nn.Module, ids: torch.Tensor, output: torch.Tensor, batch: int, bd: int
@@ -871,6 +897,9 @@ class Monitor:
     def _deliver(self, module: nn.Module, captures: list[Capture]) -> None:
         """Take one module call's captures (from a forward hook or a stepwise module)."""
         if self._closed or self._paused or not torch.is_grad_enabled() or not captures:
+            return
+        if id(module) not in self._modules:  # a stepwise module's copy
+            self._foreign_call(module)
             return
         self._drop_failed_backward()
         batch = captures[0].activation.batch_size

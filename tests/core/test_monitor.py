@@ -625,6 +625,48 @@ def test_deepcopy_of_a_watched_model_is_plain_and_not_recorded() -> None:
         assert p.shape == q.shape
 
 
+def _replicate(module: nn.Module) -> nn.Module:
+    """What ``torch.nn.parallel.replicate`` (``nn.DataParallel``'s forward) makes for each GPU,
+    without GPUs: copies sharing the module's hooks and parameters, marked ``_is_replica``."""
+    replica = module._replicate_for_data_parallel()
+    for name, param in module._parameters.items():
+        setattr(replica, name, param)
+    for name, child in module._modules.items():
+        if child is not None:
+            replica._modules[name] = _replicate(child)
+    return replica
+
+
+@pytest.mark.parametrize("family", ["linear", "lstm", "attention"])
+def test_data_parallel_replicas_are_not_recorded_and_warned_about_once(family: str) -> None:
+    """nn.DataParallel runs copies of the watched modules: nothing is recorded, which used to go
+    unsaid (plain layers) or stop training with a bare StopIteration (stepwise modules)."""
+    torch.manual_seed(0)
+    if family == "linear":
+        model: nn.Module = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+        x = torch.randn(8, 4)
+    else:
+        layer = nn.LSTM(4, 8, batch_first=True)
+        if family == "attention":
+            layer = nn.MultiheadAttention(4, 2, batch_first=True)
+        model, x = nn.Sequential(layer), torch.randn(8, 5, 4)
+
+    def forward(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if family == "linear":
+            return m(x)
+        return m[0](x)[0] if family == "lstm" else m[0](x, x, x)[0]
+
+    with streamspec.watch(model, ["a", "b"], rank=2, live=False) as mon:
+        mon.label(torch.arange(8) % 2)
+        with pytest.warns(streamspec.StreamspecWarning, match="DataParallel") as record:
+            for half in (x[:4], x[4:]):  # one replica per GPU, each its part of the batch
+                forward(_replicate(model), half).pow(2).sum().backward()
+        assert len(record) == 1
+        assert mon.step == 0
+        forward(model, x).pow(2).sum().backward()  # the model itself is watched as ever
+        assert mon.step == 1
+
+
 def test_resume_of_an_unfinished_epoch_rebuilds_its_welch_state(tmp_path) -> None:
     """Welch of an epoch split by a resume equals Welch of the same steps in one session."""
     path = tmp_path / "run.zarr"
