@@ -188,8 +188,9 @@ class StepwiseMultiheadAttention(nn.MultiheadAttention):
     def _report(self, captures: list[Capture]) -> None:
         live = [c for c in captures if c.output.requires_grad]  # no graph (e.g. eval): skip
         if live:
+            replica = self.__dict__.get("_is_replica", False)  # (as the recurrent twins' _deliver)
             for sink, module in self._streamspec_sinks:
-                sink(self if module is None else module, live)
+                sink(self if module is None or replica else module, live)
 
     def _attend(
         self,

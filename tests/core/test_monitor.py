@@ -637,10 +637,15 @@ def _replicate(module: nn.Module) -> nn.Module:
     return replica
 
 
+@pytest.mark.parametrize("monitors", [1, 2])
 @pytest.mark.parametrize("family", ["linear", "lstm", "attention"])
-def test_data_parallel_replicas_are_not_recorded_and_warned_about_once(family: str) -> None:
+def test_data_parallel_replicas_are_not_recorded_and_warned_about_once(
+    family: str, monitors: int
+) -> None:
     """nn.DataParallel runs copies of the watched modules: nothing is recorded, which used to go
-    unsaid (plain layers) or stop training with a bare StopIteration (stepwise modules)."""
+    unsaid (plain layers) or stop training with a bare StopIteration (stepwise modules); with two
+    monitors, the first took a stepwise replica's calls for its twin's (a usage error on the
+    replica's share of the batch). One warning per monitor."""
     torch.manual_seed(0)
     if family == "linear":
         model: nn.Module = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
@@ -656,15 +661,20 @@ def test_data_parallel_replicas_are_not_recorded_and_warned_about_once(family: s
             return m(x)
         return m[0](x)[0] if family == "lstm" else m[0](x, x, x)[0]
 
-    with streamspec.watch(model, ["a", "b"], rank=2, live=False) as mon:
-        mon.label(torch.arange(8) % 2)
+    with contextlib.ExitStack() as stack:
+        mons = [
+            stack.enter_context(streamspec.watch(model, ["a", "b"], rank=2, live=False))
+            for _ in range(monitors)
+        ]
+        for mon in mons:
+            mon.label(torch.arange(8) % 2)
         with pytest.warns(streamspec.StreamspecWarning, match="DataParallel") as record:
             for half in (x[:4], x[4:]):  # one replica per GPU, each its part of the batch
                 forward(_replicate(model), half).pow(2).sum().backward()
-        assert len(record) == 1
-        assert mon.step == 0
+        assert len(record) == monitors
+        assert [mon.step for mon in mons] == [0] * monitors
         forward(model, x).pow(2).sum().backward()  # the model itself is watched as ever
-        assert mon.step == 1
+        assert [mon.step for mon in mons] == [1] * monitors
 
 
 def test_resume_of_an_unfinished_epoch_rebuilds_its_welch_state(tmp_path) -> None:
