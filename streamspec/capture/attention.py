@@ -33,7 +33,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from streamspec.capture.registry import Capture, DenseSource, Sink, Site, qualified, register
+from streamspec.capture.registry import (
+    Capture,
+    DenseSource,
+    Sink,
+    Site,
+    qualified,
+    register,
+    report,
+)
 
 PACKED = "packed"  # one entry for the whole in_proj_weight (self-attention)
 BLOCKS = "blocks"  # three entries, one per q/k/v row block (cross-attention)
@@ -188,9 +196,7 @@ class StepwiseMultiheadAttention(nn.MultiheadAttention):
     def _report(self, captures: list[Capture]) -> None:
         live = [c for c in captures if c.output.requires_grad]  # no graph (e.g. eval): skip
         if live:
-            replica = self.__dict__.get("_is_replica", False)  # (as the recurrent twins' _deliver)
-            for sink, module in self._streamspec_sinks:
-                sink(self if module is None or replica else module, live)
+            report(self, self._streamspec_sinks, live)
 
     def _attend(
         self,

@@ -37,7 +37,15 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence
 
-from streamspec.capture.registry import Capture, DenseSource, Sink, Site, qualified, register
+from streamspec.capture.registry import (
+    Capture,
+    DenseSource,
+    Sink,
+    Site,
+    qualified,
+    register,
+    report,
+)
 from streamspec.errors import StreamspecError
 
 
@@ -137,11 +145,7 @@ class _Stepwise(nn.RNNBase):
     # -- the recurrence ------------------------------------------------------------------------
 
     def _deliver(self, captures: list[Capture]) -> None:
-        # An nn.DataParallel replica shares this list: it reports itself, never the twin a sink
-        # was registered for (whose monitor would take the replica's calls for the twin's).
-        replica = self.__dict__.get("_is_replica", False)
-        for sink, module in self.__dict__["_streamspec_sinks"]:
-            sink(self if module is None or replica else module, captures)
+        report(self, self.__dict__["_streamspec_sinks"], captures)
 
     def _stepwise_forward(
         self, input: torch.Tensor, hx: Any, watched: set[str]

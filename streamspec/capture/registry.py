@@ -99,6 +99,18 @@ saying whether the current step is recorded (without one, every step is); a twin
 stepwise products on steps no sink records."""
 
 
+def report(
+    twin: nn.Module, sinks: list[tuple[Sink, nn.Module | None]], captures: list[Capture]
+) -> None:
+    """Hand a stepwise twin's captures to each of its sinks, as the module the sink was
+    registered for (None: the twin itself; a twin of another monitor's twin reports as that
+    one). An ``nn.DataParallel`` replica shares the twin's list: it reports itself, which no
+    monitor watches (else a monitor took the replica's calls for its twin's)."""
+    replica = twin.__dict__.get("_is_replica", False)
+    for sink, module in sinks:
+        sink(twin if module is None or replica else module, captures)
+
+
 class Family(Protocol):
     """A layer family: one per file under ``capture/``.
 
